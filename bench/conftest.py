@@ -1,0 +1,163 @@
+"""Shared set-up for every ``bench/bench_<op>.py`` file. How to write a case:
+
+    from bench.conftest import QUICK, DEVICE, run_case
+
+    SHAPES = [(1024, 128)] if QUICK else [(16384, 256), (65536, 256)]
+
+    @pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+    def test_contrastive_fwd_bwd(benchmark, impl):
+        ...build inputs on DEVICE, skip what cannot run here (triton on CPU) with pytest.skip(reason)...
+        peer = pytest.importorskip("inf_cl")          # a peer that is absent is skipped, never faked
+        run_case(benchmark, step, op="contrastive", impl=impl, shape=f"B={B},D={D}", dtype=dtype,
+                 device=DEVICE, flops=6 * B * B * D)
+
+``run_case`` (1) calls ``warmup_rounds`` times (compilation, CUDA context), (2) measures the op's peak memory in
+one call of its own (bench/_mem.py), (3) times it with pytest-benchmark in pedantic mode (fixed rounds, one
+iteration; on GPU a synchronised wrapper plus a CUDA-event median, see bench/_timing.py), and (4) fills
+``benchmark.extra_info`` with the keys bench/report.py reads: op, impl, shape, size, dtype, device,
+peak_mem_bytes, mem_method, time_s, time_method, and, when given, flops / bytes with the achieved rate
+(flop_per_s / bytes_per_s) and its fraction of the device's ceiling (GPU spec sheet; unknown on CPU, so omitted).
+
+``impl`` names: "reference", "torch", "triton", "cuda", "cpp", and peers: "torch_native", "torch_compile",
+"liger", "cce", "inf_cl", "faiss", "torch_topk". The ratio column of the report is against "reference" (or
+the first of reference / torch_native / faiss present for that shape).
+
+``KARMA_BENCH_QUICK=1`` (CI smoke run, < 3 minutes on 2 cores): use small shapes; rounds default to 2.
+Nothing here asserts speed: targets are read off the report.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+
+from bench._mem import peak_memory
+from bench._timing import synchronized, time_op
+
+QUICK = os.environ.get("KARMA_BENCH_QUICK") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# Vendor spec sheets, dense (no sparsity): FLOP/s by compute dtype, HBM bytes/s. fp32 uses the TF32 tensor-core
+# figure, which is what Triton's tl.dot and cuBLAS (with TF32 allowed) reach for fp32 inputs. The first name
+# fragment contained in torch.cuda.get_device_name() wins, so more specific names come first.
+DEVICE_CEILINGS = [
+    ("H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12, "bytes_per_s": 4.8e12}),
+    ("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12, "bytes_per_s": 2.0e12}),
+    ("H100 NVL", {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12, "bytes_per_s": 3.9e12}),
+    ("H100", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12, "bytes_per_s": 3.35e12}),
+    ("A100-SXM4-40GB", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12, "bytes_per_s": 1.555e12}),
+    ("A100 80GB PCIe", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12, "bytes_per_s": 1.935e12}),
+    ("A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12, "bytes_per_s": 2.039e12}),
+    ("L40S", {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12, "bytes_per_s": 0.864e12}),
+]
+
+
+def device_ceilings(device) -> Optional[dict]:
+    """Spec-sheet ceilings of ``device``; None on CPU or an unknown GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, ceilings in DEVICE_CEILINGS:
+        if fragment in name:
+            return ceilings
+    return None
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def shape_size(shape: str) -> int:
+    """Product of the numbers in a shape string like "B=16384,D=256" (the x axis of the report's plots)."""
+    size = 1
+    for number in re.findall(r"=(\d+)", shape):
+        size *= int(number)
+    return size
+
+
+def run_case(benchmark, fn: Callable[[], Any], *, op: str, impl: str, shape: str, dtype, device,
+             flops: Optional[float] = None, bytes: Optional[float] = None, size: Optional[float] = None,
+             rounds: Optional[int] = None, warmup_rounds: Optional[int] = None, **extra) -> Any:
+    """Warm up, measure peak memory, time ``fn()`` with pytest-benchmark and record the common extra_info.
+
+    ``fn`` takes no arguments and does the whole measured step (e.g. forward + backward). ``flops`` / ``bytes``
+    are per call. ``extra`` keys (JSON-serialisable) are stored as they are. Returns ``fn``'s last result.
+    """
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    if rounds is None:
+        rounds = (3 if QUICK else 10) if on_gpu else (2 if QUICK else 3)
+    if warmup_rounds is None:
+        warmup_rounds = 1 if on_gpu else 0
+    for _ in range(warmup_rounds):
+        fn()
+    _, peak_bytes, mem_method = peak_memory(fn, device)
+
+    if benchmark.group is None:
+        benchmark.group = f"{op} {shape} {dtype_name(dtype)}"
+    result = benchmark.pedantic(synchronized(fn, device), rounds=rounds, iterations=1, warmup_rounds=0)
+
+    time_s, time_method = None, None
+    if on_gpu:
+        time_s, time_method = time_op(fn, device, warmup=1, rep=5 if QUICK else 20), "cuda_events"
+    elif benchmark.stats is not None:  # None under --benchmark-disable
+        time_s, time_method = benchmark.stats.stats.median, "wall_clock"
+
+    info = benchmark.extra_info
+    info.update(op=op, impl=impl, shape=shape, size=size if size is not None else shape_size(shape),
+                dtype=dtype_name(dtype), device=device.type, peak_mem_bytes=peak_bytes, mem_method=mem_method,
+                time_s=time_s, time_method=time_method)
+    if on_gpu:
+        info["device_name"] = torch.cuda.get_device_name(device)
+    ceilings = device_ceilings(device)
+    if flops is not None:
+        info["flops"] = float(flops)
+        if time_s:
+            info["flop_per_s"] = flops / time_s
+            ceiling = ceilings.get(dtype_name(dtype)) if ceilings else None
+            if ceiling:
+                info["flop_fraction_of_peak"] = flops / time_s / ceiling
+    if bytes is not None:
+        info["bytes"] = float(bytes)
+        if time_s:
+            info["bytes_per_s"] = bytes / time_s
+            if ceilings:
+                info["bytes_fraction_of_peak"] = bytes / time_s / ceilings["bytes_per_s"]
+    info.update(extra)
+    return result
+
+
+def pytest_collect_file(file_path: Path, parent):
+    """Collect ``bench/bench_*.py`` when pytest is given the folder: the project's python_files lists only
+    test_*.py. Files named on the command line, or already matching python_files, pytest collects itself."""
+    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    if file_path.parent != Path(__file__).parent or parent.session.isinitpath(file_path):
+        return None
+    if any(fnmatch.fnmatch(file_path.name, pattern) for pattern in parent.config.getini("python_files")):
+        return None
+    return pytest.Module.from_parent(parent, path=file_path)
+
+
+@pytest.fixture
+def bench_device() -> str:
+    return DEVICE
+
+
+def pytest_report_header(config):
+    where = torch.cuda.get_device_name(0) if HAS_CUDA else f"cpu ({os.cpu_count()} cores)"
+    mode = "quick (KARMA_BENCH_QUICK=1)" if QUICK else "full"
+    return f"karma bench: device {where}, {mode} shapes, torch {torch.__version__}"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["karma_device"] = torch.cuda.get_device_name(0) if HAS_CUDA else "cpu"
+    machine_info["karma_quick"] = QUICK
+    machine_info["torch_version"] = torch.__version__

@@ -1,0 +1,252 @@
+"""Turn a pytest-benchmark JSON into side-by-side tables and plots.
+
+    python -m bench.report bench/results/cpu.json [--out DIR] [--prefix NAME_]
+
+Writes DIR/report.md (also printed): one markdown table per op, rows = shapes (and dtype, device, mode), columns =
+implementations, each cell = median time · peak memory, then the ratios to the baseline column (reference, or
+the first present of torch_native / faiss / torch_topk) and, where the case recorded a FLOP or byte count, the
+achieved rate and its fraction of the device's ceiling. And DIR/<prefix><op>.png: time and peak memory against
+problem size, one line per implementation. Cases lacking the bench.conftest extra_info keys are still shown,
+with what can be inferred from their test names; missing implementations are simply absent columns.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# What bench.conftest.run_case records in every case's extra_info (the suite's contract, checked by CI).
+REQUIRED_EXTRA_INFO = ("op", "impl", "shape", "dtype", "device", "peak_mem_bytes", "mem_method", "time_s")
+BASELINE_PREFERENCE = ("reference", "torch_native", "torch_eager", "faiss", "torch_topk")
+# Our implementations first, then peers, in a stable order; unknown names go last alphabetically.
+IMPL_ORDER = ("reference", "torch", "triton", "cuda", "cpp", "torch_native", "torch_eager", "torch_compile",
+              "liger", "cce", "inf_cl", "faiss", "torch_topk")
+
+
+def load_cases(json_path: Path) -> tuple[list[dict], dict]:
+    data = json.loads(Path(json_path).read_text())
+    cases = [_case(bench) for bench in data.get("benchmarks", [])]
+    return [c for c in cases if c is not None], data
+
+
+def _case(bench: dict) -> dict | None:
+    info = dict(bench.get("extra_info") or {})
+    params = bench.get("params") or {}
+    name = bench.get("name", "")
+    fullname = bench.get("fullname", name)
+    function = name.split("[")[0]
+    file_match = re.search(r"bench_(\w+)\.py", fullname)
+    stats = bench.get("stats") or {}
+    time_s = info.get("time_s") or stats.get("median")
+    if time_s is None:
+        return None
+    shape = info.get("shape") or ",".join(f"{k}={v}" for k, v in params.items() if k not in ("impl", "dtype"))
+    return {
+        "op": info.get("op") or (file_match.group(1) if file_match else function),
+        "impl": str(info.get("impl") or params.get("impl") or function.removeprefix("test_")),
+        "shape": shape or "-",
+        "size": info.get("size") or _shape_size(shape),
+        "dtype": str(info.get("dtype") or params.get("dtype") or "-").replace("torch.", ""),
+        "device": info.get("device") or "-",
+        "mode": str(info.get("mode") or ""),
+        "function": function,
+        "time_s": float(time_s),
+        "time_method": info.get("time_method") or "wall_clock",
+        "peak_mem_bytes": info.get("peak_mem_bytes"),
+        "flop_per_s": info.get("flop_per_s"),
+        "flop_fraction": info.get("flop_fraction_of_peak"),
+        "bytes_per_s": info.get("bytes_per_s"),
+        "bytes_fraction": info.get("bytes_fraction_of_peak"),
+        "extra": info,
+    }
+
+
+def _shape_size(shape: str) -> float:
+    numbers = [int(n) for n in re.findall(r"=(\d+)", shape or "")]
+    return float(math.prod(numbers)) if numbers else float("nan")
+
+
+def _disambiguate_modes(cases: list[dict]) -> None:
+    """Two cases of one op with the same impl, shape, dtype, device and mode (e.g. a fwd test and a fwd+bwd
+    test that both left ``mode`` unset) would overwrite each other: tell them apart by test function."""
+    seen = defaultdict(set)
+    for case in cases:
+        seen[(case["op"], case["impl"], case["shape"], case["dtype"], case["device"], case["mode"])].add(
+            case["function"])
+    for case in cases:
+        key = (case["op"], case["impl"], case["shape"], case["dtype"], case["device"], case["mode"])
+        if len(seen[key]) > 1:
+            case["mode"] = (case["mode"] + " " if case["mode"] else "") + case["function"].removeprefix("test_")
+
+
+def _impl_sort_key(impl: str):
+    return (IMPL_ORDER.index(impl), "") if impl in IMPL_ORDER else (len(IMPL_ORDER), impl)
+
+
+def format_time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def format_bytes(count) -> str:
+    if count is None:
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{int(count)} B"
+
+
+def format_rate(case: dict) -> str:
+    parts = []
+    if case["flop_per_s"]:
+        text = f"{case['flop_per_s'] / 1e12:.3g} TFLOP/s"
+        if case["flop_fraction"]:
+            text += f" ({100 * case['flop_fraction']:.0f}% of peak)"
+        parts.append(text)
+    if case["bytes_per_s"]:
+        text = f"{case['bytes_per_s'] / 1e9:.3g} GB/s"
+        if case["bytes_fraction"]:
+            text += f" ({100 * case['bytes_fraction']:.0f}% of peak)"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _ratio(value, base) -> str:
+    if value is None or base is None or base == 0:
+        return "n/a"
+    ratio = value / base
+    return f"{ratio:.2f}×" if ratio >= 0.1 else f"{ratio:.2g}×"
+
+
+def op_table(op: str, cases: list[dict]) -> str:
+    impls = sorted({c["impl"] for c in cases}, key=_impl_sort_key)
+    rows = defaultdict(dict)
+    for case in cases:
+        rows[(case["size"], case["shape"], case["dtype"], case["device"], case["mode"])][case["impl"]] = case
+    show_mode = any(key[4] for key in rows)
+    header = ["shape", "dtype", "device"] + (["mode"] if show_mode else []) + impls
+    lines = [f"### {op}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    baselines_used = set()
+    for key in sorted(rows, key=lambda k: (k[4], k[2], k[3], _nan_last(k[0]), k[1])):
+        size, shape, dtype, device, mode = key
+        row = rows[key]
+        baseline = next((impl for impl in BASELINE_PREFERENCE if impl in row), None)
+        if baseline:
+            baselines_used.add(baseline)
+        cells = [shape, dtype, device] + ([mode or "-"] if show_mode else [])
+        for impl in impls:
+            case = row.get(impl)
+            if case is None:
+                cells.append("–")
+                continue
+            cell = f"{format_time(case['time_s'])} · {format_bytes(case['peak_mem_bytes'])}"
+            if baseline and impl != baseline:
+                base = row[baseline]
+                cell += (f"<br>{_ratio(case['time_s'], base['time_s'])} time · "
+                         f"{_ratio(case['peak_mem_bytes'], base['peak_mem_bytes'])} mem")
+            rate = format_rate(case)
+            if rate:
+                cell += f"<br>{rate}"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    methods = sorted({c["time_method"] for c in cases})
+    mem_methods = sorted({str(c["extra"].get("mem_method", "n/a")) for c in cases})
+    lines += ["", f"Cells: median time · peak memory; ratios are against "
+                  f"{' / '.join(sorted(baselines_used)) or 'no baseline (none present)'} in the same row "
+                  f"(< 1× is better). Timing: {', '.join(methods)}; memory: {', '.join(mem_methods)}.", ""]
+    return "\n".join(lines)
+
+
+def _nan_last(value):
+    return float("inf") if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def plot_op(op: str, cases: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = defaultdict(list)
+    for case in cases:
+        if _nan_last(case["size"]) != float("inf"):
+            label = " ".join(p for p in (case["impl"], case["dtype"], case["device"], case["mode"]) if p and p != "-")
+            series[label].append(case)
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, points) in enumerate(sorted(series.items())):
+        # one colour per series in both panels, even when a series has no memory figure
+        style = dict(marker="o", label=label, color=colors[index % len(colors)])
+        points.sort(key=lambda c: c["size"])
+        ax_time.plot([c["size"] for c in points], [c["time_s"] for c in points], **style)
+        mem = [(c["size"], c["peak_mem_bytes"]) for c in points if c["peak_mem_bytes"]]
+        if mem:
+            ax_mem.plot([m[0] for m in mem], [m[1] / 2**20 for m in mem], **style)
+    for ax, ylabel in ((ax_time, "median time (s)"), (ax_mem, "peak memory (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("problem size (product of the shape's dimensions)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_time.set_title(f"{op}: time")
+    ax_mem.set_title(f"{op}: peak memory")
+    handles, labels = ax_time.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize="small")
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * (len(labels) // 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_report(json_path: Path, out_dir: Path, prefix: str = "") -> tuple[str, list[Path]]:
+    cases, data = load_cases(json_path)
+    _disambiguate_modes(cases)
+    machine = data.get("machine_info") or {}
+    commit = (data.get("commit_info") or {}).get("id", "")
+    device = machine.get("karma_device") or "-"
+    cpu = (machine.get("cpu") or {}).get("brand_raw", "")
+    quick = " (quick mode: small shapes)" if machine.get("karma_quick") else ""
+    parts = ["# karma benchmark report", "",
+             f"Run {data.get('datetime', '?')} · device: {device}{f' · CPU: {cpu}' if cpu else ''}"
+             f" · torch {machine.get('torch_version', '?')}{f' · commit {commit[:10]}' if commit else ''}{quick}", ""]
+    by_op = defaultdict(list)
+    for case in cases:
+        by_op[case["op"]].append(case)
+    if not by_op:
+        parts.append("No benchmark results in this file.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    for op in sorted(by_op):
+        png = out_dir / f"{prefix}{op}.png"
+        plot_op(op, by_op[op], png)
+        pngs.append(png)
+        parts += [op_table(op, by_op[op]), f"![{op}: time and memory against size]({png.name})", ""]
+    markdown = "\n".join(parts)
+    (out_dir / "report.md").write_text(markdown)
+    return markdown, pngs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("json_path", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: beside the JSON)")
+    parser.add_argument("--prefix", default="", help="prefix of the PNG file names")
+    args = parser.parse_args(argv)
+    if not args.json_path.is_file():
+        parser.error(f"no such file: {args.json_path}")
+    out_dir = args.out if args.out is not None else args.json_path.parent
+    markdown, pngs = build_report(args.json_path, out_dir, args.prefix)
+    print(markdown)
+    print(f"\nwrote {out_dir / 'report.md'} and {len(pngs)} plot(s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Turn a pytest-benchmark JSON into side-by-side tables and plots.
 
-    python -m bench.report bench/results/cpu.json [--out DIR] [--prefix NAME_]
+    python -m bench.report bench/results/cpu.json [more.json ...] [--out DIR] [--prefix NAME_]
+                           [--merged-json ALL.json]
 
 Writes DIR/report.md (also printed): one markdown table per op, rows = shapes (and dtype, device, mode), columns =
 implementations, each cell = median time · peak memory, then the ratios to the baseline column (reference, or
@@ -8,6 +9,8 @@ the first present of torch_native / faiss / torch_topk) and, where the case reco
 achieved rate and its fraction of the device's ceiling. And DIR/<prefix><op>.png: time and peak memory against
 problem size, one line per implementation. Cases lacking the bench.conftest extra_info keys are still shown,
 with what can be inferred from their test names; missing implementations are simply absent columns.
+Several JSONs (e.g. one per bench file, as bench/gpu_check.sh runs them) are combined into one report, and
+``--merged-json`` saves their combination as one pytest-benchmark JSON.
 """
 from __future__ import annotations
 
@@ -27,8 +30,21 @@ IMPL_ORDER = ("reference", "torch", "triton", "cuda", "cpp", "torch_native", "to
               "liger", "cce", "inf_cl", "faiss", "torch_topk")
 
 
-def load_cases(json_path: Path) -> tuple[list[dict], dict]:
-    data = json.loads(Path(json_path).read_text())
+def merge_json(json_paths) -> dict:
+    """One pytest-benchmark document from several: run metadata of the first, every file's benchmarks."""
+    merged = None
+    for path in json_paths:
+        data = json.loads(Path(path).read_text())
+        if merged is None:
+            merged = dict(data, benchmarks=[])
+        merged["benchmarks"].extend(data.get("benchmarks", []))
+    return merged or {"benchmarks": []}
+
+
+def load_cases(json_paths) -> tuple[list[dict], dict]:
+    if isinstance(json_paths, (str, Path)):
+        json_paths = [json_paths]
+    data = merge_json(json_paths)
     cases = [_case(bench) for bench in data.get("benchmarks", [])]
     return [c for c in cases if c is not None], data
 
@@ -205,8 +221,8 @@ def plot_op(op: str, cases: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(json_path: Path, out_dir: Path, prefix: str = "") -> tuple[str, list[Path]]:
-    cases, data = load_cases(json_path)
+def build_report(json_paths, out_dir: Path, prefix: str = "") -> tuple[str, list[Path]]:
+    cases, data = load_cases(json_paths)
     _disambiguate_modes(cases)
     machine = data.get("machine_info") or {}
     commit = (data.get("commit_info") or {}).get("id", "")
@@ -235,14 +251,18 @@ def build_report(json_path: Path, out_dir: Path, prefix: str = "") -> tuple[str,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("json_path", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("json_paths", type=Path, nargs="+", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: beside the JSON)")
     parser.add_argument("--prefix", default="", help="prefix of the PNG file names")
+    parser.add_argument("--merged-json", type=Path, default=None, help="also save the inputs combined here")
     args = parser.parse_args(argv)
-    if not args.json_path.is_file():
-        parser.error(f"no such file: {args.json_path}")
-    out_dir = args.out if args.out is not None else args.json_path.parent
-    markdown, pngs = build_report(args.json_path, out_dir, args.prefix)
+    for path in args.json_paths:
+        if not path.is_file():
+            parser.error(f"no such file: {path}")
+    out_dir = args.out if args.out is not None else args.json_paths[0].parent
+    if args.merged_json is not None:
+        args.merged_json.write_text(json.dumps(merge_json(args.json_paths), indent=1))
+    markdown, pngs = build_report(args.json_paths, out_dir, args.prefix)
     print(markdown)
     print(f"\nwrote {out_dir / 'report.md'} and {len(pngs)} plot(s)", file=sys.stderr)
     return 0

@@ -4,9 +4,9 @@
                            [--merged-json ALL.json]
 
 Writes DIR/report.md (also printed): one markdown table per op, rows = shapes (and dtype, device, mode), columns =
-implementations, each cell = median time · peak memory, then the ratios to the baseline column (reference, or
-the first present of torch_native / faiss / torch_topk) and, where the case recorded a FLOP or byte count, the
-achieved rate and its fraction of the device's ceiling. And DIR/<prefix><op>.png: time and peak memory against
+implementations, each cell = median time · peak memory, then the ratios to the row's baseline (--baseline, else
+one a case names in extra_info["baseline"], else reference, or the first present of torch_native / faiss / ...)
+and, where the case recorded a FLOP or byte count, the achieved rate and its fraction of the device's ceiling. And DIR/<prefix><op>.png: time and peak memory against
 problem size, one line per implementation. Cases lacking the bench.conftest extra_info keys are still shown,
 with what can be inferred from their test names; missing implementations are simply absent columns.
 Several JSONs (e.g. one per bench file, as bench/gpu_check.sh runs them) are combined into one report, and
@@ -141,7 +141,7 @@ def _ratio(value, base) -> str:
     return f"{ratio:.2f}×" if ratio >= 0.1 else f"{ratio:.2g}×"
 
 
-def op_table(op: str, cases: list[dict]) -> str:
+def op_table(op: str, cases: list[dict], baseline: str | None = None) -> str:
     impls = sorted({c["impl"] for c in cases}, key=_impl_sort_key)
     rows = defaultdict(dict)
     for case in cases:
@@ -153,9 +153,12 @@ def op_table(op: str, cases: list[dict]) -> str:
     for key in sorted(rows, key=lambda k: (k[4], k[2], k[3], _nan_last(k[0]), k[1])):
         size, shape, dtype, device, mode = key
         row = rows[key]
-        baseline = next((impl for impl in BASELINE_PREFERENCE if impl in row), None)
-        if baseline:
-            baselines_used.add(baseline)
+        # a baseline named on the command line, else one a case declares (extra_info["baseline"]), else the default
+        declared = [c["extra"]["baseline"] for c in row.values() if c["extra"].get("baseline")]
+        preference = ([baseline] if baseline else []) + declared + list(BASELINE_PREFERENCE)
+        row_baseline = next((impl for impl in preference if impl in row), None)
+        if row_baseline:
+            baselines_used.add(row_baseline)
         cells = [shape, dtype, device] + ([mode or "-"] if show_mode else [])
         for impl in impls:
             case = row.get(impl)
@@ -163,8 +166,10 @@ def op_table(op: str, cases: list[dict]) -> str:
                 cells.append("–")
                 continue
             cell = f"{format_time(case['time_s'])} · {format_bytes(case['peak_mem_bytes'])}"
-            if baseline and impl != baseline:
-                base = row[baseline]
+            if impl == row_baseline:
+                cell += "<br>(baseline)"
+            elif row_baseline:
+                base = row[row_baseline]
                 cell += (f"<br>{_ratio(case['time_s'], base['time_s'])} time · "
                          f"{_ratio(case['peak_mem_bytes'], base['peak_mem_bytes'])} mem")
             rate = format_rate(case)
@@ -221,7 +226,7 @@ def plot_op(op: str, cases: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(json_paths, out_dir: Path, prefix: str = "") -> tuple[str, list[Path]]:
+def build_report(json_paths, out_dir: Path, prefix: str = "", baseline: str | None = None) -> tuple[str, list[Path]]:
     cases, data = load_cases(json_paths)
     _disambiguate_modes(cases)
     machine = data.get("machine_info") or {}
@@ -243,7 +248,7 @@ def build_report(json_paths, out_dir: Path, prefix: str = "") -> tuple[str, list
         png = out_dir / f"{prefix}{op}.png"
         plot_op(op, by_op[op], png)
         pngs.append(png)
-        parts += [op_table(op, by_op[op]), f"![{op}: time and memory against size]({png.name})", ""]
+        parts += [op_table(op, by_op[op], baseline), f"![{op}: time and memory against size]({png.name})", ""]
     markdown = "\n".join(parts)
     (out_dir / "report.md").write_text(markdown)
     return markdown, pngs
@@ -254,6 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("json_paths", type=Path, nargs="+", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: beside the JSON)")
     parser.add_argument("--prefix", default="", help="prefix of the PNG file names")
+    parser.add_argument("--baseline", default=None, help="implementation the ratios are against, where present")
     parser.add_argument("--merged-json", type=Path, default=None, help="also save the inputs combined here")
     args = parser.parse_args(argv)
     for path in args.json_paths:
@@ -262,7 +268,7 @@ def main(argv=None) -> int:
     out_dir = args.out if args.out is not None else args.json_paths[0].parent
     if args.merged_json is not None:
         args.merged_json.write_text(json.dumps(merge_json(args.json_paths), indent=1))
-    markdown, pngs = build_report(args.json_paths, out_dir, args.prefix)
+    markdown, pngs = build_report(args.json_paths, out_dir, args.prefix, args.baseline)
     print(markdown)
     print(f"\nwrote {out_dir / 'report.md'} and {len(pngs)} plot(s)", file=sys.stderr)
     return 0

@@ -1,0 +1,109 @@
+"""The oracle for ``contrastive_loss``: naive, materialises the full B x M logit matrix, obviously right.
+
+Semantics (this docstring is the documentation of the math)
+-----------------------------------------------------------
+Inputs: ``query`` [B, D], ``keys`` [M, D], ``target`` [B] int64 index into ``keys`` (default ``arange(B)``, which
+needs M >= B), ``temperature`` T > 0 (python float or 0-d tensor), optional ``key_ids`` [M] int64, optional
+``logq`` [M].
+
+Logits, accumulated in float32 (float64 when the inputs are float64)::
+
+    s_ij = (q_i . k_j) / T - logq_j                      (logq, when given, is subtracted after scaling)
+
+False negatives: when ``key_ids`` is given, a key carrying the same id as the row's positive is not a negative::
+
+    valid(i, j) = not (key_ids[j] == key_ids[target_i] and j != target_i)
+
+The positive itself is always valid.
+
+``mode="softmax"`` (InfoNCE)::
+
+    loss_i = logsumexp_{j valid} s_ij - s_{i, target_i}
+
+A row whose every negative is masked (or M == 1) has loss 0 and zero gradients: the softmax over the single
+valid key is exactly 1.
+
+``mode="pairwise"`` (BPR-style pairwise logistic, the KARMA paper's action loss)::
+
+    loss_i = mean_{j valid, j != target_i} softplus(s_ij - s_{i, target_i})
+
+and 0 (with zero gradients) when the row has no valid negative.
+
+``symmetric=True`` (softmax only; M == B and target=None, so target_i = i): CLIP-style average of both
+directions. The column direction is the softmax of column i over the queries, on the same logit matrix (logq is
+part of it) with the same mask rule transposed (with target = arange the mask is symmetric)::
+
+    col_loss_i = logsumexp_{r valid(r, i)} s_ri - s_ii
+    loss_i     = (loss_i + col_loss_i) / 2
+
+``reduction``: "mean" averages over all B rows (rows with no valid negative count, like ``F.cross_entropy``
+without ``ignore_index``), "sum" adds them, "none" returns the [B] vector.
+
+Output dtype: float32 for float16 / bfloat16 / float32 inputs, float64 for float64 inputs. Gradients have the
+dtype of the tensor they belong to.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """float32 accumulation for half and single precision inputs, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def valid_mask(key_ids: Optional[torch.Tensor], target: torch.Tensor, num_keys: int) -> Optional[torch.Tensor]:
+    """[B, M] bool: True where key j may appear in row i's softmax (None: every key is valid)."""
+    if key_ids is None:
+        return None
+    columns = torch.arange(num_keys, device=target.device)
+    same_item = key_ids[None, :] == key_ids[target][:, None]
+    return ~(same_item & (columns[None, :] != target[:, None]))
+
+
+def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, target: Optional[torch.Tensor] = None,
+                               temperature: Union[float, torch.Tensor] = 0.05, key_ids: Optional[torch.Tensor] = None,
+                               logq: Optional[torch.Tensor] = None, mode: str = "softmax", symmetric: bool = False,
+                               reduction: str = "mean", compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Naive ``contrastive_loss`` (see the module docstring). Differentiable by autograd.
+
+    ``compute_dtype`` overrides the accumulation dtype: tests use float64 for the truth and the input dtype for
+    "what plain PyTorch gets in that dtype".
+    """
+    batch, num_keys = query.shape[0], keys.shape[0]
+    dtype = compute_dtype or compute_dtype_for(query.dtype)
+    if target is None:
+        target = torch.arange(batch, device=query.device)
+    target = target.long()
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.tensor(temperature, device=query.device)
+    logits = (query.to(dtype) @ keys.to(dtype).T) / temperature.to(dtype)
+    if logq is not None:
+        logits = logits - logq.to(dtype)[None, :]
+    rows = torch.arange(batch, device=query.device)
+    positive = logits[rows, target]
+    valid = valid_mask(key_ids, target, num_keys)
+    if valid is None:
+        valid = torch.ones(batch, num_keys, dtype=torch.bool, device=query.device)
+    if mode == "softmax":
+        masked = logits.masked_fill(~valid, float("-inf"))
+        loss = torch.logsumexp(masked, dim=1) - positive
+        if symmetric:
+            column_loss = torch.logsumexp(masked, dim=0) - positive
+            loss = (loss + column_loss) / 2
+    elif mode == "pairwise":
+        negative = valid.clone()
+        negative[rows, target] = False
+        margins = F.softplus(logits - positive[:, None])
+        total = torch.where(negative, margins, torch.zeros((), dtype=dtype, device=query.device)).sum(dim=1)
+        loss = total / negative.sum(dim=1).clamp_min(1).to(dtype)
+    else:
+        raise ValueError(f"mode must be 'softmax' or 'pairwise', got {mode!r}")
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss

@@ -20,8 +20,11 @@ Reduction scaling, with L_r the loss returned on rank r and L the single-process
   * ``reduction="none"``: per-query losses of the local queries, each equal to the matching row of the
     single-process result.
 
-Symmetric (query->key and key->query) losses need every rank's queries for the key->query direction; that
-is not supported across ranks here and raises ValueError. Both modes ("softmax", "pairwise") work.
+``symmetric=True`` (softmax, M_r == B_r on every rank, target=None) also all-gathers the queries: the
+query->key half of loss_i is local query i against every rank's keys, the key->query half is local key i against
+every rank's queries (the softmax of column i of the global logit matrix; logq cancels in it), and each rank
+returns (row_i + col_i) / 2 for its own i, reduced as above. Query gradients then also flow back across ranks.
+Both modes ("softmax", "pairwise") work.
 
 Gathering unequal key counts costs one small all-gather of the counts and a host sync (the buffer sizes must be
 known on the host); pass ``key_counts`` when every rank already knows them to skip it.
@@ -157,7 +160,7 @@ def distributed_contrastive_loss(query: torch.Tensor, keys: torch.Tensor, target
     """``contrastive_loss`` of the local queries against the keys of every rank in ``process_group``.
 
     ``target`` indexes the local ``keys`` (None: query i's positive is local key i); it is shifted by the
-    gathered offset. Negative targets are left as they are. Other keyword arguments go to
+    gathered offset. Other keyword arguments go to
     ``karma_kernels.contrastive_loss`` unchanged; see the module docstring for how ``reduction`` scales.
     """
     # Imported here: op.py delegates to this module for process_group=..., so a top-level import would cycle.
@@ -166,21 +169,51 @@ def distributed_contrastive_loss(query: torch.Tensor, keys: torch.Tensor, target
     op = "distributed_contrastive_loss"
     check_tensor(op, "query", query, ndim=2, floating=True)
     check_tensor(op, "keys", keys, ndim=2, floating=True)
-    world = _world_of(process_group)
-    if world > 1 and kwargs.get("symmetric", False):
-        raise ValueError(f"{op}: symmetric=True is not supported across ranks (the key->query direction needs "
-                         "every rank's queries); use symmetric=False with a process group, or compute the "
-                         "key->query loss by calling this again with the roles of query and keys swapped")
     if target is not None:
         check_tensor(op, "target", target, ndim=1, integer=True)
+    world = _world_of(process_group)
+    if world == 1:
+        return contrastive_loss(query, keys, target, key_ids=key_ids, logq=logq, **kwargs)
+    if kwargs.get("symmetric", False):
+        return _symmetric_loss(op, query, keys, target, key_ids, logq, key_counts, process_group, kwargs,
+                               contrastive_loss)
     all_keys, all_key_ids, all_logq, offset = gather_keys(keys, key_ids, logq, process_group=process_group,
                                                           key_counts=key_counts)
-    if world > 1:
-        if target is None:
-            if query.shape[0] > keys.shape[0]:
-                raise ValueError(f"{op}: target=None pairs query i with local key i, so keys needs at least "
-                                 f"{query.shape[0]} rows on this rank, got {keys.shape[0]}")
-            target = torch.arange(query.shape[0], device=query.device) + offset
-        else:
-            target = torch.where(target >= 0, target + offset, target)
-    return contrastive_loss(query, all_keys, target, key_ids=all_key_ids, logq=all_logq, **kwargs)
+    if target is None:
+        if query.shape[0] > keys.shape[0]:
+            raise ValueError(f"{op}: target=None pairs query i with local key i, so keys needs at least "
+                             f"{query.shape[0]} rows on this rank, got {keys.shape[0]}")
+        target = torch.arange(query.shape[0], device=query.device)
+    return contrastive_loss(query, all_keys, target + offset, key_ids=all_key_ids, logq=all_logq, **kwargs)
+
+
+def _symmetric_loss(op, query, keys, target, key_ids, logq, key_counts, process_group, kwargs, contrastive_loss):
+    """CLIP-style loss across ranks: (local rows against all keys + local columns against all queries) / 2."""
+    mode = kwargs.get("mode", "softmax")
+    if mode != "softmax":
+        raise ValueError(f"{op}: symmetric=True needs mode='softmax', got mode={mode!r}")
+    if target is not None:
+        raise ValueError(f"{op}: symmetric=True pairs query i with key i; pass target=None")
+    if query.shape[0] != keys.shape[0]:
+        raise ValueError(f"{op}: symmetric=True needs as many keys as queries on every rank, got "
+                         f"B={query.shape[0]}, M={keys.shape[0]} on this rank")
+    reduction = kwargs.get("reduction", "mean")
+    per_row = dict(kwargs, symmetric=False, reduction="none")
+    # B_r == M_r on every rank, so the queries share the keys' counts and offset.
+    counts = key_counts
+    if counts is None:
+        counts = _gather_counts(keys.shape[0], keys.device, process_group, _world_of(process_group))
+    all_keys, all_key_ids, all_logq, offset = gather_keys(keys, key_ids, logq, process_group=process_group,
+                                                          key_counts=counts)
+    all_queries, _ = all_gather_rows(query, process_group=process_group, counts=counts)
+    own = torch.arange(query.shape[0], device=query.device) + offset
+    row_loss = contrastive_loss(query, all_keys, own, key_ids=all_key_ids, logq=all_logq, **per_row)
+    # Column i of the global logit matrix: key i against every query; positives are aligned (query r <-> key r),
+    # so the queries carry the keys' ids, and logq_i, common to the whole column, cancels.
+    column_loss = contrastive_loss(keys, all_queries, own, key_ids=all_key_ids, logq=None, **per_row)
+    loss = (row_loss + column_loss) / 2
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss

@@ -23,7 +23,8 @@ def _extensions():
     use_cuda = force_cuda or (torch.cuda.is_available() or torch.version.cuda is not None) and CUDA_HOME is not None
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     openmp = ["-fopenmp"]
-    cxx_flags = ["-O3", "-std=c++17", *openmp]
+    # torch 2.13 headers are C++20 (bit-field initialisers); the plain .cu needs only C++17.
+    cxx_flags = ["-O3", "-std=c++20", *openmp]
     if use_cuda and cu_sources:
         ext = CUDAExtension(
             "karma_kernels._C",

@@ -1,3 +1,227 @@
-# placeholder: being written (issue 4)
-def topk_merge(*args, **kwargs):
-    raise NotImplementedError
+"""``topk_merge``: the global best k of S shards' top-k search results.
+
+The work is done by the compiled op ``torch.ops.karma.topk_merge`` (``csrc/``; CPU always, CUDA when built with
+it). The extension is loaded on the first call, not at import; when it is missing, a RuntimeWarning says how to
+build it and the numpy reference (``reference.py``) answers instead.
+"""
+from __future__ import annotations
+
+import importlib
+import numbers
+import threading
+import warnings
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .._validation import check_choice
+from .reference import topk_merge_reference
+
+OP = "topk_merge"
+METRICS = ("l2", "ip")
+BACKENDS = ("auto", "compiled", "reference")
+DISTANCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+BUILD_HINT = "pip install --no-build-isolation -e ."
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+_load_lock = threading.Lock()
+_extension_state: dict = {}  # "loaded": bool, set once by _extension_loaded()
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("karma::topk_merge")
+    def _(distances, ids, k, largest, id_offsets, sorted, dedup):
+        num_queries = distances[0].shape[0]
+        return (distances[0].new_empty((num_queries, k)),
+                ids[0].new_empty((num_queries, k)))
+
+
+def _extension_loaded() -> bool:
+    """Imports karma_kernels._C once; warns once when it is not built."""
+    with _load_lock:
+        if "loaded" not in _extension_state:
+            try:
+                importlib.import_module("karma_kernels._C")
+                _register_fake()
+                _extension_state["loaded"] = True
+            except ImportError as error:
+                _extension_state["loaded"] = False
+                warnings.warn(
+                    f"karma_kernels._C is not built ({error}); topk_merge falls back to the slow numpy reference. "
+                    f"Build the extension with `{BUILD_HINT}` from the repository root.",
+                    RuntimeWarning, stacklevel=3)
+        return _extension_state["loaded"]
+
+
+def _compiled_supports(device: torch.device) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("karma::topk_merge", device.type.upper())
+
+
+def _library_of(name: str, value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "torch"
+    if isinstance(value, np.ndarray):
+        return "numpy"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{OP}: {name} must hold at least one shard, got an empty {type(value).__name__}")
+        libraries = {_library_of(f"{name}[{s}]", v) for s, v in enumerate(value)}
+        if len(libraries) > 1:
+            raise TypeError(f"{OP}: {name} mixes numpy arrays and torch tensors; use one library")
+        return libraries.pop()
+    raise TypeError(f"{OP}: {name} must be a numpy array, a torch tensor, or a list of them (one per shard), "
+                    f"got {type(value).__name__}")
+
+
+def _as_tensor(array: ArrayLike) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # read only here; torch warns about any non-writable array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(array)
+    return torch.from_numpy(array)
+
+
+def _shards(name: str, value) -> list[torch.Tensor]:
+    """(S, Q, k_s) or a list of S (Q, k_s) -> list of S 2-D tensors (views, no copy)."""
+    if isinstance(value, (list, tuple)):
+        shards = [_as_tensor(v) for v in value]
+        for s, shard in enumerate(shards):
+            if shard.dim() != 2:
+                raise ValueError(f"{OP}: {name}[{s}] must be 2-D (Q, k_s), got shape {tuple(shard.shape)}")
+        return shards
+    stacked = _as_tensor(value)
+    if stacked.dim() != 3:
+        raise ValueError(f"{OP}: {name} must be 3-D (S, Q, k_s) or a list of 2-D (Q, k_s) arrays, "
+                         f"got shape {tuple(stacked.shape)}")
+    if stacked.shape[0] == 0:
+        raise ValueError(f"{OP}: {name} must hold at least one shard, got shape {tuple(stacked.shape)}")
+    return list(stacked.unbind(0))
+
+
+def _offsets_tensor(id_offsets, num_shards: int, device: torch.device) -> Optional[torch.Tensor]:
+    if id_offsets is None:
+        return None
+    if isinstance(id_offsets, torch.Tensor):
+        offsets = id_offsets
+    elif isinstance(id_offsets, np.ndarray):
+        if not np.issubdtype(id_offsets.dtype, np.integer):
+            raise TypeError(f"{OP}: id_offsets must hold integers, got {id_offsets.dtype}")
+        if id_offsets.size and id_offsets.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{OP}: id_offsets must fit in int64, got {id_offsets.max()}")
+        offsets = torch.from_numpy(id_offsets.astype(np.int64))
+    elif isinstance(id_offsets, (list, tuple)):
+        for s, value in enumerate(id_offsets):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{OP}: id_offsets must hold integers, id_offsets[{s}] is {value!r}")
+            if not -2**63 <= int(value) < 2**63:
+                raise ValueError(f"{OP}: id_offsets[{s}] = {value} does not fit in int64")
+        offsets = torch.tensor([int(v) for v in id_offsets], dtype=torch.int64)
+    else:
+        raise TypeError(f"{OP}: id_offsets must be a list of ints, an integer array or tensor, or None, "
+                        f"got {type(id_offsets).__name__}")
+    if offsets.dtype.is_floating_point or offsets.dtype.is_complex or offsets.dtype == torch.bool:
+        raise TypeError(f"{OP}: id_offsets must hold integers, got {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.shape[0] != num_shards:
+        raise ValueError(f"{OP}: id_offsets must have one entry per shard, shape ({num_shards},), "
+                         f"got shape {tuple(offsets.shape)}")
+    return offsets.to(device=device, dtype=torch.int64).contiguous()
+
+
+def _validate(distances: list[torch.Tensor], ids: list[torch.Tensor], k) -> None:
+    if len(distances) != len(ids):
+        raise ValueError(f"{OP}: distances has {len(distances)} shards but ids has {len(ids)}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{OP}: k must be an int, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"{OP}: k must be >= 1, got {k}")
+    num_queries = distances[0].shape[0]
+    dtype, device = distances[0].dtype, distances[0].device
+    for s, (d, i) in enumerate(zip(distances, ids)):
+        if d.dtype not in DISTANCE_DTYPES:
+            raise TypeError(f"{OP}: distances[{s}] must be float32, float16, bfloat16 or float64, got {d.dtype}")
+        if d.dtype != dtype:
+            raise TypeError(f"{OP}: distances[{s}] is {d.dtype} but distances[0] is {dtype}; use one dtype")
+        if i.dtype != torch.int64:
+            raise TypeError(f"{OP}: ids[{s}] must be int64, got {i.dtype}")
+        if tuple(i.shape) != tuple(d.shape):
+            raise ValueError(f"{OP}: ids[{s}] has shape {tuple(i.shape)} but distances[{s}] has shape "
+                             f"{tuple(d.shape)}")
+        if d.shape[0] != num_queries:
+            raise ValueError(f"{OP}: every shard must have the same number of queries; distances[{s}] has "
+                             f"{d.shape[0]}, distances[0] has {num_queries}")
+        if d.device != device or i.device != device:
+            raise ValueError(f"{OP}: distances[{s}] and ids[{s}] must be on {device} like distances[0], got "
+                             f"{d.device} and {i.device}")
+
+
+def _reference(distances: list[torch.Tensor], ids: list[torch.Tensor], k: int, largest: bool,
+               offsets: Optional[torch.Tensor], dedup: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out_distances, out_ids = topk_merge_reference(
+        [d.detach().cpu().to(torch.float64).numpy() for d in distances], [i.cpu().numpy() for i in ids], k,
+        largest=largest, id_offsets=None if offsets is None else offsets.cpu().tolist(), dedup=dedup)
+    device = distances[0].device
+    return (torch.from_numpy(out_distances).to(device=device, dtype=distances[0].dtype),
+            torch.from_numpy(out_ids).to(device))
+
+
+def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, sorted: bool = True,
+               dedup: bool = False, backend: str = "auto"):
+    """Merge per-shard top-k search results into the global top-k of each query.
+
+    Args:
+        distances: (S, Q, k_s) array, or a list of S (Q, k_s) arrays whose k_s may differ; numpy or torch
+            (CPU, or CUDA when the extension was built with CUDA). float32, float16, bfloat16 or float64.
+        ids: int64, same shapes as ``distances``. Any negative id is padding (an empty slot): it is never
+            offset and never outranks a real result, wherever it appears in a row.
+        k: results per query (k >= 1; it may exceed the number of candidates).
+        metric: "l2" (ascending distance) or "ip" (descending score).
+        id_offsets: S integers added to each shard's local ids (e.g. the shard's first global row). A global
+            id outside [0, 2^63-1] raises ValueError (never wraps).
+        sorted: True when every shard row is sorted best-first by distance (faiss output; padding may sit
+            anywhere): a k-way merge reads about k+S candidates per query. False accepts any row order.
+        dedup: keep only the best occurrence of each global id (replicated shards).
+        backend: "auto" (the compiled op, else the reference with a warning), "compiled", or "reference".
+
+    Returns:
+        (distances, ids) of shape (Q, k), same library and device as the inputs; distances keep the input
+        dtype (values are selected, never computed, so a float16 input returns its exact float16 values; the
+        comparisons run in float32, float64 for float64). Order: best first, a total order — NaN after every
+        number, equal distances by smaller global id — so results never depend on shard order or thread
+        count. Rows with fewer than k real candidates end with id -1 and +inf ("l2") / -inf ("ip").
+        Not differentiable.
+    """
+    library = _library_of("distances", distances)
+    if _library_of("ids", ids) != library:
+        raise TypeError(f"{OP}: distances is {library} but ids is {_library_of('ids', ids)}; use one library")
+    check_choice(OP, "metric", metric, METRICS)
+    check_choice(OP, "backend", backend, BACKENDS)
+    for name, flag in (("sorted", sorted), ("dedup", dedup)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{OP}: {name} must be a bool, got {type(flag).__name__}")
+    distance_shards = _shards("distances", distances)
+    id_shards = _shards("ids", ids)
+    _validate(distance_shards, id_shards, k)
+    k = int(k)
+    device = distance_shards[0].device
+    offsets = _offsets_tensor(id_offsets, len(distance_shards), device)
+    largest = metric == "ip"
+
+    use_compiled = backend != "reference" and _extension_loaded() and _compiled_supports(device)
+    if backend == "compiled" and not use_compiled:
+        why = (f"the extension has no {device.type} kernel (was it built with CUDA?)"
+               if _extension_state.get("loaded") else f"the extension is not built ({BUILD_HINT})")
+        raise ValueError(f"{OP}: backend='compiled' cannot run on {device}: {why}")
+    if use_compiled:
+        out_distances, out_ids = torch.ops.karma.topk_merge(
+            [d.detach() for d in distance_shards], id_shards, k, largest, offsets, bool(sorted), bool(dedup))
+    else:
+        out_distances, out_ids = _reference(distance_shards, id_shards, k, largest, offsets, bool(dedup))
+    if library == "numpy":
+        return out_distances.numpy(), out_ids.numpy()
+    return out_distances, out_ids

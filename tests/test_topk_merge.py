@@ -1,0 +1,384 @@
+"""topk_merge: the compiled op against the numpy reference (and faiss where their semantics agree)."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from karma_kernels import topk_merge
+from karma_kernels.topk_merge import topk_merge_reference
+from karma_kernels.topk_merge.op import _extension_loaded
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_extension():
+    if not _extension_loaded():
+        pytest.fail("karma_kernels._C is not built: run `pip install --no-build-isolation -e .`")
+
+
+def make_shards(rng, num_shards, num_queries, widths, *, metric="l2", sorted_rows=True, tie_levels=None,
+                nan_rate=0.0, padding_rate=0.0, id_range=None, dtype=np.float32):
+    """Per-shard (Q, k_s) rows like a search returns: sorted best-first by distance only (ties in any id
+    order), NaN last, padding (id -1, with a random distance that must never matter) anywhere."""
+    distances, ids = [], []
+    for s in range(num_shards):
+        width = widths[s] if isinstance(widths, (list, tuple)) else widths
+        if tie_levels:
+            values = rng.integers(0, tie_levels, (num_queries, width)).astype(np.float64)
+        else:
+            values = rng.standard_normal((num_queries, width))
+        values[rng.random(values.shape) < nan_rate] = np.nan
+        if sorted_rows:
+            key = -values if metric == "ip" else values
+            values = np.take_along_axis(values, np.argsort(key, axis=1, kind="stable"), axis=1)  # NaN last
+        high = id_range if id_range is not None else 1000 * num_shards
+        row_ids = rng.integers(0, high, (num_queries, width))
+        if id_range is None:  # distinct ids within a query: row r of shard s owns [1000 s, 1000 s + 1000)
+            row_ids = np.stack([rng.permutation(1000)[:width] + 1000 * s for _ in range(num_queries)]) \
+                if width else np.zeros((num_queries, 0), dtype=np.int64)
+        pad = rng.random((num_queries, width)) < padding_rate
+        row_ids = np.where(pad, -1, row_ids).astype(np.int64)
+        values = np.where(pad, rng.standard_normal(values.shape) * 100, values)
+        distances.append(values.astype(dtype))
+        ids.append(row_ids)
+    return distances, ids
+
+
+def expect(distances, ids, k, **options):
+    metric = options.pop("metric", "l2")
+    options.pop("sorted", None)
+    return topk_merge_reference([np.asarray(d, dtype=np.float64) for d in distances], ids, k,
+                                largest=metric == "ip", **options)
+
+
+def assert_same(result, truth):
+    out_distances, out_ids = (np.asarray(x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16
+                                         else x) for x in result)
+    np.testing.assert_array_equal(out_ids, truth[1])
+    # Values are selected, never computed: equal to the reference exactly (NaN in the same places).
+    np.testing.assert_array_equal(out_distances.astype(np.float64), truth[0])
+
+
+CASES = [  # num_shards, num_queries, widths, k
+    (1, 1, 1, 1),
+    (1, 5, 7, 3),
+    (3, 17, 5, 4),
+    (4, 33, [8, 0, 3, 12], 50),
+    (7, 6, 13, 13),
+    (16, 9, 10, 100),
+]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("sorted_rows", [True, False])
+@pytest.mark.parametrize("dedup", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"S{c[0]}Q{c[1]}w{c[2]}k{c[3]}")
+def test_matches_reference_with_ties_nan_and_padding(metric, sorted_rows, dedup, case):
+    num_shards, num_queries, widths, k = case
+    rng = np.random.default_rng(hash((metric, sorted_rows, dedup, num_shards, k)) % 2**32)
+    distances, ids = make_shards(rng, num_shards, num_queries, widths, metric=metric, sorted_rows=sorted_rows,
+                                 tie_levels=4, nan_rate=0.1, padding_rate=0.15,
+                                 id_range=40 if dedup else None)
+    offsets = list(range(0, 7 * num_shards, 7)) if dedup else None
+    result = topk_merge(distances, ids, k, metric=metric, sorted=sorted_rows, dedup=dedup, id_offsets=offsets)
+    assert_same(result, expect(distances, ids, k, metric=metric, dedup=dedup, id_offsets=offsets))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_dtypes_keep_their_exact_values(dtype, metric):
+    rng = np.random.default_rng(3)
+    distances, ids = make_shards(rng, 5, 21, 9, metric=metric, tie_levels=None, nan_rate=0.05, padding_rate=0.1,
+                                 dtype=np.float64)
+    # Round through the dtype first, then sort in it: rows stay sorted and ties appear where it rounds.
+    tensors = [torch.from_numpy(d).to(TORCH_DTYPES[dtype]) for d in distances]
+    keys = [(-t.float() if metric == "ip" else t.float()) for t in tensors]
+    orders = [torch.sort(key, dim=1, stable=True).indices for key in keys]
+    tensors = [t.gather(1, o) for t, o in zip(tensors, orders)]
+    id_tensors = [torch.from_numpy(i).gather(1, o) for i, o in zip(ids, orders)]
+    out_distances, out_ids = topk_merge(tensors, id_tensors, 12, metric=metric)
+    assert out_distances.dtype == TORCH_DTYPES[dtype] and out_ids.dtype == torch.int64
+    truth = expect([t.double().numpy() for t in tensors], [i.numpy() for i in id_tensors], 12, metric=metric)
+    assert_same((out_distances, out_ids), truth)
+
+
+def test_numpy_in_numpy_out_torch_in_torch_out_and_list_equals_stacked():
+    rng = np.random.default_rng(4)
+    distances, ids = make_shards(rng, 4, 10, 6)
+    stacked_d, stacked_i = np.stack(distances), np.stack(ids)
+    from_numpy = topk_merge(stacked_d, stacked_i, 5)
+    assert all(isinstance(x, np.ndarray) for x in from_numpy)
+    assert from_numpy[0].dtype == np.float32 and from_numpy[1].dtype == np.int64
+    from_torch = topk_merge(torch.from_numpy(stacked_d), torch.from_numpy(stacked_i), 5)
+    assert all(isinstance(x, torch.Tensor) for x in from_torch)
+    from_list = topk_merge(distances, ids, 5)
+    for other in (from_torch, from_list):
+        np.testing.assert_array_equal(np.asarray(other[0]), from_numpy[0])
+        np.testing.assert_array_equal(np.asarray(other[1]), from_numpy[1])
+    # Non-contiguous rows (a strided view) give the same result.
+    wide_d = np.repeat(stacked_d, 2, axis=2)[:, :, ::2]
+    wide_i = np.repeat(stacked_i, 2, axis=2)[:, :, ::2]
+    strided = topk_merge(wide_d, wide_i, 5)
+    np.testing.assert_array_equal(strided[1], from_numpy[1])
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_matches_faiss_merge_where_semantics_agree(metric):
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    # Distinct continuous distances, global ids, no padding, no NaN: the cases faiss defines the same way.
+    distances, ids = make_shards(rng, 8, 200, 20, metric=metric)
+    faiss_distances, faiss_ids = faiss.merge_knn_results(np.stack(distances), np.stack(ids), keep_max=metric == "ip")
+    ours = topk_merge(np.stack(distances), np.stack(ids), 20, metric=metric)
+    np.testing.assert_array_equal(ours[1], faiss_ids)
+    np.testing.assert_array_equal(ours[0], faiss_distances)
+
+
+def test_ties_across_shards_break_by_smaller_id_whatever_the_shard_order():
+    distances = [np.array([[1.0, 2.0]], np.float32), np.array([[1.0, 2.0]], np.float32),
+                 np.array([[1.0, 1.0]], np.float32)]
+    ids = [np.array([[30, 4]]), np.array([[10, 2]]), np.array([[20, 7]])]
+    expected_ids = [7, 10, 20, 30, 2]
+    for permutation in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        out_distances, out_ids = topk_merge([distances[p] for p in permutation], [ids[p] for p in permutation], 5)
+        assert out_ids.tolist() == [expected_ids]
+        assert out_distances.tolist() == [[1.0, 1.0, 1.0, 1.0, 2.0]]
+    # ip: descending score, ties still by smaller id.
+    _, out_ids = topk_merge([np.array([[5.0, 1.0]], np.float32), np.array([[5.0, 3.0]], np.float32)],
+                            [np.array([[9, 1]]), np.array([[8, 3]])], 4, metric="ip")
+    assert out_ids.tolist() == [[8, 9, 3, 1]]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_nan_after_every_number_and_before_padding(metric):
+    inf = np.inf if metric == "l2" else -np.inf
+    distances = [np.array([[0.5, inf, np.nan, np.nan]], np.float32), np.array([[np.nan, 7.0]], np.float32)]
+    ids = [np.array([[4, 5, 9, 1]]), np.array([[3, -1]])]
+    out_distances, out_ids = topk_merge(distances, ids, 7, metric=metric, sorted=False)
+    assert out_ids.tolist() == [[4, 5, 1, 3, 9, -1, -1]]
+    assert out_distances[0, 0] == 0.5 and out_distances[0, 1] == inf
+    assert np.isnan(out_distances[0, 2:5]).all()
+    assert (out_distances[0, 5:] == (np.inf if metric == "l2" else -np.inf)).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("sorted_rows", [True, False])
+def test_padding_in_the_middle_and_at_the_end_never_outranks_and_is_never_offset(metric, sorted_rows):
+    sign = 1.0 if metric == "l2" else -1.0
+    # Padding carries the best possible distance: it must still lose to every real candidate.
+    distances = [sign * np.array([[1.0, -1e30, 3.0, -1e30]], np.float32),
+                 sign * np.array([[2.0, -1e30]], np.float32)]
+    ids = [np.array([[0, -1, 2, -1]]), np.array([[1, -1]])]
+    out_distances, out_ids = topk_merge(distances, ids, 6, metric=metric, sorted=sorted_rows,
+                                        id_offsets=[100, 2**62])
+    assert out_ids.tolist() == [[100, 2**62 + 1, 102, -1, -1, -1]]
+    worst = np.inf if metric == "l2" else -np.inf
+    assert (sign * out_distances[0, :3]).tolist() == [1.0, 2.0, 3.0]
+    assert (out_distances[0, 3:] == worst).all()
+
+
+def test_k_larger_than_all_candidates_and_k_one_and_single_shard():
+    distances = np.array([[[0.1, 0.2, 0.3]], [[0.15, 0.25, 0.35]]], np.float32)
+    ids = np.array([[[0, 1, 2]], [[3, 4, 5]]])
+    out_distances, out_ids = topk_merge(distances, ids, 10)
+    assert out_ids.tolist() == [[0, 3, 1, 4, 2, 5, -1, -1, -1, -1]]
+    assert np.isinf(out_distances[0, 6:]).all() and (out_distances[0, 6:] > 0).all()
+    assert topk_merge(distances, ids, 1)[1].tolist() == [[0]]
+    assert topk_merge(distances[:1], ids[:1], 2)[1].tolist() == [[0, 1]]
+    empty = topk_merge(np.zeros((2, 0, 3), np.float32), np.zeros((2, 0, 3), np.int64), 4)
+    assert empty[0].shape == (0, 4) and empty[1].shape == (0, 4)
+
+
+def test_dedup_keeps_the_best_occurrence():
+    # Replicated shards: the same id from three replicas, with slightly different distances.
+    distances = [np.array([[0.3, 0.5, 0.9]], np.float32), np.array([[0.2, 0.5, 0.7]], np.float32),
+                 np.array([[0.4, 0.6, 0.8]], np.float32)]
+    ids = [np.array([[7, 8, 9]]), np.array([[8, 7, 3]]), np.array([[7, 3, 9]])]
+    for sorted_rows in (True, False):
+        out_distances, out_ids = topk_merge(distances, ids, 5, dedup=True, sorted=sorted_rows)
+        assert out_ids.tolist() == [[8, 7, 3, 9, -1]]
+        np.testing.assert_allclose(out_distances[0, :4], [0.2, 0.3, 0.6, 0.8])
+    assert topk_merge(distances, ids, 5, dedup=False)[1].tolist() == [[8, 7, 7, 7, 8]]
+
+
+def test_id_offsets_translate_and_overflow_is_an_error():
+    distances = np.array([[[0.1, 0.3]], [[0.2, 0.4]]], np.float32)
+    ids = np.array([[[0, 1]], [[0, 1]]])
+    for offsets in ([0, 2], np.array([0, 2]), torch.tensor([0, 2])):
+        assert topk_merge(distances, ids, 4, id_offsets=offsets)[1].tolist() == [[0, 2, 1, 3]]
+    int64_max = np.iinfo(np.int64).max
+    # The largest id that fits is fine; one more overflows.
+    assert topk_merge(distances, ids, 1, id_offsets=[0, int64_max - 1])[1].tolist() == [[0]]
+    for sorted_rows in (True, False):
+        for dedup in (False, True):
+            with pytest.raises(ValueError, match=r"id_offsets\[1\].*int64"):
+                topk_merge(distances, ids, 4, id_offsets=[0, int64_max], sorted=sorted_rows, dedup=dedup)
+            with pytest.raises(ValueError, match=r"id_offsets\[0\].*int64"):
+                topk_merge(distances, ids, 4, id_offsets=[-1, 0], sorted=sorted_rows, dedup=dedup)
+    with pytest.raises(ValueError, match="id_offsets.*int64"):
+        topk_merge(distances, ids, 4, id_offsets=[0, 2**64 - 1])
+    with pytest.raises(ValueError, match="id_offsets.*int64"):
+        topk_merge(distances, ids, 4, id_offsets=np.array([0, 2**64 - 1], dtype=np.uint64))
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    rng = np.random.default_rng(6)
+    distances, ids = make_shards(rng, 8, 3000, 30, tie_levels=3, nan_rate=0.02, padding_rate=0.05, id_range=500)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for num_threads in (1, 2, 1, 2):
+            torch.set_num_threads(num_threads)
+            for sorted_rows in (True, False):
+                results.append(topk_merge(distances, ids, 40, sorted=sorted_rows, dedup=True))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        np.testing.assert_array_equal(result[1], results[0][1])
+        np.testing.assert_array_equal(result[0], results[0][0])
+    assert_same(results[0], expect(distances, ids, 40, dedup=True))
+
+
+def test_bad_inputs_raise_clear_errors():
+    d = np.zeros((2, 3, 4), np.float32)
+    i = np.zeros((2, 3, 4), np.int64)
+    bad = [
+        (dict(distances=d, ids=i[:, :, :3]), ValueError, r"ids\[0\] has shape"),
+        (dict(distances=d, ids=i[:1]), ValueError, "distances has 2 shards but ids has 1"),
+        (dict(distances=[d[0], d[1][:2]], ids=[i[0], i[1][:2]]), ValueError, "same number of queries"),
+        (dict(k=0), ValueError, "k must be >= 1"),
+        (dict(k=-3), ValueError, "k must be >= 1"),
+        (dict(k=2.0), TypeError, "k must be an int"),
+        (dict(k=True), TypeError, "k must be an int"),
+        (dict(ids=i.astype(np.int32)), TypeError, r"ids\[0\] must be int64"),
+        (dict(distances=d.astype(np.int64)), TypeError, r"distances\[0\] must be float32"),
+        (dict(distances=[d[0], d[1].astype(np.float64)], ids=list(i)), TypeError, "use one dtype"),
+        (dict(ids=torch.from_numpy(i)), TypeError, "distances is numpy but ids is torch"),
+        (dict(distances=[d[0], torch.from_numpy(d[1])]), TypeError, "mixes numpy arrays and torch tensors"),
+        (dict(distances=d[0], ids=i[0]), ValueError, "must be 3-D"),
+        (dict(distances=[d], ids=[i]), ValueError, r"distances\[0\] must be 2-D"),
+        (dict(distances=[], ids=[]), ValueError, "at least one shard"),
+        (dict(distances=d[:0], ids=i[:0]), ValueError, "at least one shard"),
+        (dict(distances="x"), TypeError, "distances must be a numpy array"),
+        (dict(id_offsets=[0, 1, 2]), ValueError, r"id_offsets must have one entry per shard, shape \(2,\)"),
+        (dict(id_offsets=[0.0, 1.5]), TypeError, "id_offsets must hold integers"),
+        (dict(id_offsets=np.array([0.0, 1.5])), TypeError, "id_offsets must hold integers"),
+        (dict(id_offsets="01"), TypeError, "id_offsets must be a list of ints"),
+        (dict(id_offsets=torch.tensor([0.0, 1.0])), TypeError, "id_offsets must hold integers"),
+        (dict(metric="cosine"), ValueError, "metric must be one of"),
+        (dict(sorted="yes"), TypeError, "sorted must be a bool"),
+        (dict(dedup=1), TypeError, "dedup must be a bool"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+    ]
+    for overrides, error, message in bad:
+        kwargs = dict(distances=d, ids=i, k=2)
+        kwargs.update(overrides)
+        with pytest.raises(error, match=message):
+            topk_merge(kwargs.pop("distances"), kwargs.pop("ids"), kwargs.pop("k"), **kwargs)
+
+
+def test_compiled_op_direct_call_checks_inputs_too():
+    d = [torch.zeros(3, 4)]
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        torch.ops.karma.topk_merge(d, [torch.zeros(3, 4, dtype=torch.int64)], 0, False, None, True, False)
+    with pytest.raises(TypeError, match="must be int64"):
+        torch.ops.karma.topk_merge(d, [torch.zeros(3, 4, dtype=torch.int32)], 2, False, None, True, False)
+
+
+def test_opcheck_and_torch_compile():
+    rng = np.random.default_rng(7)
+    distances, ids = make_shards(rng, 3, 6, [4, 2, 5], tie_levels=3, padding_rate=0.2)
+    d = [torch.from_numpy(x) for x in distances]
+    i = [torch.from_numpy(x) for x in ids]
+    offsets = torch.tensor([0, 5000, 10000])
+    for args in ((d, i, 7, False, offsets, True, False), (d, i, 3, True, None, False, True)):
+        torch.library.opcheck(torch.ops.karma.topk_merge.default, args)
+
+    def merge(a, b, c, ia, ib, ic):
+        out_distances, out_ids = torch.ops.karma.topk_merge([a, b, c], [ia, ib, ic], 7, False, offsets, True, False)
+        return out_distances * 1, out_ids
+
+    compiled = torch.compile(merge, fullgraph=True, backend="aot_eager")
+    got = compiled(*d, *i)
+    want = topk_merge(d, i, 7, id_offsets=offsets)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+def test_missing_extension_warns_once_and_falls_back_to_the_reference():
+    script = textwrap.dedent("""
+        import sys, warnings
+        import numpy as np
+        sys.modules["karma_kernels._C"] = None  # as if the extension were not built
+        from karma_kernels import topk_merge
+        from karma_kernels.topk_merge import topk_merge_reference
+        d = np.array([[[0.3, 0.1]], [[0.2, 0.4]]], np.float32)
+        i = np.array([[[1, 2]], [[3, 4]]])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = topk_merge(d, i, 3, sorted=False)
+            second = topk_merge(d, i, 3, sorted=False)
+        runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(runtime) == 1, [str(w.message) for w in caught]
+        assert "pip install --no-build-isolation -e ." in str(runtime[0].message)
+        assert first[1].tolist() == [[2, 3, 1]] and second[1].tolist() == [[2, 3, 1]]
+        try:
+            topk_merge(d, i, 3, backend="compiled")
+        except ValueError as error:
+            assert "not built" in str(error)
+        else:
+            raise AssertionError("backend='compiled' without the extension must raise")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_cuda_kernel_source_compiles_with_nvcc(tmp_path):
+    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+                                    if os.environ.get("CUDA_HOME") else None)
+    if nvcc is None or not os.path.exists(nvcc):
+        pytest.skip("nvcc is not installed: the CUDA kernel source cannot be compile-checked here")
+    result = subprocess.run(
+        [nvcc, "-c", "-arch=sm_90", "-std=c++17", "-O1", "-Werror", "all-warnings",
+         os.path.join(ROOT, "csrc", "topk_merge_cuda.cu"), "-o", str(tmp_path / "topk_merge_cuda.o")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "topk_merge_cuda.o").stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sorted_rows", [True, False])
+@pytest.mark.parametrize("dedup", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_matches_reference(sorted_rows, dedup, dtype):
+    rng = np.random.default_rng(8)
+    distances, ids = make_shards(rng, 16, 300, [100] * 15 + [37], sorted_rows=sorted_rows, tie_levels=6,
+                                 nan_rate=0.02, padding_rate=0.05, id_range=3000 if dedup else None,
+                                 dtype=getattr(np, dtype))
+    offsets = [0] * 16 if dedup else list(range(0, 16000, 1000))
+    out = topk_merge([torch.from_numpy(d).cuda() for d in distances], [torch.from_numpy(i).cuda() for i in ids],
+                     100, sorted=sorted_rows, dedup=dedup, id_offsets=offsets, backend="compiled")
+    assert out[0].is_cuda
+    assert_same((out[0].cpu(), out[1].cpu()), expect(distances, ids, 100, dedup=dedup, id_offsets=offsets))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_large_random_matches_reference(metric, dedup):
+    rng = np.random.default_rng(9)
+    widths = [int(w) for w in rng.integers(0, 120, 24)]
+    distances, ids = make_shards(rng, 24, 2000, widths, metric=metric, tie_levels=50, nan_rate=0.01,
+                                 padding_rate=0.05, id_range=5000 if dedup else None)
+    for sorted_rows in (True, False):
+        result = topk_merge(distances, ids, 100, metric=metric, dedup=dedup, sorted=sorted_rows)
+        assert_same(result, expect(distances, ids, 100, metric=metric, dedup=dedup))

@@ -187,10 +187,11 @@ def _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, 
         g = tl.where(negative, sigmoid, 0.0) * (row_coef * row_stat1)[:, None]
         g -= tl.where(is_target, (row_coef * row_stat2)[:, None], 0.0)
     else:
-        g = tl.where(valid, tl.exp(s - row_stat0[:, None]), 0.0) * row_coef[:, None]
+        # exp of masked entries is never formed (a false negative may sit far above the row's lse)
+        g = tl.exp(tl.where(valid, s - row_stat0[:, None], float("-inf"))) * row_coef[:, None]
         g -= tl.where(is_target, row_coef[:, None], 0.0)
         if SYMMETRIC:
-            g += tl.where(valid, tl.exp(s - col_lse[None, :]), 0.0) * col_coef[None, :]
+            g += tl.exp(tl.where(valid, s - col_lse[None, :], float("-inf"))) * col_coef[None, :]
             g -= tl.where(rows[:, None] == cols[None, :], col_coef[None, :], 0.0)
     return g
 

@@ -119,18 +119,27 @@ def format_bytes(count) -> str:
     return f"{int(count)} B"
 
 
+def format_si(value: float, unit: str) -> str:
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
 def format_rate(case: dict) -> str:
+    """Achieved FLOP/s and bytes/s (with the fraction of the device's ceiling), and any other ``*_per_s`` rate a
+    bench file recorded (candidates_per_s, queries_per_s, ...)."""
     parts = []
-    if case["flop_per_s"]:
-        text = f"{case['flop_per_s'] / 1e12:.3g} TFLOP/s"
-        if case["flop_fraction"]:
-            text += f" ({100 * case['flop_fraction']:.0f}% of peak)"
-        parts.append(text)
-    if case["bytes_per_s"]:
-        text = f"{case['bytes_per_s'] / 1e9:.3g} GB/s"
-        if case["bytes_fraction"]:
-            text += f" ({100 * case['bytes_fraction']:.0f}% of peak)"
-        parts.append(text)
+    for rate_key, fraction_key, unit in (("flop_per_s", "flop_fraction", "FLOP/s"),
+                                         ("bytes_per_s", "bytes_fraction", "B/s")):
+        if case[rate_key]:
+            text = format_si(case[rate_key], unit)
+            if case[fraction_key]:
+                text += f" ({100 * case[fraction_key]:.0f}% of peak)"
+            parts.append(text)
+    for key, value in sorted(case["extra"].items()):
+        if key.endswith("_per_s") and key not in ("flop_per_s", "bytes_per_s") and isinstance(value, (int, float)):
+            parts.append(format_si(value, key.removesuffix("_per_s") + "/s"))
     return ", ".join(parts)
 
 

@@ -8,10 +8,12 @@ code runs with and without torchrun.
 A training loop uses them like this::
 
     env = init_from_env()
-    model = wrap_ddp(model.to(env.device))
-    rows = shard_indices(len(dataset), env.rank, env.world_size, seed=epoch)   # this rank's examples
+    model = wrap_ddp(model.to(env.device))          # or keep the model and call average_gradients after backward
+    rows = shard_indices(len(dataset), env.rank, env.world_size, seed=epoch)   # this rank's examples, or
+    rows = global_rows[batch_slice(len(global_rows), env.rank, env.world_size)]  # its part of a shared draw
     ...
-    loss = contrastive_loss(h, keys, process_group=env.process_group)        # cross-rank negatives
+    loss = distributed_contrastive_loss(h, keys, process_group=None)          # cross-rank negatives
+    loss.backward(); average_gradients(model.parameters()); optimizer.step()   # (DDP averages by itself)
     if is_main(): log(...); save(unwrap(model).state_dict())
     cleanup()
 """
@@ -158,6 +160,54 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def batch_slice(global_batch_size: int, rank: int, world: int) -> slice:
+    """This rank's rows of a global batch drawn identically on every rank (e.g. from a (seed, step) generator).
+
+    Contiguous, in rank order, sizes differing by at most one; so ranks together see exactly the single-process
+    batch, and (with equal sizes) the mean of the ranks' mean losses is the single-process mean loss.
+    """
+    if global_batch_size < 0 or world < 1 or not 0 <= rank < world:
+        raise ValueError(f"batch_slice: need global_batch_size >= 0 and 0 <= rank < world, got "
+                         f"({global_batch_size}, {rank}, {world})")
+    base, extra = divmod(global_batch_size, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def average_gradients(parameters, *, bucket_bytes: int = 25 * 1024 * 1024) -> None:
+    """All-reduce the ``.grad`` of ``parameters`` and divide by the world size: what DDP does after backward,
+    for models whose losses call several of their methods (not one ``forward``), which DDP cannot hook.
+
+    Gradients are flattened into buckets of about ``bucket_bytes`` per dtype and device, one all-reduce each.
+    Parameters without a gradient are skipped; every rank must have the same set (the same graph). A no-op with
+    one process.
+    """
+    world = world_size()
+    if world <= 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    buckets: dict = {}
+    for grad in grads:
+        if grad.is_sparse:
+            raise ValueError("average_gradients: sparse gradients are not supported")
+        buckets.setdefault((grad.dtype, grad.device), []).append(grad)
+    for (dtype, _), same_kind in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        bucket, size = [], 0
+        for grad in same_kind + [None]:
+            if grad is not None:
+                bucket.append(grad)
+                size += grad.numel() * grad.element_size()
+            if bucket and (grad is None or size >= bucket_bytes):
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                flat /= world
+                at = 0
+                for g in bucket:
+                    g.copy_(flat[at:at + g.numel()].view_as(g))
+                    at += g.numel()
+                bucket, size = [], 0
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,7 @@ def _run_rank_case(rank, inputs, spec, backend, reduction):
 
 def _ddp_case(rank):
     """A shared two-tower projection under DDP: its averaged gradient must be the global-mean gradient."""
-    from karma.distributed import wrap_ddp
+    from karma.distributed import average_gradients, wrap_ddp
 
     torch.manual_seed(0)
     model = torch.nn.Linear(DIM, DIM, dtype=torch.float64)
@@ -114,7 +114,15 @@ def _ddp_case(rank):
     loss = distributed_contrastive_loss(out[:4], out[4:], process_group=None, temperature=DDP_TEMPERATURE,
                                         mode="softmax", reduction="mean", backend="torch")
     loss.backward()
-    return {"ddp_type": type(ddp).__name__, "weight": model.weight.grad.clone(), "bias": model.bias.grad.clone()}
+    # the same step without DDP: plain module, gradients averaged by hand
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(DIM, DIM, dtype=torch.float64)
+    out = plain(torch.cat([x[rows], y[rows]]))
+    distributed_contrastive_loss(out[:4], out[4:], process_group=None, temperature=DDP_TEMPERATURE,
+                                 mode="softmax", reduction="mean", backend="torch").backward()
+    average_gradients(plain.parameters(), bucket_bytes=8 * DIM * 8)  # several buckets
+    return {"ddp_type": type(ddp).__name__, "weight": model.weight.grad.clone(), "bias": model.bias.grad.clone(),
+            "averaged": (plain.weight.grad.clone(), plain.bias.grad.clone())}
 
 
 def _worker(rank, port, out_dir, cases):
@@ -252,6 +260,8 @@ def test_ddp_gradient_equals_global_mean_gradient(two_rank_results):
     for rank in ranks:
         torch.testing.assert_close(rank["ddp"]["weight"], model.weight.grad, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(rank["ddp"]["bias"], model.bias.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["ddp"]["averaged"][0], model.weight.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["ddp"]["averaged"][1], model.bias.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_gather_keys_order_offset_and_gradient_routing(two_rank_results):
@@ -305,7 +315,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_shard_indices_and_single_process_env(monkeypatch):
-    from karma.distributed import cleanup, init_from_env, is_main, shard_indices, unwrap, wrap_ddp
+    from karma.distributed import batch_slice, cleanup, init_from_env, is_main, shard_indices, unwrap, wrap_ddp
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -325,6 +335,11 @@ def test_shard_indices_and_single_process_env(monkeypatch):
     assert shuffled == [shard_indices(10, r, 3, seed=1) for r in range(3)]  # same seed, same split
     with pytest.raises(ValueError, match="rank must be in"):
         shard_indices(10, 4, 4)
+    # batch_slice: contiguous parts of a shared draw, in rank order, sizes within one
+    assert [batch_slice(10, r, 4) for r in range(4)] == [slice(0, 3), slice(3, 6), slice(6, 8), slice(8, 10)]
+    assert batch_slice(8, 1, 2) == slice(4, 8) and batch_slice(5, 0, 1) == slice(0, 5)
+    with pytest.raises(ValueError, match="batch_slice"):
+        batch_slice(8, 2, 2)
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE must be an integer"):
         init_from_env()

@@ -1,0 +1,352 @@
+"""Training: configuration, building data + model from it, an optional LM pretraining phase on catalog text, and
+the alignment loop (AdamW, clipping, bf16 autocast on GPU, seeded, tqdm, safetensors checkpoints, resume).
+
+Determinism: step s draws its batch and its flow-matching noise from generators seeded with (seed, s), so a run
+resumed from a checkpoint at step s continues exactly as the uninterrupted run would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .data import (ConfigError, RecDataset, SyntheticConfig, WordTokenizer, check_config_fields, generate_synthetic,
+                   leave_one_out, load_movielens)
+from .losses import ObjectiveConfig, karma_losses, language_model_loss
+from .model import KarmaModel, ModelConfig, make_batch
+
+DATA_SOURCES = ("synthetic", "movielens")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"        # "synthetic" (embedded generator) or "movielens" (a directory, see ``path``)
+    path: Optional[str] = None       # MovieLens-layout directory when source == "movielens"
+    num_items: int = 1500            # synthetic sizes
+    num_users: int = 800
+    impression_size: int = 10
+    image_dim: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"data.source must be one of {DATA_SOURCES}, got {self.source!r}")
+        if self.source == "movielens" and not self.path:
+            raise ConfigError("data.path is required when data.source is 'movielens'")
+
+    def synthetic(self) -> SyntheticConfig:
+        return SyntheticConfig(num_items=self.num_items, num_users=self.num_users,
+                               impression_size=self.impression_size, image_dim=self.image_dim, seed=self.seed)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 20
+    pretrain_steps: int = 100        # LM pretraining on catalog text before alignment (0: none)
+    pretrain_lr: float = 3e-3
+    num_hard_negatives: int = 9      # shown-not-clicked items per example used as negatives
+    seed: int = 0
+    device: str = "auto"             # "auto": cuda when available, else cpu
+    precision: str = "auto"          # "auto": bf16 autocast on cuda, fp32 on cpu
+    log_every: int = 25
+    checkpoint_every: int = 0        # 0: only at the end (when a run directory is given)
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "pretrain_steps", "num_hard_negatives", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"train.{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "pretrain_lr"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as exc:
+                raise ConfigError(f"train.device: {exc}") from None
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    SECTIONS = {"data": DataConfig, "model": ModelConfig, "objectives": ObjectiveConfig, "train": TrainConfig}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ExperimentConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"config: expected a mapping with sections {sorted(cls.SECTIONS)}")
+        for name in values:
+            if name not in cls.SECTIONS:
+                raise ConfigError(f"config: unknown section {name!r} (known: {', '.join(sorted(cls.SECTIONS))})")
+        return cls(**{name: check_config_fields(name, section, values.get(name, {}))
+                      for name, section in cls.SECTIONS.items()})
+
+    @classmethod
+    def tiny(cls) -> "ExperimentConfig":
+        """A seconds-long configuration for smoke tests and CI (tiny catalog, one-layer backbone)."""
+        return cls.from_dict({
+            "data": {"num_items": 60, "num_users": 40, "impression_size": 5, "image_dim": 8},
+            "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "embed_dim": 16,
+                      "max_history": 5, "max_text_len": 8, "flow_hidden": 32},
+            "train": {"steps": 6, "batch_size": 16, "pretrain_steps": 2, "num_hard_negatives": 4, "log_every": 3,
+                      "warmup_steps": 2, "progress": False},
+        })
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
+
+    def replace(self, **sections: dict) -> "ExperimentConfig":
+        """A copy with some fields changed, e.g. ``replace(train={"steps": 10})``; validated like from_dict."""
+        values = self.to_dict()
+        for name, changes in sections.items():
+            if name not in self.SECTIONS:
+                raise ConfigError(f"config: unknown section {name!r}")
+            values[name].update(changes)
+        return ExperimentConfig.from_dict(values)
+
+    @classmethod
+    def load(cls, path: str) -> "ExperimentConfig":
+        with open(path, "r", encoding="utf-8") as handle:
+            try:
+                values = json.load(handle)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        return cls.from_dict(values)
+
+    def save(self, path: str):
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building data and model
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Workspace:
+    """Everything an experiment trains and evaluates on."""
+    config: ExperimentConfig
+    dataset: RecDataset
+    tokenizer: WordTokenizer
+    split: object
+    model: KarmaModel
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_dataset(config: DataConfig) -> RecDataset:
+    if config.source == "movielens":
+        return load_movielens(config.path)
+    return generate_synthetic(config.synthetic())
+
+
+def build_workspace(config: ExperimentConfig, dataset: Optional[RecDataset] = None,
+                    tokenizer: Optional[WordTokenizer] = None) -> Workspace:
+    """Data, tokenizer, split and a freshly initialised model (initialisation seeded by ``train.seed``)."""
+    dataset = dataset if dataset is not None else load_dataset(config.data)
+    tokenizer = tokenizer if tokenizer is not None else WordTokenizer.build(dataset.item_texts)
+    split = leave_one_out(dataset, config.model.max_history, config.train.num_hard_negatives)
+    device = resolve_device(config.train.device)
+    item_tokens = torch.as_tensor(tokenizer.encode_batch(dataset.item_texts, config.model.max_text_len))
+    images = torch.as_tensor(dataset.image_features) if dataset.image_features is not None else None
+    torch.manual_seed(config.train.seed)
+    model = KarmaModel(config.model, len(tokenizer), tokenizer.pad_id, item_tokens, images, device).to(device)
+    return Workspace(config, dataset, tokenizer, split, model, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints (safetensors: model weights, optimizer tensors; JSON: step, history, optimizer hyper-parameters)
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(directory: str, model: KarmaModel, optimizer: Optional[torch.optim.Optimizer], step: int,
+                    history: List[dict]):
+    from safetensors.torch import save_file, save_model
+
+    os.makedirs(directory, exist_ok=True)
+    save_model(model, os.path.join(directory, "model.safetensors"))
+    state = {"step": step, "history": history}
+    if optimizer is not None:
+        optim_state = optimizer.state_dict()
+        tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
+                   for index, entries in optim_state["state"].items() for name, value in entries.items()
+                   if isinstance(value, torch.Tensor)}
+        save_file(tensors, os.path.join(directory, "optimizer.safetensors"))
+        state["param_groups"] = optim_state["param_groups"]
+    with open(os.path.join(directory, "trainer_state.json"), "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+
+
+def load_checkpoint(directory: str, model: KarmaModel, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    """Load weights (and optimizer state) saved by :func:`save_checkpoint`; returns the trainer state."""
+    from safetensors.torch import load_file, load_model
+
+    weights = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"no checkpoint in {directory!r} (expected model.safetensors)")
+    missing, unexpected = load_model(model, weights, strict=False, device=str(next(model.parameters()).device))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {weights} does not match the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]} (was it trained with another model config?)")
+    with open(os.path.join(directory, "trainer_state.json"), "r", encoding="utf-8") as handle:
+        state = json.load(handle)
+    if optimizer is not None and "param_groups" in state:
+        tensors = load_file(os.path.join(directory, "optimizer.safetensors"))
+        per_param: Dict[int, dict] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loops
+# ----------------------------------------------------------------------------------------------------------------
+def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, step])
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(int(step_rng(seed, step, stream).integers(0, 2 ** 62)))
+
+
+def autocast_context(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _progress(total: int, enabled: bool, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=description, leave=False, dynamic_ncols=True)
+
+
+def pretrain_language_model(workspace: Workspace, backend: Optional[str] = None) -> List[float]:
+    """Short LM pretraining of the backbone on catalog text, so it knows the items before alignment."""
+    config = workspace.config.train
+    model = workspace.model
+    backend = backend or workspace.config.objectives.backend
+    if config.pretrain_steps == 0:
+        return []
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.pretrain_lr, weight_decay=config.weight_decay)
+    num_items = model.item_tokens.shape[0]
+    bos_id = workspace.tokenizer.bos_id
+    curve, pending = [], []
+    model.train()
+    with _progress(config.pretrain_steps, config.progress, "pretrain LM") as bar:
+        for step in range(config.pretrain_steps):
+            rows = torch.as_tensor(step_rng(config.seed, step, stream=1).integers(0, num_items, config.batch_size),
+                                   device=workspace.device)
+            with autocast_context(workspace.device, config.precision):
+                loss = language_model_loss(model, model.item_tokens[rows], bos_id, backend)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            pending.append(loss.detach())
+            if len(pending) == config.log_every or step == config.pretrain_steps - 1:
+                curve.extend(torch.stack(pending).float().cpu().tolist())  # one sync per log interval
+                pending = []
+                bar.set_postfix(lm=f"{curve[-1]:.3f}")
+            bar.update(1)
+    return curve
+
+
+def make_optimizer(model: KarmaModel, config: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.dim() < 2 else decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+
+
+def train(workspace: Workspace, run_dir: Optional[str] = None, resume: bool = False) -> List[dict]:
+    """Align the model with the configured objectives. Returns the loss history: one dict per step with every
+    active objective and the total. With ``run_dir`` checkpoints go there; ``resume`` continues from the last one."""
+    config, objectives = workspace.config.train, workspace.config.objectives
+    model, examples = workspace.model, workspace.split.train
+    optimizer = make_optimizer(model, config)
+    start, history = 0, []
+    if resume:
+        if run_dir is None or not os.path.exists(os.path.join(run_dir, "trainer_state.json")):
+            raise FileNotFoundError(f"resume: no checkpoint in {run_dir!r}")
+        state = load_checkpoint(run_dir, model, optimizer)
+        start, history = state["step"], state["history"]
+    elif config.pretrain_steps:
+        pretrain_language_model(workspace)
+
+    names = objectives.active()
+    pending: List[torch.Tensor] = []
+    model.train()
+    with _progress(config.steps - start, config.progress, "align") as bar:
+        for step in range(start, config.steps):
+            rows = step_rng(config.seed, step).integers(0, len(examples), config.batch_size)
+            batch = make_batch(examples, rows, workspace.device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            with autocast_context(workspace.device, config.precision):
+                losses = karma_losses(model, batch, objectives, generator=step_generator(config.seed, step))
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            pending.append(torch.stack([losses[n].detach().float() for n in names + ["total"]]))
+            last = step == config.steps - 1
+            checkpoint_due = run_dir is not None and (
+                last or (config.checkpoint_every > 0 and (step + 1) % config.checkpoint_every == 0))
+            if len(pending) == config.log_every or last or checkpoint_due:
+                for values in torch.stack(pending).cpu().tolist():  # one sync per log interval
+                    history.append({"step": len(history), **dict(zip(names + ["total"], values))})
+                pending = []
+                bar.set_postfix({n: f"{history[-1][n]:.3f}" for n in names})
+            if checkpoint_due:
+                save_checkpoint(run_dir, model, optimizer, step + 1, history)
+            bar.update(1)
+    return history
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start

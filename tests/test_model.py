@@ -1,0 +1,228 @@
+"""karma.model / losses / train / evaluate on tiny configs: each objective learns, h is what it should be,
+retrieval equals brute force, checkpoints resume exactly, bad configs name the field."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from karma.data import ConfigError  # noqa: E402
+from karma.evaluate import (attention_sink_ratio, evaluate, impression_auc, interest_embeddings,  # noqa: E402
+                            ranking_metrics, retrieve)
+from karma.losses import ObjectiveConfig, karma_losses  # noqa: E402
+from karma.model import ModelConfig, history_tensors, make_batch  # noqa: E402
+from karma.train import (ExperimentConfig, build_workspace, load_checkpoint, save_checkpoint,  # noqa: E402
+                         train)
+
+TINY = ExperimentConfig.tiny()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from more threads; one avoids OpenMP spinning on a busy 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def workspace():
+    return build_workspace(TINY.replace(objectives={"backend": "torch"}))
+
+
+def fresh(objectives=None, **sections):
+    config = TINY.replace(objectives={"backend": "torch", **(objectives or {})}, **sections)
+    return build_workspace(config)
+
+
+@pytest.mark.parametrize("objective", ["action", "generation", "reconstruction", "image"])
+def test_each_objective_decreases(objective):
+    weights = {name: 0.0 for name in ("action", "generation", "reconstruction", "image")}
+    weights[objective] = 1.0
+    ws = fresh(weights)
+    batch = make_batch(ws.split.train, np.arange(16))
+    optimizer = torch.optim.AdamW(ws.model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(12):
+        generator = torch.Generator().manual_seed(0)  # same flow-matching noise each step: a fixed objective
+        loss = karma_losses(ws.model, batch, ws.config.objectives, generator)[objective]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_reconstruction_gradient_reaches_h(workspace):
+    model = workspace.model
+    batch = make_batch(workspace.split.train, np.arange(8))
+    objectives = ObjectiveConfig(action=0, generation=0, reconstruction=1, image=0, backend="torch")
+    model.zero_grad()
+    karma_losses(model, batch, objectives)["reconstruction"].backward()
+    assert model.interest_head.weight.grad is not None and model.interest_head.weight.grad.abs().sum() > 0
+    assert model.item_to_token.weight.grad.abs().sum() > 0   # and on through h into the history tokens
+
+
+def test_h_ignores_the_text_after_it_and_the_padding(workspace):
+    model = workspace.model.eval()
+    item_emb = model.all_item_embeddings()
+    history = torch.as_tensor(workspace.split.test.history[:6])
+    history_emb, mask = history_tensors(item_emb, history)
+    text = model.item_tokens[torch.as_tensor(workspace.split.test.target[:6])]
+    with torch.no_grad():
+        h_alone, _, _, _ = model.user_forward(history_emb, mask)
+        h_with_text, states, prefix_len, _ = model.user_forward(history_emb, mask, text)
+        # One user alone, without left padding, gives the same h as in the padded batch.
+        row = int(torch.argmin(mask.sum(1)))
+        keep = mask[row]
+        h_single, _, _, _ = model.user_forward(history_emb[row:row + 1, keep], mask[row:row + 1, keep])
+    torch.testing.assert_close(h_with_text, h_alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_single[0], h_alone[row], rtol=1e-4, atol=1e-5)
+    assert states.shape[1] == prefix_len + text.shape[1] and prefix_len == history.shape[1] + 1
+    assert torch.allclose(h_alone.norm(dim=-1), torch.ones(6))
+    model.train()
+
+
+def test_make_batch_indexes_items(workspace):
+    examples = workspace.split.train
+    rows = np.array([0, 3, 3, 7])
+    batch = make_batch(examples, rows)
+    ids = batch.item_ids
+    assert torch.equal(ids[batch.target_index], torch.as_tensor(examples.target[rows]))
+    history = examples.history[rows]
+    index = batch.history_index.numpy()
+    np.testing.assert_array_equal(np.where(index >= 0, ids.numpy()[np.maximum(index, 0)], -1), history)
+    negatives = examples.negatives[rows]
+    np.testing.assert_array_equal(ids[batch.negative_index].numpy(), negatives[negatives >= 0])
+    np.testing.assert_array_equal(batch.negative_rows.numpy(), np.nonzero(negatives >= 0)[0])
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_retrieval_equals_brute_force(num_shards):
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(97, 16)).astype(np.float32)
+    queries = rng.normal(size=(11, 16)).astype(np.float32)
+    scores, ids = retrieve(items, queries, k=20, num_shards=num_shards)
+    brute = torch.topk(torch.as_tensor(queries) @ torch.as_tensor(items).T, 20)
+    np.testing.assert_array_equal(ids, brute.indices.numpy())
+    np.testing.assert_allclose(scores, brute.values.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_ranking_metrics_and_auc_against_loops():
+    rng = np.random.default_rng(1)
+    ids = np.stack([rng.permutation(30)[:12] for _ in range(9)])
+    target = rng.integers(0, 30, 9)
+    metrics = ranking_metrics(ids, target, ks=(1, 5, 12))
+    for k in (1, 5, 12):
+        hits, gains = [], []
+        for row in range(9):
+            ranked = list(ids[row, :k])
+            hits.append(target[row] in ranked)
+            gains.append(1 / np.log2(ranked.index(target[row]) + 2) if target[row] in ranked else 0.0)
+        assert metrics[f"HR@{k}"] == pytest.approx(np.mean(hits))
+        assert metrics[f"NDCG@{k}"] == pytest.approx(np.mean(gains))
+
+    h = torch.randn(5, 4)
+    item_emb = torch.randn(20, 4)
+    item_emb[3] = item_emb[4]  # a tie counts half
+    target = np.array([0, 1, 2, 3, 5])
+    negatives = np.array([[4, 5, -1], [6, 7, 8], [-1, -1, -1], [4, 9, -1], [1, 2, 3]])
+    expected = []
+    for row in range(5):
+        valid = [n for n in negatives[row] if n >= 0]
+        if valid:
+            pos = float(h[row] @ item_emb[target[row]])
+            expected.append(np.mean([1.0 if pos > float(h[row] @ item_emb[n]) else
+                                     0.5 if pos == float(h[row] @ item_emb[n]) else 0.0 for n in valid]))
+    assert impression_auc(h, item_emb, target, negatives) == pytest.approx(np.mean(expected))
+    assert np.isnan(impression_auc(h, item_emb, target, np.full((5, 2), -1)))
+
+
+def test_attention_sink_ratio_against_a_loop(workspace):
+    model = workspace.model.eval()
+    item_emb = model.all_item_embeddings()
+    history = workspace.split.test.history[:4]
+    ratio = attention_sink_ratio(model, item_emb, history)
+    history_emb, mask = history_tensors(item_emb, torch.as_tensor(history))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        _, _, _, output = model.user_forward(history_emb, mask, output_attentions=True)
+    model.set_attn_implementation("sdpa")
+    values = []
+    for row in range(4):
+        first = int(np.argmax(history[row] >= 0))
+        for attention in output.attentions:
+            for query in range(first + 1, history.shape[1] + 1):
+                values.append(float(attention[row, :, query, first].mean()))
+    assert ratio == pytest.approx(np.mean(values), rel=1e-5)
+    assert model.backbone.config._attn_implementation == "sdpa"
+    model.train()
+
+
+def test_evaluate_reports_every_metric(workspace):
+    metrics = evaluate(workspace.model, workspace.split.test, ks=(10, 50), num_shards=2)
+    for name in ("HR@10", "HR@50", "NDCG@10", "NDCG@50", "AUC", "decodability", "sink_ratio", "image_cos"):
+        assert np.isfinite(metrics[name]), name
+    assert 0 <= metrics["HR@10"] <= metrics["HR@50"] <= 1 and 0 <= metrics["decodability"] <= 1
+    # HR@50 covers 50 of the 60 items: the true next item is there at least 50/60 - slack of the time by chance.
+    h = interest_embeddings(workspace.model, workspace.model.all_item_embeddings(), workspace.split.test.history)
+    assert h.shape == (len(workspace.split.test), TINY.model.embed_dim)
+
+
+def test_resume_continues_exactly(tmp_path):
+    steps = {"steps": 4, "pretrain_steps": 0, "log_every": 1, "checkpoint_every": 2}
+    straight = fresh(train=steps)
+    history = train(straight)
+
+    interrupted = fresh(train={**steps, "steps": 2})
+    train(interrupted, run_dir=str(tmp_path))
+    resumed = fresh(train=steps)
+    resumed_history = train(resumed, run_dir=str(tmp_path), resume=True)
+    assert [h["total"] for h in resumed_history] == pytest.approx([h["total"] for h in history], rel=1e-5)
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path, workspace):
+    save_checkpoint(str(tmp_path), workspace.model, None, 3, [])
+    other = fresh()
+    assert load_checkpoint(str(tmp_path), other.model)["step"] == 3
+    for a, b in zip(workspace.model.state_dict().values(), other.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    wider = fresh(model={"embed_dim": 24})
+    with pytest.raises(Exception, match="model"):
+        load_checkpoint(str(tmp_path), wider.model)
+
+
+def test_local_backbone_path(tmp_path, workspace):
+    workspace.model.backbone.save_pretrained(str(tmp_path / "lm"))
+    ws = fresh(model={"backbone_path": str(tmp_path / "lm")})
+    torch.testing.assert_close(ws.model.lm_head_weight, workspace.model.lm_head_weight)
+    losses = karma_losses(ws.model, make_batch(ws.split.train, np.arange(4)), ws.config.objectives)
+    assert torch.isfinite(losses["total"])
+
+
+@pytest.mark.parametrize("section, values, field", [
+    ("model", {"hidden_size": 30, "num_heads": 4}, "model.hidden_size"),
+    ("model", {"item_encoder": "cnn"}, "model.item_encoder"),
+    ("model", {"hiden_size": 32}, "model.hiden_size"),
+    ("objectives", {"action_mode": "listwise"}, "objectives.action_mode"),
+    ("objectives", {"generation": -1}, "objectives.generation"),
+    ("objectives", {"action": 0, "generation": 0, "reconstruction": 0, "image": 0}, "objectives"),
+    ("objectives", {"temperature": 0}, "objectives.temperature"),
+    ("train", {"batch_size": 0}, "train.batch_size"),
+    ("train", {"precision": "fp8"}, "train.precision"),
+    ("data", {"source": "csv"}, "data.source"),
+    ("data", {"source": "movielens"}, "data.path"),
+])
+def test_bad_configs_name_the_field(section, values, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        ExperimentConfig().replace(**{section: values})
+
+
+def test_unknown_section_and_image_without_images():
+    with pytest.raises(ConfigError, match="unknown section 'optim'"):
+        ExperimentConfig.from_dict({"optim": {}})
+    with pytest.raises(ConfigError, match="model.max_text_len"):
+        ModelConfig(max_text_len=1)

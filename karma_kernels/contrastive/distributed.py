@@ -51,8 +51,8 @@ def _gather_counts(local_count: int, device: torch.device, process_group, world:
     local = torch.tensor([local_count], dtype=torch.int64, device=device)
     counts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(counts, local, group=process_group)
-    # The sizes must live on the host: every rank allocates its receive buffers from them.
-    return [int(c.item()) for c in counts]
+    # The sizes must live on the host (every rank allocates its receive buffers from them): one sync.
+    return torch.cat(counts).tolist()
 
 
 def _comm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -113,6 +113,11 @@ def test_killed_actor_is_retried_on_a_replica_then_fails_loudly():
     vectors, queries = _heavy(4)
     want = _exact(vectors, queries, 5, "l2")
     with RayShardedIndex.build(vectors, 2, replicas=2, omp_threads=1) as index:
+        # 0. replies slower than timeout_s: every replica of the shard is tried, then a clear error
+        index.timeout_s = 0.01
+        with pytest.raises(RuntimeError, match=r"shard 0 \(actor .* gave no reply within 0.01 s"):
+            index.search(queries, 5)
+        index.timeout_s = None
         # 1. the replica serving shard 0 dies mid-query: the query is retried on the other replica
         pending = index.search_async(queries, 5)
         victim = pending.actors[0]

@@ -1,0 +1,213 @@
+"""Chunked linear + cross-entropy in plain PyTorch: the path CPU users get.
+
+Tokens are processed in chunks of ``chunk_rows``; only one [chunk_rows, V] fp32 logits buffer exists at a time
+(about 8 MiB, so it stays in a server's last-level cache). For each chunk, one pass computes the loss and — when
+gradients are wanted — the gradient of the logits in the same buffer, which two more matmuls turn into dHidden
+and dWeight (3 matmuls per chunk; the weight gradient accumulates in one fp32 [V, D] buffer via ``addmm_``).
+
+Why this beats torch 2.13's chunked ``F.linear_cross_entropy`` on CPU at the same logits-buffer size: the
+softmax takes four passes over the buffer (an in-place ``log_softmax``, then ``exp_``) instead of six, the
+one-hot term is a scatter into the buffer rather than separate gathered-row matmul corrections, and the
+uniform gradient scale (1/n for "mean") rides on the matmuls' ``alpha`` instead of a pass of its own.
+
+Ignored tokens: on CPU their positions are dropped before any compute (``nonzero`` syncs, which is free on
+CPU); on other devices they are masked instead (their gradient rows are zeroed), so no host sync happens.
+
+Hidden rows may be addressed through ``row_index`` ([N] int64, token n reads ``hidden[row_index[n]]``): this is
+how the prefix-reconstruction loss shifts by the prefix length without copying ``hidden``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .reference import compute_dtype
+
+# fp32 logits held per chunk; small enough for a last-level cache, big enough for efficient matmuls.
+LOGITS_CHUNK_BYTES = 8 * 2 ** 20
+# Chunks are a multiple of this many rows (matmul kernels block rows by 8/16).
+CHUNK_ROW_MULTIPLE = 16
+
+
+def default_chunk_rows(n_tokens: int, vocab: int) -> int:
+    rows = LOGITS_CHUNK_BYTES // (4 * max(vocab, 1))
+    rows = max(CHUNK_ROW_MULTIPLE, rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
+    return max(1, min(rows, n_tokens))
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    row_index: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    grad_scale: Union[None, float, torch.Tensor] = None,
+    need_grad_hidden: bool = False,
+    need_grad_weight: bool = False,
+    need_grad_bias: bool = False,
+    chunk_rows: Optional[int] = None,
+    compact: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Per-token loss and lse, and optionally the gradients of ``sum_n grad_scale_n * loss_n``.
+
+    hidden [R, D] (R = N unless ``row_index`` maps tokens to rows), weight [V, D], target [N] int64, bias [V].
+    ``grad_scale``: None (no gradients), a Python float (the same upstream gradient for every valid token, e.g.
+    1/n_valid for "mean"), or a tensor of shape [] or [N] (per-token upstream gradient, "none" reduction).
+    ``compact``: drop ignored tokens up front (default on CPU) or mask them (default elsewhere: no host sync).
+
+    Returns (loss [N], lse [N], grad_hidden [R, D] | None, grad_weight [V, D] | None, grad_bias [V] | None);
+    loss and lse are fp32 (fp64 for fp64 inputs) and 0 at ignored tokens; gradients have their input's dtype.
+    """
+    device = hidden.device
+    acc = compute_dtype(hidden.dtype)
+    n_tokens = target.numel()
+    vocab, dim = weight.shape
+    want_grads = grad_scale is not None and (need_grad_hidden or need_grad_weight or need_grad_bias)
+
+    loss = torch.zeros(n_tokens, dtype=acc, device=device)
+    lse = torch.zeros(n_tokens, dtype=acc, device=device)
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if want_grads and need_grad_hidden else None
+    grad_weight = torch.zeros((vocab, dim), dtype=acc, device=device) if want_grads and need_grad_weight else None
+    grad_bias = (torch.zeros(vocab, dtype=acc, device=device)
+                 if want_grads and need_grad_bias and bias is not None else None)
+
+    # Which tokens to process: on CPU only the valid ones (a host sync is free there); elsewhere all, masked.
+    valid = target != ignore_index
+    if compact is None:
+        compact = device.type == "cpu"
+    if compact:
+        positions = valid.nonzero().squeeze(1)
+        if positions.numel() == n_tokens:
+            positions = None  # every token valid: plain slices, no index copies
+        n_work = n_tokens if positions is None else positions.numel()
+    else:
+        positions = None
+        n_work = n_tokens
+    if n_work == 0:
+        return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
+
+    # fp16/bf16 on the torch path: one fp32 copy of the weight (CPU low-precision matmuls are emulated and slow).
+    weight_acc = weight if weight.dtype == acc else weight.to(acc)
+    bias_acc = None if bias is None else (bias if bias.dtype == acc else bias.to(acc))
+    rows_per_chunk = chunk_rows or default_chunk_rows(n_work, vocab)
+    logits_buf = torch.empty((min(rows_per_chunk, n_work), vocab), dtype=acc, device=device)
+    softcap_deriv_buf = torch.empty_like(logits_buf) if (softcap is not None and want_grads) else None
+
+    # a Python-number scale rides on the matmuls' alpha; masked ignored rows need a per-row zero instead
+    uniform_scale = want_grads and compact and isinstance(grad_scale, (float, int))
+    if want_grads and not uniform_scale:
+        grad_scale = torch.as_tensor(grad_scale, dtype=acc, device=device)
+        if grad_scale.dim() == 0:
+            grad_scale = grad_scale.expand(n_tokens)
+    smoothing_keep = 1.0 - label_smoothing
+
+    for start in range(0, n_work, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n_work)
+        count = stop - start
+        if positions is None:
+            tokens = slice(start, stop)
+            target_chunk = target[start:stop]
+        else:
+            tokens = positions[start:stop]
+            target_chunk = target.index_select(0, tokens)
+        if compact:
+            chunk_valid = None
+        else:
+            chunk_valid = valid[tokens]
+            target_chunk = torch.where(chunk_valid, target_chunk, torch.zeros_like(target_chunk))
+        rows = _rows_of(tokens, row_index)
+        hidden_chunk = hidden[rows] if isinstance(rows, slice) else hidden.index_select(0, rows)
+        if hidden_chunk.dtype != acc:
+            hidden_chunk = hidden_chunk.to(acc)
+
+        logits = logits_buf[:count]
+        if bias_acc is None:
+            torch.mm(hidden_chunk, weight_acc.T, out=logits)
+        else:
+            torch.addmm(bias_acc, hidden_chunk, weight_acc.T, out=logits)
+        if softcap is not None:
+            logits.mul_(1.0 / softcap).tanh_()
+            if softcap_deriv_buf is not None:
+                # d(c*tanh(y/c))/dy = 1 - tanh(y/c)^2
+                deriv = softcap_deriv_buf[:count]
+                torch.mul(logits, logits, out=deriv).neg_().add_(1.0)
+            logits.mul_(softcap)
+        target_col = target_chunk.unsqueeze(1)
+        target_logit = logits.gather(1, target_col).squeeze(1)
+        logit_sum = logits.sum(1) if label_smoothing else None
+
+        # Softmax from log_softmax ((z - max) - log sum), even in a backward that could reuse the forward's lse:
+        # exp(z - lse) with lse rounded to fp32 loses p_t - 1 when p_t ~ 1 (a peaked softmax).
+        torch.log_softmax(logits, 1, out=logits)
+        target_log_prob = logits.gather(1, target_col).squeeze(1)
+        chunk_lse = target_logit - target_log_prob
+        # -log p_t straight from log_softmax: lse - z_t would cancel badly when p_t ~ 1
+        chunk_loss = -smoothing_keep * target_log_prob
+        if label_smoothing:
+            chunk_loss = chunk_loss + label_smoothing * (chunk_lse - logit_sum / vocab)
+        if z_loss:
+            chunk_loss = chunk_loss + z_loss * chunk_lse.square()
+        if chunk_valid is not None:
+            chunk_loss = torch.where(chunk_valid, chunk_loss, torch.zeros_like(chunk_loss))
+            chunk_lse = torch.where(chunk_valid, chunk_lse, torch.zeros_like(chunk_lse))
+        loss[tokens] = chunk_loss
+        lse[tokens] = chunk_lse
+        if not want_grads:
+            continue
+
+        # dloss_n/dz_nj = p_nj * (1 + 2 z_loss lse_n) - (1 - eps) [j == t_n] - eps / V, times the upstream grad.
+        probs = logits.exp_()
+        if uniform_scale:
+            row_scale = None
+            alpha = float(grad_scale)
+        else:
+            row_scale = grad_scale[tokens]
+            if chunk_valid is not None:
+                row_scale = torch.where(chunk_valid, row_scale, torch.zeros_like(row_scale))
+            alpha = 1.0
+        if z_loss:
+            probs.mul_((1.0 + 2.0 * z_loss * chunk_lse).unsqueeze(1))
+        # subtract the one-hot before scaling: p_t - 1 is exact when p_t ~ 1, (g p_t) - g is not
+        onehot = torch.full((count, 1), -smoothing_keep, dtype=acc, device=device)
+        grad_logits = probs.scatter_add_(1, target_col, onehot)
+        if label_smoothing:
+            grad_logits.sub_(label_smoothing / vocab)
+        if row_scale is not None:
+            grad_logits.mul_(row_scale.unsqueeze(1))
+        if softcap_deriv_buf is not None:
+            grad_logits.mul_(softcap_deriv_buf[:count])
+
+        if grad_hidden is not None:
+            if isinstance(rows, slice):
+                torch.mm(grad_logits, weight_acc, out=grad_hidden[rows])
+                if alpha != 1.0:
+                    grad_hidden[rows].mul_(alpha)
+            else:
+                grad_hidden.index_add_(0, rows, grad_logits @ weight_acc, alpha=alpha)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T, hidden_chunk, alpha=alpha)
+        if grad_bias is not None:
+            grad_bias.add_(grad_logits.sum(0), alpha=alpha)
+
+    return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
+
+
+def _rows_of(tokens, row_index: Optional[torch.Tensor]):
+    if row_index is None:
+        return tokens
+    return row_index[tokens]
+
+
+def cast_grads_like(grads, inputs):
+    """fp32-accumulated gradients back to their inputs' dtypes (None stays None)."""
+    return tuple(None if g is None else (g if g.dtype == x.dtype else g.to(x.dtype)) for g, x in zip(grads, inputs))
+
+
+def _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias):
+    return (loss, lse) + cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))

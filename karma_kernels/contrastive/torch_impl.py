@@ -135,10 +135,11 @@ class _GradAccumulator:
         else:
             self.dk.addmm_(probs.T, q_scaled)
         dq.sub_(target_coef[:, None] * p.keys[target]).mul_(p.inv_temperature)
-        self.dk.index_add_(0, target, q_scaled * (-target_coef[:, None]))
+        # index_put_ with accumulate (repeated targets add up) is ~10x faster than index_add_ on CPU here
+        self.dk.index_put_((target,), q_scaled * (-target_coef[:, None]), accumulate=True)
         if self.dlogq is not None:
             column_sum = torch.mv(probs.T, row_scale) if row_scale is not None else probs.sum(dim=0)
-            self.dlogq.sub_(column_sum).index_add_(0, target, target_coef)
+            self.dlogq.sub_(column_sum).index_put_((target,), target_coef, accumulate=True)
 
     def finish(self) -> Grads:
         dtemperature = -(self.p.query * self.dq).sum() * self.p.inv_temperature

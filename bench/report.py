@@ -1,7 +1,7 @@
 """Turn a pytest-benchmark JSON into side-by-side tables and plots.
 
     python -m bench.report bench/results/cpu.json [more.json ...] [--out DIR] [--prefix NAME_]
-                           [--merged-json ALL.json]
+                           [--baseline [OP=]IMPL ...] [--merged-json ALL.json]
 
 Writes DIR/report.md (also printed): one markdown table per op, rows = shapes (and dtype, device, mode), columns =
 implementations, each cell = median time · peak memory, then the ratios to the row's baseline (--baseline, else
@@ -235,7 +235,8 @@ def plot_op(op: str, cases: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(json_paths, out_dir: Path, prefix: str = "", baseline: str | None = None) -> tuple[str, list[Path]]:
+def build_report(json_paths, out_dir: Path, prefix: str = "", baselines=()) -> tuple[str, list[Path]]:
+    """``baselines``: "IMPL" (every op) or "OP=IMPL" entries; the last that applies to an op wins."""
     cases, data = load_cases(json_paths)
     _disambiguate_modes(cases)
     machine = data.get("machine_info") or {}
@@ -257,6 +258,11 @@ def build_report(json_paths, out_dir: Path, prefix: str = "", baseline: str | No
         png = out_dir / f"{prefix}{op}.png"
         plot_op(op, by_op[op], png)
         pngs.append(png)
+        baseline = None
+        for entry in baselines:
+            target_op, _, impl = entry.rpartition("=")
+            if target_op in ("", op):
+                baseline = impl
         parts += [op_table(op, by_op[op], baseline), f"![{op}: time and memory against size]({png.name})", ""]
     markdown = "\n".join(parts)
     (out_dir / "report.md").write_text(markdown)
@@ -268,7 +274,8 @@ def main(argv=None) -> int:
     parser.add_argument("json_paths", type=Path, nargs="+", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: beside the JSON)")
     parser.add_argument("--prefix", default="", help="prefix of the PNG file names")
-    parser.add_argument("--baseline", default=None, help="implementation the ratios are against, where present")
+    parser.add_argument("--baseline", action="append", default=[], metavar="[OP=]IMPL",
+                        help="implementation the ratios are against where present (repeatable; OP= for one op)")
     parser.add_argument("--merged-json", type=Path, default=None, help="also save the inputs combined here")
     args = parser.parse_args(argv)
     for path in args.json_paths:

@@ -2,52 +2,128 @@
 // kernel (topk_merge_cuda.cu). No torch or std headers here, so nvcc compiles it for the device as-is.
 //
 // The order is total: for "l2" ascending distance, for "ip" descending score (Largest = true); NaN after
-// every number; equal distances by smaller global id. Padding (any negative local id) never enters the order:
-// the callers skip it, and the tail of a row with fewer than k real candidates is filled with id -1 and the
-// worst distance (+inf for l2, -inf for ip).
+// every number; equal distances by smaller global id. Each distance is mapped once to an unsigned sort key
+// with that order (metric, NaN and -0 folded in), so every comparison is a plain integer comparison of
+// (key, id). Padding (any negative local id) never enters the order: the callers skip it, and the tail of a
+// row with fewer than k real candidates is filled with id -1 and the worst distance (+inf l2, -inf ip).
 #pragma once
 
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define KARMA_HD __host__ __device__ __forceinline__
+#define KARMA_HD_HOT __host__ __device__ __forceinline__
 #else
 #define KARMA_HD inline
+#define KARMA_HD_HOT inline __attribute__((always_inline))  // the per-candidate path: keep it in the loop
 #endif
 
 namespace karma {
 namespace topk {
 
-// Keys are compared in "compute precision": float for fp16/bf16/fp32 distances, double for fp64.
-template <typename Key>
+// key: the sort key of the distance (see sort_key); id: the global id (after the shard's offset).
 struct Candidate {
-  Key distance;
-  int64_t id;  // global id (after the shard's offset)
+  uint64_t key;
+  int64_t id;
 };
 
-template <typename Key>
-KARMA_HD bool is_nan(Key x) {
-  return x != x;
+// Keys of NaN (after every number) and of an exhausted input (after everything), per distance precision.
+constexpr uint64_t kNanKey32 = 0xFFFFFFFFull;             // above the key of +inf, 0xFF800000
+constexpr uint64_t kNanKey64 = 0xFFFFFFFFFFFFFFFEull;     // above the key of +inf, 0xFFF0000000000000
+constexpr uint64_t kExhaustedKey = 0xFFFFFFFFFFFFFFFFull;
+
+KARMA_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
 }
 
-// True when a ranks strictly before b in the total order.
+KARMA_HD float bits_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+KARMA_HD uint64_t double_bits(double x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+KARMA_HD double bits_double(uint64_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(bits));
+#else
+  double x;
+  memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+// Distance -> unsigned key, ascending in rank. IEEE bits order like sign-magnitude integers: flipping the sign
+// bit of non-negatives and every bit of negatives makes them order like unsigned integers. "ip" ranks the
+// negated score; adding +0 turns -0 into +0 so that the two zeros tie (and break by id).
+template <bool Largest>
+KARMA_HD_HOT uint64_t sort_key(float distance) {
+  if (distance != distance) return kNanKey32;
+  const float value = (Largest ? -distance : distance) + 0.0f;
+  const uint32_t bits = float_bits(value);
+  return (bits & 0x80000000u) ? static_cast<uint32_t>(~bits) : (bits | 0x80000000u);
+}
+
+template <bool Largest>
+KARMA_HD_HOT uint64_t sort_key(double distance) {
+  if (distance != distance) return kNanKey64;
+  const double value = (Largest ? -distance : distance) + 0.0;
+  const uint64_t bits = double_bits(value);
+  const uint64_t sign = 0x8000000000000000ull;
+  return (bits & sign) ? ~bits : (bits | sign);
+}
+
+// Inverse of sort_key (NaN comes back as the canonical NaN, -0 as +0).
 template <bool Largest, typename Key>
-KARMA_HD bool ranks_before(const Candidate<Key>& a, const Candidate<Key>& b) {
-  const bool a_nan = is_nan(a.distance);
-  const bool b_nan = is_nan(b.distance);
-  if (a_nan != b_nan) return b_nan;  // a number ranks before NaN
-  if (!a_nan && a.distance != b.distance) {
-    return Largest ? a.distance > b.distance : a.distance < b.distance;
-  }
-  return a.id < b.id;
+KARMA_HD Key distance_of(uint64_t key);
+
+template <>
+KARMA_HD float distance_of<false, float>(uint64_t key) {
+  if (key == kNanKey32) return bits_float(0x7FC00000u);
+  const uint32_t k = static_cast<uint32_t>(key);
+  return bits_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
 }
 
-// Same distance class for the tie rule: equal numbers, or both NaN (+0 and -0 are equal).
-template <typename Key>
-KARMA_HD bool same_distance(Key a, Key b) {
-  const bool a_nan = is_nan(a);
-  const bool b_nan = is_nan(b);
-  return (a_nan && b_nan) || (!a_nan && !b_nan && a == b);
+template <>
+KARMA_HD float distance_of<true, float>(uint64_t key) {
+  return key == kNanKey32 ? distance_of<false, float>(key) : 0.0f - distance_of<false, float>(key);
+}
+
+template <>
+KARMA_HD double distance_of<false, double>(uint64_t key) {
+  if (key == kNanKey64) return bits_double(0x7FF8000000000000ull);
+  const uint64_t sign = 0x8000000000000000ull;
+  return bits_double((key & sign) ? (key & ~sign) : ~key);
+}
+
+template <>
+KARMA_HD double distance_of<true, double>(uint64_t key) {
+  return key == kNanKey64 ? distance_of<false, double>(key) : 0.0 - distance_of<false, double>(key);
+}
+
+// True when a ranks strictly before b: smaller key, then smaller id.
+KARMA_HD bool ranks_before(const Candidate& a, const Candidate& b) {
+  return a.key < b.key || (a.key == b.key && a.id < b.id);
 }
 
 // Local id -> global id. Returns false when the sum leaves [0, INT64_MAX] (an error, never a wrap).
@@ -61,39 +137,42 @@ KARMA_HD bool translate_id(int64_t local_id, int64_t offset, int64_t* global_id)
   return true;
 }
 
-// Collects the merged stream of candidates of one query. The stream arrives in non-decreasing distance order
-// (an S-way merge of rows sorted by distance) but, within one distance, in any id order: a shard's row is sorted
+// Collects the merged stream of candidates of one query. The stream arrives in non-decreasing key order
+// (an S-way merge of rows sorted by distance) but, within one key, in any id order: a shard's row is sorted
 // by distance only. The first k are kept in arrival order; once full, the boundary tie group (the candidates
-// whose distance equals the k-th one, out[boundary_start, k)) is kept as a max-heap by id, so a later tied
+// whose key equals the k-th one, out[boundary_start, k)) is kept as a max-heap by id, so a later tied
 // candidate with a smaller id replaces the largest id in O(log k). The caller then orders tie groups by id
 // (order_ties below, or its own sort). `out` has room for k candidates.
-template <bool Largest, typename Key>
 struct TopKCollector {
-  Candidate<Key>* out;
+  Candidate* out;
   int64_t k;
   int64_t count;
   int64_t boundary_start;  // valid once count == k
 
-  KARMA_HD TopKCollector(Candidate<Key>* out_, int64_t k_) : out(out_), k(k_), count(0), boundary_start(0) {}
-
-  KARMA_HD bool full() const { return count == k; }
+  KARMA_HD TopKCollector(Candidate* out_, int64_t k_)
+      : out(out_), k(k_), count(0), boundary_start(0) {}
 
   // Offers the next candidate of the stream. Returns false once no later candidate can enter: the stream's
-  // distance has moved past the k-th one.
-  KARMA_HD bool offer(const Candidate<Key>& c) {
+  // key has moved past the k-th one. The common case (still filling) stays small enough to inline.
+  KARMA_HD_HOT bool offer(const Candidate& c) {
     if (count < k) {
       out[count++] = c;
-      if (count == k) {
-        boundary_start = k - 1;
-        while (boundary_start > 0 && same_distance(out[boundary_start - 1].distance, out[k - 1].distance)) {
-          --boundary_start;
-        }
-        const int64_t size = k - boundary_start;
-        for (int64_t pos = size / 2 - 1; pos >= 0; --pos) sift_down_by_id(pos, size);
-      }
+      if (count == k) seal();
       return true;
     }
-    if (!same_distance(c.distance, out[boundary_start].distance)) return false;
+    return offer_past_k(c);
+  }
+
+  // The k-th candidate arrived: find the boundary tie group and heapify it by id.
+  KARMA_HD void seal() {
+    boundary_start = k - 1;
+    while (boundary_start > 0 && out[boundary_start - 1].key == out[k - 1].key) --boundary_start;
+    const int64_t size = k - boundary_start;
+    for (int64_t pos = size / 2 - 1; pos >= 0; --pos) sift_down_by_id(pos, size);
+  }
+
+  KARMA_HD bool offer_past_k(const Candidate& c) {
+    if (c.key != out[boundary_start].key) return false;
     if (c.id < out[boundary_start].id) {
       out[boundary_start] = c;
       sift_down_by_id(0, k - boundary_start);
@@ -103,8 +182,8 @@ struct TopKCollector {
 
   // Max-heap by id over out[boundary_start, boundary_start + size).
   KARMA_HD void sift_down_by_id(int64_t pos, int64_t size) {
-    Candidate<Key>* group = out + boundary_start;
-    const Candidate<Key> item = group[pos];
+    Candidate* group = out + boundary_start;
+    const Candidate item = group[pos];
     while (true) {
       int64_t child = 2 * pos + 1;
       if (child >= size) break;
@@ -117,14 +196,13 @@ struct TopKCollector {
   }
 };
 
-// Insertion sort by the total order. The collected stream is already in distance order, so this only reorders
-// ids within tie groups: O(count) without ties. (The CPU path sorts long tie groups with std::sort instead.)
-template <bool Largest, typename Key>
-KARMA_HD void order_ties(Candidate<Key>* out, int64_t count) {
+// Insertion sort by (key, id). The collected stream is already in key order, so this only reorders ids
+// within tie groups: O(count) without ties. (The CPU path sorts long tie groups with std::sort instead.)
+KARMA_HD void order_ties(Candidate* out, int64_t count) {
   for (int64_t i = 1; i < count; ++i) {
-    const Candidate<Key> c = out[i];
+    const Candidate c = out[i];
     int64_t j = i;
-    while (j > 0 && ranks_before<Largest>(c, out[j - 1])) {
+    while (j > 0 && ranks_before(c, out[j - 1])) {
       out[j] = out[j - 1];
       --j;
     }
@@ -136,27 +214,6 @@ KARMA_HD void order_ties(Candidate<Key>* out, int64_t count) {
 template <bool Largest>
 KARMA_HD double padding_distance() {
   return Largest ? -__builtin_huge_val() : __builtin_huge_val();
-}
-
-// Binary min-heap (by the total order) of shard indices keyed by each shard's current head candidate: the
-// S-way merge pops the best head, then replaces it with that shard's next candidate.
-template <bool Largest, typename Key>
-KARMA_HD void heap_sift_down(int32_t* heap, int32_t size, int32_t pos, const Candidate<Key>* heads) {
-  const int32_t item = heap[pos];
-  while (true) {
-    int32_t child = 2 * pos + 1;
-    if (child >= size) break;
-    if (child + 1 < size && ranks_before<Largest>(heads[heap[child + 1]], heads[heap[child]])) ++child;
-    if (!ranks_before<Largest>(heads[heap[child]], heads[item])) break;
-    heap[pos] = heap[child];
-    pos = child;
-  }
-  heap[pos] = item;
-}
-
-template <bool Largest, typename Key>
-KARMA_HD void heap_build(int32_t* heap, int32_t size, const Candidate<Key>* heads) {
-  for (int32_t pos = size / 2 - 1; pos >= 0; --pos) heap_sift_down<Largest>(heap, size, pos, heads);
 }
 
 }  // namespace topk

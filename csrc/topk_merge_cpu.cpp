@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "topk_merge.h"
@@ -83,35 +85,181 @@ class IdSet {
   uint32_t stamp_ = 1;
 };
 
-// Sorts each run of equal distances by id (the stream is already in distance order).
-template <bool Largest, typename Key>
-void order_tie_groups(Candidate<Key>* out, int64_t count) {
+// A candidate as one 128-bit integer (key high, id low): the total order is the integer order, one compare.
+using Packed = unsigned __int128;
+
+inline Packed pack(uint64_t key, int64_t id) { return (static_cast<Packed>(key) << 64) | static_cast<uint64_t>(id); }
+inline Candidate unpack(Packed p) { return Candidate{static_cast<uint64_t>(p >> 64), static_cast<int64_t>(p)}; }
+
+// Sorts each run of equal keys by id (the merged stream is already in key order).
+void order_tie_groups(Candidate* out, int64_t count) {
   int64_t start = 0;
   while (start < count) {
     int64_t end = start + 1;
-    while (end < count && topk::same_distance(out[end].distance, out[start].distance)) ++end;
+    while (end < count && out[end].key == out[start].key) ++end;
     if (end - start > 1) {
-      std::sort(out + start, out + end,
-                [](const Candidate<Key>& a, const Candidate<Key>& b) { return a.id < b.id; });
+      std::sort(out + start, out + end, [](const Candidate& a, const Candidate& b) { return a.id < b.id; });
     }
     start = end;
   }
 }
 
+// Tournament (loser) tree over the S shard heads: the winner is the best head; after its shard advances,
+// one leaf-to-root replay of log2(S) comparisons finds the next winner. A tree key holds the head's sort key in
+// its high bits and the shard index in its low bits (no two heads tie); distance ties thus leave in shard
+// order, and the collector reorders them by id.
+template <typename TreeKey>
+class LoserTree {
+ public:
+  static constexpr TreeKey kExhausted = ~static_cast<TreeKey>(0);
+  static constexpr int kShift = sizeof(TreeKey) == 8 ? 32 : 64;
+
+  explicit LoserTree(int64_t num_leaves) {
+    leaves_ = 1;
+    while (leaves_ < num_leaves) leaves_ *= 2;
+    keys_.assign(leaves_, kExhausted);
+    losers_.assign(leaves_, 0);
+    scratch_.assign(2 * leaves_, 0);
+  }
+  static TreeKey make_key(uint64_t sort_key, int64_t leaf) {
+    return (static_cast<TreeKey>(sort_key) << kShift) | static_cast<TreeKey>(leaf);
+  }
+  static uint64_t sort_key_of(TreeKey key) { return static_cast<uint64_t>(key >> kShift); }
+  TreeKey* keys() { return keys_.data(); }
+  void build() {
+    for (int64_t leaf = 0; leaf < leaves_; ++leaf) scratch_[leaves_ + leaf] = static_cast<int32_t>(leaf);
+    for (int64_t node = leaves_ - 1; node >= 1; --node) {
+      const int32_t a = scratch_[2 * node];
+      const int32_t b = scratch_[2 * node + 1];
+      const bool a_wins = keys_[a] < keys_[b];
+      scratch_[node] = a_wins ? a : b;
+      losers_[node] = a_wins ? b : a;
+    }
+    winner_ = leaves_ > 1 ? scratch_[1] : 0;
+  }
+  int32_t winner() const { return winner_; }
+  // Call after the winner's key changed.
+  void replay() {
+    const TreeKey* keys = keys_.data();
+    int32_t* losers = losers_.data();
+    int32_t current = winner_;
+    TreeKey current_key = keys[current];
+    for (int64_t node = (current + leaves_) >> 1; node >= 1; node >>= 1) {
+      const int32_t loser = losers[node];
+      const TreeKey loser_key = keys[loser];
+      const bool loser_wins = loser_key < current_key;
+      losers[node] = loser_wins ? current : loser;
+      current = loser_wins ? loser : current;
+      current_key = loser_wins ? loser_key : current_key;
+    }
+    winner_ = current;
+  }
+
+ private:
+  int64_t leaves_;
+  std::vector<TreeKey> keys_;
+  std::vector<int32_t> losers_;
+  std::vector<int32_t> scratch_;
+  int32_t winner_ = 0;
+};
+
+// The S-way merge of one query's sorted rows: reads each row from its head, skipping padding, until the k-th
+// key is passed (about k + S candidates). Per-thread state, reused across queries.
+template <typename scalar_t, bool Largest>
+class SortedMerge {
+  using Key = at::opmath_type<scalar_t>;  // float for fp16/bf16/fp32, double for fp64
+  using TreeKey = std::conditional_t<sizeof(Key) == 4, uint64_t, Packed>;
+  using Tree = LoserTree<TreeKey>;
+
+ public:
+  SortedMerge(const std::vector<ShardRows<scalar_t>>& shards, int64_t total_width, bool dedup)
+      : shards_(shards),
+        num_shards_(static_cast<int64_t>(shards.size())),
+        tree_(num_shards_),
+        row_distances_(num_shards_),
+        row_ids_(num_shards_),
+        positions_(num_shards_),
+        head_ids_(num_shards_),
+        seen_(dedup ? total_width : 0) {}
+
+  // Collects query q's best candidates (stream order, ties reordered) into out; returns the count, or -1 when
+  // an id translation overflowed (recorded in overflow).
+  int64_t run(int64_t q, int64_t k, bool dedup, Candidate* out, OverflowReport& overflow) {
+    // Raw local pointers: stores into the arrays must not make the compiler reload the vectors' internals.
+    TreeKey* keys = tree_.keys();
+    const scalar_t** row_distances = row_distances_.data();
+    const int64_t** row_ids = row_ids_.data();
+    int64_t* positions = positions_.data();
+    int64_t* head_ids = head_ids_.data();
+    const ShardRows<scalar_t>* shards = shards_.data();
+    bool failed = false;
+    // Loads shard s's next real candidate at or after positions[s] into its leaf (kExhausted when none).
+    const auto load_head = [&](int64_t s) {
+      const int64_t* ids = row_ids[s];
+      const int64_t width = shards[s].width;
+      int64_t pos = positions[s];
+      while (pos < width && ids[pos] < 0) ++pos;
+      positions[s] = pos;
+      if (pos >= width) {
+        keys[s] = Tree::kExhausted;
+      } else if (!topk::translate_id(ids[pos], shards[s].offset, &head_ids[s])) {
+        overflow.record(s, ids[pos], shards[s].offset);
+        failed = true;
+        keys[s] = Tree::kExhausted;
+      } else {
+        keys[s] = Tree::make_key(topk::sort_key<Largest>(static_cast<Key>(row_distances[s][pos])), s);
+      }
+    };
+    for (int64_t s = 0; s < num_shards_; ++s) {
+      row_distances[s] = shards[s].distances + q * shards[s].distance_row_stride;
+      row_ids[s] = shards[s].ids + q * shards[s].id_row_stride;
+      positions[s] = 0;
+      load_head(s);
+    }
+    tree_.build();
+    topk::TopKCollector collector(out, k);
+    if (dedup) seen_.clear();
+    while (!failed) {
+      const int32_t s = tree_.winner();
+      const TreeKey head = keys[s];
+      if (head == Tree::kExhausted) break;
+      const Candidate c{Tree::sort_key_of(head), head_ids[s]};
+      if (!dedup || seen_.insert(c.id)) {
+        if (!collector.offer(c)) break;
+      }
+      ++positions[s];
+      load_head(s);
+      tree_.replay();
+    }
+    if (failed) return -1;
+    bool tied = false;  // a branch-free scan; ties are rare, so the sort below rarely runs
+    for (int64_t j = 1; j < collector.count; ++j) tied |= out[j].key == out[j - 1].key;
+    if (tied) order_tie_groups(out, collector.count);
+    return collector.count;
+  }
+
+ private:
+  const std::vector<ShardRows<scalar_t>>& shards_;
+  int64_t num_shards_;
+  Tree tree_;
+  std::vector<const scalar_t*> row_distances_;
+  std::vector<const int64_t*> row_ids_;
+  std::vector<int64_t> positions_;
+  std::vector<int64_t> head_ids_;
+  IdSet seen_;
+};
+
 template <typename scalar_t, bool Largest>
 void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queries, int64_t k, bool sorted,
                bool dedup, scalar_t* out_distances, int64_t* out_ids, OverflowReport& overflow) {
-  using Key = at::opmath_type<scalar_t>;
+  using Key = at::opmath_type<scalar_t>;  // float for fp16/bf16/fp32, double for fp64
   const int64_t num_shards = static_cast<int64_t>(shards.size());
   int64_t total_width = 0;
   for (const auto& shard : shards) total_width += shard.width;
   const scalar_t padding = static_cast<scalar_t>(topk::padding_distance<Largest>());
-  const auto before = [](const Candidate<Key>& a, const Candidate<Key>& b) {
-    return topk::ranks_before<Largest>(a, b);
-  };
   const int64_t grain = std::max<int64_t>(1, 4096 / (k + num_shards + 1));
 
-  // Calls visit(candidate) for every real candidate of query q (unsorted paths); false on an id overflow.
+  // Calls visit(packed candidate) for every real candidate of query q (unsorted paths); false on an overflow.
   const auto for_each_candidate = [&](int64_t q, auto&& visit) -> bool {
     for (int64_t s = 0; s < num_shards; ++s) {
       const ShardRows<scalar_t>& shard = shards[s];
@@ -119,105 +267,65 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
       const int64_t* row_ids = shard.ids + q * shard.id_row_stride;
       for (int64_t j = 0; j < shard.width; ++j) {
         if (row_ids[j] < 0) continue;
-        Candidate<Key> c;
-        if (!topk::translate_id(row_ids[j], shard.offset, &c.id)) {
+        int64_t id;
+        if (!topk::translate_id(row_ids[j], shard.offset, &id)) {
           overflow.record(s, row_ids[j], shard.offset);
           return false;
         }
-        c.distance = static_cast<Key>(row_distances[j]);
-        visit(c);
+        visit(pack(topk::sort_key<Largest>(static_cast<Key>(row_distances[j])), id));
       }
     }
     return true;
   };
 
   at::parallel_for(0, num_queries, grain, [&](int64_t begin, int64_t end) {
-    std::vector<Candidate<Key>> collected(static_cast<size_t>(k));
-    std::vector<Candidate<Key>> heads(static_cast<size_t>(num_shards));
-    std::vector<int64_t> positions(static_cast<size_t>(num_shards));
-    std::vector<int32_t> heap(static_cast<size_t>(num_shards));
-    std::vector<Candidate<Key>> buffer;
-    IdSet seen(dedup && sorted ? total_width : 0);
+    std::vector<Candidate> collected(static_cast<size_t>(k));
+    std::vector<Packed> buffer;
+    std::unique_ptr<SortedMerge<scalar_t, Largest>> merge;
+    if (sorted) merge = std::make_unique<SortedMerge<scalar_t, Largest>>(shards, total_width, dedup);
 
     for (int64_t q = begin; q < end && !overflow.failed.load(std::memory_order_relaxed); ++q) {
       int64_t count = 0;
       bool failed = false;
       if (sorted) {
-        // S-way merge: read each row from its head, skipping padding, until the k-th distance is passed.
-        // Moves shard s's head to its next real candidate at or after positions[s]; false when exhausted.
-        const auto advance = [&](int64_t s) -> bool {
-          const ShardRows<scalar_t>& shard = shards[s];
-          const int64_t* row_ids = shard.ids + q * shard.id_row_stride;
-          int64_t pos = positions[s];
-          while (pos < shard.width && row_ids[pos] < 0) ++pos;
-          positions[s] = pos;
-          if (pos >= shard.width) return false;
-          int64_t global_id;
-          if (!topk::translate_id(row_ids[pos], shard.offset, &global_id)) {
-            overflow.record(s, row_ids[pos], shard.offset);
-            failed = true;
-            return false;
-          }
-          heads[s].distance = static_cast<Key>(shard.distances[q * shard.distance_row_stride + pos]);
-          heads[s].id = global_id;
-          return true;
-        };
-        int32_t heap_size = 0;
-        for (int64_t s = 0; s < num_shards; ++s) {
-          positions[s] = 0;
-          if (advance(s)) heap[heap_size++] = static_cast<int32_t>(s);
-        }
-        topk::heap_build<Largest>(heap.data(), heap_size, heads.data());
-        topk::TopKCollector<Largest, Key> collector(collected.data(), k);
-        if (dedup) seen.clear();
-        while (heap_size > 0 && !failed) {
-          const int32_t s = heap[0];
-          const Candidate<Key> head = heads[s];
-          if (!dedup || seen.insert(head.id)) {
-            if (!collector.offer(head)) break;
-          }
-          ++positions[s];
-          if (!advance(s)) heap[0] = heap[--heap_size];
-          topk::heap_sift_down<Largest>(heap.data(), heap_size, 0, heads.data());
-        }
-        count = collector.count;
-        order_tie_groups<Largest>(collected.data(), count);
+        count = merge->run(q, k, dedup, collected.data(), overflow);
+        failed = count < 0;
       } else if (!dedup) {
         // Selection: a bounded max-heap (worst on top) of the best k seen so far.
-        int64_t size = 0;
-        failed = !for_each_candidate(q, [&](const Candidate<Key>& c) {
-          if (size < k) {
-            collected[size++] = c;
-            std::push_heap(collected.begin(), collected.begin() + size, before);
-          } else if (before(c, collected[0])) {
-            std::pop_heap(collected.begin(), collected.begin() + size, before);
-            collected[size - 1] = c;
-            std::push_heap(collected.begin(), collected.begin() + size, before);
+        buffer.clear();
+        failed = !for_each_candidate(q, [&](Packed p) {
+          if (static_cast<int64_t>(buffer.size()) < k) {
+            buffer.push_back(p);
+            std::push_heap(buffer.begin(), buffer.end());
+          } else if (p < buffer.front()) {
+            std::pop_heap(buffer.begin(), buffer.end());
+            buffer.back() = p;
+            std::push_heap(buffer.begin(), buffer.end());
           }
         });
-        std::sort_heap(collected.begin(), collected.begin() + size, before);
-        count = size;
+        std::sort_heap(buffer.begin(), buffer.end());
+        count = static_cast<int64_t>(buffer.size());
+        for (int64_t j = 0; j < count; ++j) collected[j] = unpack(buffer[j]);
       } else {
         // Unsorted with dedup: gather, keep the best occurrence of each id, then select.
         buffer.clear();
-        failed = !for_each_candidate(q, [&](const Candidate<Key>& c) { buffer.push_back(c); });
-        std::sort(buffer.begin(), buffer.end(), [&](const Candidate<Key>& a, const Candidate<Key>& b) {
-          return a.id != b.id ? a.id < b.id : before(a, b);
+        failed = !for_each_candidate(q, [&](Packed p) { buffer.push_back(p); });
+        std::sort(buffer.begin(), buffer.end(), [](Packed a, Packed b) {
+          const uint64_t id_a = static_cast<uint64_t>(a), id_b = static_cast<uint64_t>(b);
+          return id_a != id_b ? id_a < id_b : a < b;
         });
-        const auto unique_end = std::unique(buffer.begin(), buffer.end(),
-                                            [](const Candidate<Key>& a, const Candidate<Key>& b) {
-                                              return a.id == b.id;
-                                            });
-        const int64_t unique_count = unique_end - buffer.begin();
-        count = std::min(k, unique_count);
-        std::partial_sort(buffer.begin(), buffer.begin() + count, unique_end, before);
-        std::copy(buffer.begin(), buffer.begin() + count, collected.begin());
+        const auto unique_end = std::unique(buffer.begin(), buffer.end(), [](Packed a, Packed b) {
+          return static_cast<uint64_t>(a) == static_cast<uint64_t>(b);
+        });
+        count = std::min<int64_t>(k, unique_end - buffer.begin());
+        std::partial_sort(buffer.begin(), buffer.begin() + count, unique_end);
+        for (int64_t j = 0; j < count; ++j) collected[j] = unpack(buffer[j]);
       }
       if (failed) return;
       scalar_t* row_out_distances = out_distances + q * k;
       int64_t* row_out_ids = out_ids + q * k;
       for (int64_t j = 0; j < count; ++j) {
-        row_out_distances[j] = static_cast<scalar_t>(collected[j].distance);
+        row_out_distances[j] = static_cast<scalar_t>(topk::distance_of<Largest, Key>(collected[j].key));
         row_out_ids[j] = collected[j].id;
       }
       for (int64_t j = count; j < k; ++j) {

@@ -31,8 +31,8 @@ __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
-template <typename Key>
-__device__ __forceinline__ Key shfl_xor(Key v, int mask) {
+template <typename T>
+__device__ __forceinline__ T shfl_xor(T v, int mask) {
   return __shfl_xor_sync(0xffffffffu, v, mask);
 }
 
@@ -40,7 +40,7 @@ template <typename scalar_t, typename Key, bool Largest>
 __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
     topk_merge_sorted_kernel(const KarmaTopkShard* __restrict__ shards, const int64_t* __restrict__ id_offsets,
                              int32_t num_shards, int64_t num_queries, int64_t k, int32_t dedup,
-                             Candidate<Key>* __restrict__ scratch, scalar_t* __restrict__ out_distances,
+                             Candidate* __restrict__ scratch, scalar_t* __restrict__ out_distances,
                              int64_t* __restrict__ out_ids, int32_t* __restrict__ error_flag) {
   const int lane = threadIdx.x % kWarp;
   // 64-bit index math throughout: Q * k may exceed 2^31.
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
   if (query >= num_queries) return;
 
   int64_t positions[KARMA_TOPK_MAX_SHARDS_PER_LANE] = {};
-  Candidate<Key> heads[KARMA_TOPK_MAX_SHARDS_PER_LANE];
+  Candidate heads[KARMA_TOPK_MAX_SHARDS_PER_LANE];
   bool alive[KARMA_TOPK_MAX_SHARDS_PER_LANE] = {};
   bool failed = false;
 
@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
       return;
     }
     const scalar_t* row_distances = static_cast<const scalar_t*>(shard.distances) + query * shard.distance_row_stride;
-    heads[j].distance = load_key(row_distances + pos);
+    heads[j].key = sort_key<Largest>(static_cast<Key>(load_key(row_distances + pos)));
     heads[j].id = global_id;
   };
 
@@ -82,18 +82,18 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
     if (lane + kWarp * j < num_shards) advance(j);
   }
 
-  Candidate<Key>* collected = scratch + query * k;
-  TopKCollector<Largest, Key> collector(collected, k);  // only lane 0 feeds it
+  Candidate* collected = scratch + query * k;
+  TopKCollector collector(collected, k);  // only lane 0 feeds it
   while (true) {
     if (__any_sync(0xffffffffu, failed)) break;
     // This lane's best head.
     int best_slot = -1;
 #pragma unroll
     for (int j = 0; j < KARMA_TOPK_MAX_SHARDS_PER_LANE; ++j) {
-      if (alive[j] && (best_slot < 0 || ranks_before<Largest>(heads[j], heads[best_slot]))) best_slot = j;
+      if (alive[j] && (best_slot < 0 || ranks_before(heads[j], heads[best_slot]))) best_slot = j;
     }
-    Candidate<Key> best;
-    best.distance = Key(0);
+    Candidate best;
+    best.key = 0;
     best.id = 0;
     bool has_best = best_slot >= 0;
     int best_lane = lane;
@@ -101,13 +101,13 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
     // Butterfly reduction: every lane ends with the warp's best head and the lane that owns it.
 #pragma unroll
     for (int mask = kWarp / 2; mask > 0; mask /= 2) {
-      Candidate<Key> other;
-      other.distance = shfl_xor(best.distance, mask);
+      Candidate other;
+      other.key = shfl_xor(best.key, mask);
       other.id = shfl_xor(best.id, mask);
       const bool other_has = shfl_xor(static_cast<int>(has_best), mask) != 0;
       const int other_lane = shfl_xor(best_lane, mask);
-      const bool take = other_has && (!has_best || ranks_before<Largest>(other, best) ||
-                                      (!ranks_before<Largest>(best, other) && other_lane < best_lane));
+      const bool take = other_has && (!has_best || ranks_before(other, best) ||
+                                      (!ranks_before(best, other) && other_lane < best_lane));
       if (take) {
         best = other;
         best_lane = other_lane;
@@ -136,12 +136,12 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
   }
   __syncwarp();
   const int64_t count = __shfl_sync(0xffffffffu, collector.count, 0);
-  if (lane == 0) order_ties<Largest>(collected, count);
+  if (lane == 0) order_ties(collected, count);
   __syncwarp();
   const Key padding = static_cast<Key>(padding_distance<Largest>());
   for (int64_t i = lane; i < k; i += kWarp) {
     const bool real = i < count;
-    store(out_distances + query * k + i, real ? collected[i].distance : padding);
+    store(out_distances + query * k + i, real ? distance_of<Largest, Key>(collected[i].key) : padding);
     out_ids[query * k + i] = real ? collected[i].id : -1;
   }
 }
@@ -154,7 +154,7 @@ cudaError_t launch(const KarmaTopkShard* shards, const int64_t* id_offsets, int3
   const int64_t blocks = (num_queries + kWarpsPerBlock - 1) / kWarpsPerBlock;
   topk_merge_sorted_kernel<scalar_t, Key, Largest><<<static_cast<unsigned>(blocks), kWarp * kWarpsPerBlock, 0,
                                                     stream>>>(
-      shards, id_offsets, num_shards, num_queries, k, dedup, static_cast<Candidate<Key>*>(scratch),
+      shards, id_offsets, num_shards, num_queries, k, dedup, static_cast<Candidate*>(scratch),
       static_cast<scalar_t*>(out_distances), out_ids, error_flag);
   return cudaGetLastError();
 }
@@ -174,9 +174,8 @@ cudaError_t launch_metric(int32_t largest, const KarmaTopkShard* shards, const i
 }  // namespace karma
 
 extern "C" int64_t karma_topk_merge_cuda_scratch_bytes(int32_t dtype, int64_t num_queries, int64_t k) {
-  const int64_t key_bytes = dtype == KARMA_TOPK_FLOAT64 ? sizeof(karma::topk::Candidate<double>)
-                                                        : sizeof(karma::topk::Candidate<float>);
-  return key_bytes * num_queries * k;
+  (void)dtype;  // one candidate layout (sort key, id) for every distance precision
+  return static_cast<int64_t>(sizeof(karma::topk::Candidate)) * num_queries * k;
 }
 
 extern "C" int karma_topk_merge_cuda(const KarmaTopkShard* shards_device, const int64_t* id_offsets_device,

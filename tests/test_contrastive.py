@@ -423,3 +423,62 @@ def test_grad_of_unused_inputs_is_none():
     loss = contrastive_loss(query, keys, torch.tensor([5, 4, 3, 2]), key_ids=torch.tensor([0, 0, 1, 1, 2, 2]))
     loss.backward()
     assert query.grad is not None and keys.grad is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU build of the kernels: the interpreter does not type-check what the compiler does (loop-carried shapes,
+# dot operand dtypes), so compile the sm_90 binaries here, without a GPU, in a process without TRITON_INTERPRET.
+
+_COMPILE_SCRIPT = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from karma_kernels.contrastive import triton_impl as ti
+
+POINTERS = {"target_ptr": "*i64", "key_ids_ptr": "*i64"}
+
+def build(kernel, dtype, consts, config):
+    names = list(kernel.arg_names)
+    signature = {}
+    for name in names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in ("B", "M", "D", "stride_q", "stride_k"):
+            signature[name] = "i32"
+        elif name in ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr"):
+            signature[name] = "*" + dtype
+        else:
+            signature[name] = POINTERS.get(name, "*fp32")
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    assert compiled.asm["cubin"], kernel
+
+for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    for pairwise, symmetric in ((False, True), (True, False)):
+        forward, backward = ti.default_config(256, torch_dtype, pairwise)
+        flags = dict(HAS_KEY_IDS=True, HAS_LOGQ=True, PAIRWISE=pairwise, SYMMETRIC=symmetric,
+                     DOT_FP32=dtype == "fp32", IEEE=dtype == "fp32")
+        build(ti._forward_kernel, dtype, dict(flags, BLOCK_B=forward.block_b, BLOCK_M=forward.block_m,
+                                              BLOCK_D=forward.block_d), forward)
+        grad = dict(flags, BLOCK_B=backward.block_b, BLOCK_M=backward.block_m, BLOCK_D=backward.block_d,
+                    BLOCK_DV=backward.block_dv)
+        build(ti._grad_query_kernel, dtype, grad, backward)
+        build(ti._grad_keys_kernel, dtype, dict(grad, LOGQ_GRAD=True), backward)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+
+    if HAS_CUDA:
+        pytest.skip("on a GPU the parity tests build and run the kernels themselves")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    if "ptxas" in result.stderr and "not found" in result.stderr:
+        pytest.skip("ptxas is not available to build sm_90 binaries")
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]

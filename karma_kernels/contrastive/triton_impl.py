@@ -41,13 +41,20 @@ class Config:
     num_stages: int = 2
 
 
-def default_config(dim: int) -> Tuple[Config, Config]:
-    """(forward, backward) configs. Small tiles under the interpreter so tests cover several tiles per axis."""
+def default_config(dim: int, dtype: torch.dtype = torch.bfloat16, pairwise: bool = False) -> Tuple[Config, Config]:
+    """(forward, backward) configs. Small tiles under the interpreter so tests cover several tiles per axis.
+
+    On GPUs: shapes chosen so that the sm_90 builds of every mode keep (nearly) all values in registers
+    (checked with ptxas' resource usage); the pairwise forward carries more per-element state than softmax."""
     if interpreter_active():
         small = Config(16, 16, 16, 16, 1, 1)
         return small, small
-    dv = min(triton.next_power_of_2(dim), 128)
-    return Config(128, 64, 64, 64, 8, 3), Config(64, 64, 64, dv, 8, 2)
+    half = dtype != torch.float32
+    if pairwise:
+        forward = Config(64, 64, 64, 0, 8, 3) if half else Config(128, 32, 32, 0, 8, 2)
+    else:
+        forward = Config(128, 64, 64, 0, 8, 3) if half else Config(128, 64, 32, 0, 8, 3)
+    return forward, Config(64, 64, 32, min(triton.next_power_of_2(dim), 128), 8, 1)
 
 
 def triton_rejects(query: torch.Tensor) -> Optional[str]:
@@ -225,11 +232,13 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
         s = _logits_tile(q_ptr, k_ptr, logq_ptr, inv_t, rows, cols, row_ok, col_ok, D, stride_q, stride_k,
                          HAS_LOGQ, BLOCK_B, BLOCK_M, BLOCK_D, DOT_FP32, IEEE)
         valid, is_target = _valid_tile(rows, cols, row_ok, col_ok, target, positive_id, key_ids_ptr, HAS_KEY_IDS)
-        col_coef = row_coef
-        col_lse = row_stat0
+        # defined afresh in each iteration (not loop-carried): their shape is BLOCK_M, the rows' is BLOCK_B
         if SYMMETRIC:  # M == B: column j's coefficient and lse are row j's
             col_coef = tl.load(coef_ptr + cols, mask=col_ok, other=0.0)
             col_lse = tl.load(stats_ptr + B + cols, mask=col_ok, other=0.0)
+        else:
+            col_coef = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            col_lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
         g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef,
                        col_lse, PAIRWISE, SYMMETRIC)
         k_slice = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_k + dims[None, :],
@@ -337,13 +346,14 @@ def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, s
     query, keys = query.contiguous(), keys.contiguous()
     batch, dim = query.shape
     num_keys = keys.shape[0]
-    fwd_config = config or default_config(dim)[0]
+    fwd_config = config or default_config(dim, query.dtype, mode == "pairwise")[0]
     loss = torch.empty(batch, dtype=torch.float32, device=query.device)
     stats = torch.zeros(3, batch, dtype=torch.float32, device=query.device)
     dot_fp32, ieee = _precision_flags(query.dtype)
-    tuned = _use_autotune() and config is None
-    # one row of partial column statistics per row block (tuned configs have BLOCK_B >= 64; spare rows stay empty)
-    partial_rows = triton.cdiv(batch, 64 if tuned else fwd_config.block_b) if symmetric else 1
+    # symmetric keeps the fixed config: the autotuner's trial runs with other BLOCK_B would leave stale partial
+    # column statistics in rows the chosen config does not write
+    tuned = _use_autotune() and config is None and not symmetric
+    partial_rows = triton.cdiv(batch, fwd_config.block_b) if symmetric else 1  # one row per row block
     col_max = torch.empty(partial_rows, num_keys if symmetric else 1, dtype=torch.float32, device=query.device)
     col_sum = torch.empty_like(col_max)
     if symmetric:
@@ -374,7 +384,7 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
     query, keys = query.contiguous(), keys.contiguous()
     batch, dim = query.shape
     num_keys = keys.shape[0]
-    bwd_config = config or default_config(dim)[1]
+    bwd_config = config or default_config(dim, query.dtype, mode == "pairwise")[1]
     # symmetric: each direction carries half of the row's upstream gradient
     row_coef = (row_coef * 0.5 if symmetric else row_coef).to(torch.float32).contiguous()
     stats = stats.to(torch.float32).contiguous()

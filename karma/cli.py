@@ -16,8 +16,8 @@ from typing import List, Optional, Sequence
 
 from .data import ConfigError, DataFormatError
 
-TABLE_COLUMNS = ["HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "NDCG@200", "AUC", "decodability", "sink_ratio",
-                 "image_cos", "train_s"]
+TABLE_COLUMNS = ["HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "NDCG@200", "AUC", "decodability",
+                 "probe_decodability", "sink_ratio", "image_cos", "train_s"]
 VARIANTS = {
     "action-only": ("action",),
     "+generation": ("action", "generation"),
@@ -102,7 +102,8 @@ def command_train(args, say=print) -> dict:
     say(f"data: {dataset.name}, {dataset.num_items} items, {dataset.num_users} users, "
         f"{len(workspace.split.train)} training examples; objectives: {', '.join(config.objectives.active())}")
     history, seconds = timed(train, workspace, run_dir=args.out, resume=args.resume)
-    metrics = evaluate(workspace.model, workspace.split.test)
+    metrics = evaluate(workspace.model, workspace.split.test, probe_examples=workspace.split.train,
+                       backend=config.objectives.backend)
     metrics["train_s"] = seconds
     with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump({"test": metrics, "history": history}, handle, indent=1)
@@ -124,7 +125,8 @@ def command_eval(args, say=print) -> dict:
     workspace = build_workspace(config, dataset, WordTokenizer.load(os.path.join(args.run, "tokenizer.json")))
     load_checkpoint(args.run, workspace.model)
     examples = getattr(workspace.split, args.split)
-    metrics = evaluate(workspace.model, examples, num_shards=args.shards)
+    metrics = evaluate(workspace.model, examples, num_shards=args.shards, probe_examples=workspace.split.train,
+                       backend=config.objectives.backend)
     say(f"{args.split} metrics of {args.run} ({len(examples)} examples):")
     _print_metrics(metrics, say)
     return metrics
@@ -173,7 +175,8 @@ def run_ablation(config, out: str, variants: Optional[List[str]] = None, say=pri
         if pretrained is not None:
             workspace.model.backbone.load_state_dict(pretrained)
         history, seconds = timed(train, workspace)
-        metrics, eval_s = timed(evaluate, workspace.model, workspace.split.test)
+        metrics, eval_s = timed(evaluate, workspace.model, workspace.split.test, probe_examples=workspace.split.train,
+                                backend=variant_config.objectives.backend)
         metrics["train_s"] = seconds
         say(f"{variant}: trained in {seconds:.1f} s, evaluated in {eval_s:.1f} s; HR@200 {metrics['HR@200']:.4f}")
         results.append({"variant": variant, "objectives": objectives, "metrics": metrics, "history": history})

@@ -2,6 +2,7 @@
 (decodability of the item text from h; attention-sink ratio, the paper's collapse symptom)."""
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -63,7 +64,8 @@ def impression_auc(h: torch.Tensor, item_emb: torch.Tensor, target: np.ndarray, 
 
 
 @torch.no_grad()
-def decodability(model: KarmaModel, h: torch.Tensor, target: np.ndarray, batch_size: int = 256) -> float:
+def decodability(model: KarmaModel, h: torch.Tensor, target: np.ndarray, batch_size: int = 256,
+                 projector: Optional[torch.nn.Module] = None) -> float:
     """Token accuracy (teacher forced) of reconstructing the target item's text from h alone through the
     reconstruction prefix: does the interest embedding still carry the item's semantics?"""
     weight = model.lm_head_weight
@@ -71,7 +73,7 @@ def decodability(model: KarmaModel, h: torch.Tensor, target: np.ndarray, batch_s
     correct = total = 0
     for start in range(0, len(h), batch_size):
         text = model.item_tokens[torch.as_tensor(target[start:start + batch_size], device=h.device)]
-        states = model.reconstruction_states(h[start:start + batch_size], text)[:, : text.shape[1]]
+        states = model.reconstruction_states(h[start:start + batch_size], text, projector)[:, : text.shape[1]]
         logits = states.float() @ weight.float().T
         if bias is not None:
             logits = logits + bias.float()
@@ -79,6 +81,44 @@ def decodability(model: KarmaModel, h: torch.Tensor, target: np.ndarray, batch_s
         correct += int(((logits.argmax(-1) == text) & real).sum())
         total += int(real.sum())
     return correct / max(total, 1)
+
+
+def decodability_probe(model: KarmaModel, h_train: torch.Tensor, target_train: np.ndarray, h_test: torch.Tensor,
+                       target_test: np.ndarray, steps: int = 150, batch_size: int = 64, lr: float = 3e-3,
+                       seed: int = 0, backend: str = "auto") -> float:
+    """Decodability measured with a fresh prefix projector trained for ``steps`` on frozen training h (the model
+    itself frozen), then scored on test h. Unlike :func:`decodability` it does not depend on whether the model
+    trained its own projector, so every variant of an ablation is measured the same way."""
+    from karma_kernels import prefix_reconstruction_loss
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = copy.deepcopy(model.prefix_projector)
+        for module in probe.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    h_train = h_train.detach()
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                rows = rng.integers(0, len(h_train), min(batch_size, len(h_train)))
+                text = model.item_tokens[torch.as_tensor(target_train[rows], device=h_train.device)]
+                states = model.reconstruction_states(h_train[torch.as_tensor(rows, device=h_train.device)], text,
+                                                     probe)
+                loss = prefix_reconstruction_loss(states, model.lm_head_weight, text, prefix_len=1,
+                                                  pad_id=model.pad_id, bias=model.lm_head_bias, backend=backend)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
+    return decodability(model, h_test, target_test, projector=probe)
 
 
 @torch.no_grad()
@@ -121,8 +161,10 @@ def image_reconstruction_cosine(model: KarmaModel, h: torch.Tensor, target: np.n
 
 @torch.no_grad()
 def evaluate(model: KarmaModel, examples, ks: Sequence[int] = DEFAULT_KS, num_shards: int = 4,
-             batch_size: int = 256, max_examples: Optional[int] = None) -> Dict[str, float]:
-    """Every metric on ``examples`` (a ``karma.data.Examples``, e.g. the test split)."""
+             batch_size: int = 256, max_examples: Optional[int] = None, probe_examples=None,
+             probe_steps: int = 150, backend: str = "auto") -> Dict[str, float]:
+    """Every metric on ``examples`` (a ``karma.data.Examples``, e.g. the test split). With ``probe_examples``
+    (e.g. the training split) the decodability probe trains on them and adds ``probe_decodability``."""
     was_training = model.training
     model.eval()
     try:
@@ -134,6 +176,11 @@ def evaluate(model: KarmaModel, examples, ks: Sequence[int] = DEFAULT_KS, num_sh
         metrics = ranking_metrics(ids, target, ks)
         metrics["AUC"] = impression_auc(h.cpu(), item_emb.cpu(), target, negatives)
         metrics["decodability"] = decodability(model, h, target, batch_size)
+        if probe_examples is not None and probe_steps > 0:
+            rows = np.random.default_rng(0).permutation(len(probe_examples))[:4096]
+            h_train = interest_embeddings(model, item_emb, probe_examples.history[rows], batch_size)
+            metrics["probe_decodability"] = decodability_probe(
+                model, h_train, probe_examples.target[rows], h, target, steps=probe_steps, backend=backend)
         metrics["sink_ratio"] = attention_sink_ratio(model, item_emb, history)
         metrics["image_cos"] = image_reconstruction_cosine(model, h, target)
         metrics["examples"] = n

@@ -34,7 +34,10 @@ class ModelConfig:
     embed_dim: int = 64                   # item / interest embedding size
     max_history: int = 10
     max_text_len: int = 8                 # item text tokens incl. eos
-    item_encoder: str = "backbone"        # "backbone": mean-pooled backbone states; "bow": mean token embedding + MLP
+    # "bow": mean of the backbone's token embeddings + MLP (shares the embedding table the LM objectives train);
+    # "backbone": mean-pooled final backbone states (4x slower on CPU; after LM pretraining its states are nearly
+    # parallel for all items and the action loss stalls at chance in our runs, see README)
+    item_encoder: str = "bow"
     use_image: bool = True                # add the image feature to the item embedding (when the data has one)
     flow_hidden: int = 128
     attn_implementation: str = "auto"     # "auto": flash_attention_2 on CUDA when installed, else "sdpa"
@@ -212,9 +215,12 @@ class KarmaModel(nn.Module):
         h = F.normalize(self.interest_head(states[:, prefix_len - 1]).float(), dim=-1)
         return h, states, prefix_len, output
 
-    def reconstruction_states(self, h: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
-        """States [B, 1 + L, D] of [projector(h), text]: the text decoded from h alone."""
-        prefix = self.prefix_projector(h.to(self.prefix_projector[0].weight.dtype)).unsqueeze(1)
+    def reconstruction_states(self, h: torch.Tensor, text_ids: torch.Tensor,
+                              projector: Optional[nn.Module] = None) -> torch.Tensor:
+        """States [B, 1 + L, D] of [projector(h), text]: the text decoded from h alone. ``projector`` replaces
+        the model's own prefix projector (the decodability probe trains a fresh one)."""
+        projector = self.prefix_projector if projector is None else projector
+        prefix = projector(h.to(self.prefix_projector[0].weight.dtype)).unsqueeze(1)
         tokens = self.embed_tokens(text_ids).to(prefix.dtype)
         mask = torch.cat([torch.ones_like(text_ids[:, :1], dtype=torch.bool), text_ids != self.pad_id], dim=1)
         return self.run_decoder(torch.cat([prefix, tokens], dim=1), mask).last_hidden_state

@@ -12,7 +12,7 @@ def plot_ablation(results: List[dict], path: str, title: str = "KARMA ablation")
     import matplotlib.pyplot as plt
 
     metric_names = [m for m in ("HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "NDCG@200", "AUC",
-                                "decodability") if any(m in r["metrics"] for r in results)]
+                                "decodability", "probe_decodability") if any(m in r["metrics"] for r in results)]
     figure, (bars, curves) = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / max(1, len(results))
     for i, result in enumerate(results):

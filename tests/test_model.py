@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("transformers")
 
 from karma.data import ConfigError  # noqa: E402
-from karma.evaluate import (attention_sink_ratio, evaluate, impression_auc, interest_embeddings,  # noqa: E402
-                            ranking_metrics, retrieve)
+from karma.evaluate import (attention_sink_ratio, decodability_probe, evaluate, impression_auc,  # noqa: E402
+                            interest_embeddings, ranking_metrics, retrieve)
 from karma.losses import ObjectiveConfig, karma_losses  # noqa: E402
 from karma.model import ModelConfig, history_tensors, make_batch  # noqa: E402
 from karma.train import (ExperimentConfig, build_workspace, load_checkpoint, save_checkpoint,  # noqa: E402
@@ -161,13 +161,28 @@ def test_attention_sink_ratio_against_a_loop(workspace):
 
 
 def test_evaluate_reports_every_metric(workspace):
-    metrics = evaluate(workspace.model, workspace.split.test, ks=(10, 50), num_shards=2)
-    for name in ("HR@10", "HR@50", "NDCG@10", "NDCG@50", "AUC", "decodability", "sink_ratio", "image_cos"):
+    metrics = evaluate(workspace.model, workspace.split.test, ks=(10, 50), num_shards=2,
+                       probe_examples=workspace.split.train, probe_steps=5, backend="torch")
+    for name in ("HR@10", "HR@50", "NDCG@10", "NDCG@50", "AUC", "decodability", "probe_decodability", "sink_ratio",
+                 "image_cos"):
         assert np.isfinite(metrics[name]), name
     assert 0 <= metrics["HR@10"] <= metrics["HR@50"] <= 1 and 0 <= metrics["decodability"] <= 1
-    # HR@50 covers 50 of the 60 items: the true next item is there at least 50/60 - slack of the time by chance.
     h = interest_embeddings(workspace.model, workspace.model.all_item_embeddings(), workspace.split.test.history)
     assert h.shape == (len(workspace.split.test), TINY.model.embed_dim)
+
+
+def test_decodability_probe_reads_information_in_h(workspace):
+    model = workspace.model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    codes = torch.nn.functional.normalize(torch.randn(model.item_tokens.shape[0], TINY.model.embed_dim), dim=-1)
+    targets = np.random.default_rng(0).integers(0, model.item_tokens.shape[0], 256)
+    informed = decodability_probe(model, codes[targets], targets, codes[targets[:64]], targets[:64], steps=60,
+                                  backend="torch")
+    blind = decodability_probe(model, torch.zeros(256, TINY.model.embed_dim), targets,
+                               torch.zeros(64, TINY.model.embed_dim), targets[:64], steps=60, backend="torch")
+    assert 0 <= blind < informed <= 1
+    for name, param in model.named_parameters():   # the model is left as it was, trainable again
+        assert param.requires_grad and torch.equal(param, before[name]), name
 
 
 def test_resume_continues_exactly(tmp_path):

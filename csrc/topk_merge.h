@@ -33,44 +33,13 @@ constexpr uint64_t kNanKey32 = 0xFFFFFFFFull;             // above the key of +i
 constexpr uint64_t kNanKey64 = 0xFFFFFFFFFFFFFFFEull;     // above the key of +inf, 0xFFF0000000000000
 constexpr uint64_t kExhaustedKey = 0xFFFFFFFFFFFFFFFFull;
 
-KARMA_HD uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t bits;
-  memcpy(&bits, &x, sizeof bits);
-  return bits;
-#endif
-}
-
-KARMA_HD float bits_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float x;
-  memcpy(&x, &bits, sizeof x);
-  return x;
-#endif
-}
-
-KARMA_HD uint64_t double_bits(double x) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(x));
-#else
-  uint64_t bits;
-  memcpy(&bits, &x, sizeof bits);
-  return bits;
-#endif
-}
-
-KARMA_HD double bits_double(uint64_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(bits));
-#else
-  double x;
-  memcpy(&x, &bits, sizeof x);
-  return x;
-#endif
+// Reinterprets the bits of a value (memcpy compiles to a register move on host and device).
+template <typename To, typename From>
+KARMA_HD To bit_cast(From value) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To result;
+  memcpy(&result, &value, sizeof result);
+  return result;
 }
 
 // Distance -> unsigned key, ascending in rank. IEEE bits order like sign-magnitude integers: flipping the sign
@@ -80,7 +49,7 @@ template <bool Largest>
 KARMA_HD_HOT uint64_t sort_key(float distance) {
   if (distance != distance) return kNanKey32;
   const float value = (Largest ? -distance : distance) + 0.0f;
-  const uint32_t bits = float_bits(value);
+  const uint32_t bits = bit_cast<uint32_t>(value);
   return (bits & 0x80000000u) ? static_cast<uint32_t>(~bits) : (bits | 0x80000000u);
 }
 
@@ -88,7 +57,7 @@ template <bool Largest>
 KARMA_HD_HOT uint64_t sort_key(double distance) {
   if (distance != distance) return kNanKey64;
   const double value = (Largest ? -distance : distance) + 0.0;
-  const uint64_t bits = double_bits(value);
+  const uint64_t bits = bit_cast<uint64_t>(value);
   const uint64_t sign = 0x8000000000000000ull;
   return (bits & sign) ? ~bits : (bits | sign);
 }
@@ -99,9 +68,9 @@ KARMA_HD Key distance_of(uint64_t key);
 
 template <>
 KARMA_HD float distance_of<false, float>(uint64_t key) {
-  if (key == kNanKey32) return bits_float(0x7FC00000u);
+  if (key == kNanKey32) return bit_cast<float>(0x7FC00000u);
   const uint32_t k = static_cast<uint32_t>(key);
-  return bits_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+  return bit_cast<float>((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
 }
 
 template <>
@@ -111,9 +80,9 @@ KARMA_HD float distance_of<true, float>(uint64_t key) {
 
 template <>
 KARMA_HD double distance_of<false, double>(uint64_t key) {
-  if (key == kNanKey64) return bits_double(0x7FF8000000000000ull);
+  if (key == kNanKey64) return bit_cast<double>(0x7FF8000000000000ull);
   const uint64_t sign = 0x8000000000000000ull;
-  return bits_double((key & sign) ? (key & ~sign) : ~key);
+  return bit_cast<double>((key & sign) ? (key & ~sign) : ~key);
 }
 
 template <>

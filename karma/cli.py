@@ -132,13 +132,29 @@ def command_eval(args, say=print) -> dict:
     return metrics
 
 
-def run_ablation(config, out: str, variants: Optional[List[str]] = None, say=print) -> List[dict]:
-    """Train every variant from the same seed, data, pretrained backbone and step budget; evaluate on test."""
+def summarise(variant: str, runs: List[dict]) -> dict:
+    """One variant over seeds: mean metrics, their standard deviation, the first seed's loss history."""
+    import numpy as np
+
+    names = runs[0]["metrics"].keys()
+    values = {name: np.array([run["metrics"][name] for run in runs], dtype=np.float64) for name in names}
+    return {"variant": variant, "objectives": runs[0]["objectives"], "seeds": [run["seed"] for run in runs],
+            "metrics": {name: float(v.mean()) for name, v in values.items()},
+            "metrics_std": {name: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for name, v in values.items()},
+            "history": runs[0]["history"], "runs": runs}
+
+
+def run_ablation(config, out: str, variants: Optional[List[str]] = None, say=print, num_seeds: int = 1) -> List[dict]:
+    """Train every variant from the same seed, data, pretrained backbone and step budget; evaluate on test.
+    With ``num_seeds`` > 1 the whole ablation repeats for seeds train.seed, train.seed + 1, ... and the table
+    shows mean ± standard deviation."""
     from .data import WordTokenizer
     from .evaluate import evaluate
     from .plots import metrics_table, plot_ablation
     from .train import build_workspace, load_dataset, pretrain_language_model, timed, train
 
+    if num_seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {num_seeds}")
     variants = variants or list(VARIANTS)
     for name in variants:
         if name not in VARIANTS:
@@ -153,37 +169,43 @@ def run_ablation(config, out: str, variants: Optional[List[str]] = None, say=pri
     if dataset.image_features is None and "full KARMA (+image)" in variants:
         say(f"note: dataset {dataset.name!r} has no image features; the +image variant is skipped")
         variants = [v for v in variants if v != "full KARMA (+image)"]
+    seeds = [config.train.seed + i for i in range(num_seeds)]
     say(f"data: {dataset.name}, {dataset.num_items} items, {dataset.num_users} users; "
-        f"{config.train.steps} alignment steps per variant, seed {config.train.seed}")
+        f"{config.train.steps} alignment steps per variant, seed(s) {', '.join(map(str, seeds))}")
 
-    # One pretraining phase, shared: every variant starts from the same backbone.
-    pretrained, pretrain_s = None, 0.0
-    if config.train.pretrain_steps:
-        base = build_workspace(config.replace(objectives={"action": 1.0}), dataset, tokenizer)
-        curve, pretrain_s = timed(pretrain_language_model, base)
-        pretrained = copy.deepcopy(base.model.backbone.state_dict())
-        say(f"LM pretraining: {config.train.pretrain_steps} steps in {pretrain_s:.1f} s, "
-            f"loss {curve[0]:.3f} -> {curve[-1]:.3f}")
-        del base
+    runs = {variant: [] for variant in variants}
+    pretrain_s = 0.0
+    for seed in seeds:
+        seed_config = config.replace(train={"seed": seed})
+        # One pretraining phase per seed, shared: every variant starts from the same backbone.
+        pretrained = None
+        if config.train.pretrain_steps:
+            base = build_workspace(seed_config, dataset, tokenizer)
+            curve, seconds = timed(pretrain_language_model, base)
+            pretrain_s += seconds
+            pretrained = copy.deepcopy(base.model.backbone.state_dict())
+            say(f"seed {seed}: LM pretraining {config.train.pretrain_steps} steps in {seconds:.1f} s, "
+                f"loss {curve[0]:.3f} -> {curve[-1]:.3f}")
+            del base
+        for variant in variants:
+            objectives = {name: (weights[name] if name in VARIANTS[variant] else 0.0) for name in weights}
+            variant_config = seed_config.replace(objectives=objectives, train={"pretrain_steps": 0})
+            workspace = build_workspace(variant_config, dataset, tokenizer)
+            if pretrained is not None:
+                workspace.model.backbone.load_state_dict(pretrained)
+            history, seconds = timed(train, workspace)
+            metrics, eval_s = timed(evaluate, workspace.model, workspace.split.test,
+                                    probe_examples=workspace.split.train, backend=variant_config.objectives.backend)
+            metrics["train_s"] = seconds
+            say(f"seed {seed} {variant}: trained in {seconds:.1f} s, evaluated in {eval_s:.1f} s; "
+                f"HR@200 {metrics['HR@200']:.4f}")
+            runs[variant].append({"seed": seed, "objectives": objectives, "metrics": metrics, "history": history})
 
-    results = []
-    for variant in variants:
-        active = VARIANTS[variant]
-        objectives = {name: (weights[name] if name in active else 0.0) for name in weights}
-        variant_config = config.replace(objectives=objectives, train={"pretrain_steps": 0})
-        workspace = build_workspace(variant_config, dataset, tokenizer)
-        if pretrained is not None:
-            workspace.model.backbone.load_state_dict(pretrained)
-        history, seconds = timed(train, workspace)
-        metrics, eval_s = timed(evaluate, workspace.model, workspace.split.test, probe_examples=workspace.split.train,
-                                backend=variant_config.objectives.backend)
-        metrics["train_s"] = seconds
-        say(f"{variant}: trained in {seconds:.1f} s, evaluated in {eval_s:.1f} s; HR@200 {metrics['HR@200']:.4f}")
-        results.append({"variant": variant, "objectives": objectives, "metrics": metrics, "history": history})
-
+    results = [summarise(variant, runs[variant]) for variant in variants]
     table = metrics_table(results, TABLE_COLUMNS)
     plot_path = os.path.join(out, "ablation.png")
-    plot_ablation(results, plot_path, title=f"KARMA ablation on {dataset.name} ({config.train.steps} steps)")
+    plot_ablation(results, plot_path, title=f"KARMA ablation on {dataset.name} ({config.train.steps} steps, "
+                  f"{num_seeds} seed{'s' if num_seeds > 1 else ''})")
     with open(os.path.join(out, "ablation.md"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
     with open(os.path.join(out, "ablation.json"), "w", encoding="utf-8") as handle:
@@ -196,7 +218,7 @@ def run_ablation(config, out: str, variants: Optional[List[str]] = None, say=pri
 
 
 def command_ablate(args, say=print) -> List[dict]:
-    return run_ablation(build_config(args), args.out, args.variants, say)
+    return run_ablation(build_config(args), args.out, args.variants, say, num_seeds=args.seeds)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ablate)
     ablate.add_argument("--out", default=os.path.join("runs", "ablate"), help="output directory (table, plot, json)")
     ablate.add_argument("--variants", nargs="+", metavar="NAME", help=f"subset of: {', '.join(VARIANTS)}")
+    ablate.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds; table shows mean ± std")
     return parser
 
 

@@ -17,14 +17,18 @@ def plot_ablation(results: List[dict], path: str, title: str = "KARMA ablation")
     width = 0.8 / max(1, len(results))
     for i, result in enumerate(results):
         values = [result["metrics"].get(m, float("nan")) for m in metric_names]
-        bars.bar([x + i * width for x in range(len(metric_names))], values, width, label=result["variant"])
+        spread = [result.get("metrics_std", {}).get(m, 0.0) for m in metric_names]
+        bars.bar([x + i * width for x in range(len(metric_names))], values, width, yerr=spread, capsize=2,
+                 label=result["variant"])
         steps = [h["step"] for h in result["history"]]
         action = _smooth([h.get("action", float("nan")) for h in result["history"]])
         curves.plot(steps, action, label=result["variant"])
     bars.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(metric_names))])
     bars.set_xticklabels(metric_names, rotation=30)
     bars.set_ylabel("test metric")
-    bars.set_title("test metrics by variant")
+    bars.set_title("test metrics by variant (error bars: std over seeds)" if any(len(r.get("seeds", ())) > 1
+                                                                             for r in results) else
+                   "test metrics by variant")
     bars.legend(fontsize=8)
     curves.set_xlabel("alignment step")
     curves.set_ylabel("action loss (moving average)")
@@ -47,7 +51,7 @@ def _smooth(values: List[float], window: int = 20) -> List[float]:
 
 
 def metrics_table(results: List[dict], columns: List[str]) -> str:
-    """A markdown table: one row per variant, one column per metric."""
+    """A markdown table: one row per variant, one column per metric (mean ± std over seeds when several)."""
     header = "| variant | " + " | ".join(columns) + " |"
     rule = "|---|" + "---:|" * len(columns)
     rows = [header, rule]
@@ -55,7 +59,9 @@ def metrics_table(results: List[dict], columns: List[str]) -> str:
         cells = []
         for column in columns:
             value = result["metrics"].get(column, float("nan"))
-            cells.append(_format(value))
+            spread = result.get("metrics_std", {}).get(column, 0.0)
+            multi = len(result.get("seeds", ())) > 1 and column != "train_s"
+            cells.append(_format(value) + (f" ± {_format(spread)}" if multi and value == value else ""))
         rows.append(f"| {result['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

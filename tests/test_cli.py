@@ -92,6 +92,19 @@ def test_ablate_on_generated_data(tmp_path, capsys):
     assert all(0.0 <= r["metrics"]["HR@10"] <= 1.0 for r in results)
 
 
+def test_ablate_over_seeds_reports_mean_and_spread(tmp_path):
+    out = str(tmp_path / "ablate")
+    assert main(["ablate", "--preset", "tiny", "--out", out, "--seeds", "2", "--variants", "+generation"] + QUIET) == 0
+    with open(os.path.join(out, "ablation.json")) as handle:
+        (result,) = json.load(handle)["results"]
+    assert [run["seed"] for run in result["runs"]] == [0, 1]
+    per_seed = np.array([run["metrics"]["probe_decodability"] for run in result["runs"]])
+    assert result["metrics"]["probe_decodability"] == pytest.approx(per_seed.mean())
+    assert result["metrics_std"]["probe_decodability"] == pytest.approx(per_seed.std(ddof=1))
+    with open(os.path.join(out, "ablation.md")) as handle:
+        assert " ± " in handle.read()
+
+
 def test_movielens_layout_end_to_end(tmp_path, capsys):
     data = write_movielens(tmp_path / "ml")
     run = str(tmp_path / "run")

@@ -257,7 +257,10 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
   int64_t total_width = 0;
   for (const auto& shard : shards) total_width += shard.width;
   const scalar_t padding = static_cast<scalar_t>(topk::padding_distance<Largest>());
-  const int64_t grain = std::max<int64_t>(1, 4096 / (k + num_shards + 1));
+  // Queries per thread at least: waking an OpenMP team costs tens of microseconds (far more on a loaded
+  // machine), so a small merge runs on the calling thread. Work per query: ~k + S reads (merge) or all S * k_s.
+  const int64_t work_per_query = (sorted ? k + num_shards : total_width + k) + 1;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / work_per_query);
 
   // Calls visit(packed candidate) for every real candidate of query q (unsorted paths); false on an overflow.
   const auto for_each_candidate = [&](int64_t q, auto&& visit) -> bool {

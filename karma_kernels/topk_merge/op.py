@@ -6,6 +6,7 @@ build it and the numpy reference (``reference.py``) answers instead.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import numbers
 import threading
@@ -55,8 +56,9 @@ def _extension_loaded() -> bool:
         return _extension_state["loaded"]
 
 
-def _compiled_supports(device: torch.device) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("karma::topk_merge", device.type.upper())
+@functools.lru_cache(maxsize=None)
+def _compiled_supports(device_type: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("karma::topk_merge", device_type.upper())
 
 
 def _library_of(name: str, value) -> str:
@@ -95,6 +97,8 @@ def _shards(name: str, value) -> list[torch.Tensor]:
             if shard.dim() != 2:
                 raise ValueError(f"{OP}: {name}[{s}] must be 2-D (Q, k_s), got shape {tuple(shard.shape)}")
         return shards
+    if isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[0] > 0:
+        return [_as_tensor(shard) for shard in value]  # numpy views are cheaper than torch's unbind
     stacked = _as_tensor(value)
     if stacked.dim() != 3:
         raise ValueError(f"{OP}: {name} must be 3-D (S, Q, k_s) or a list of 2-D (Q, k_s) arrays, "
@@ -212,14 +216,14 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     offsets = _offsets_tensor(id_offsets, len(distance_shards), device)
     largest = metric == "ip"
 
-    use_compiled = backend != "reference" and _extension_loaded() and _compiled_supports(device)
+    use_compiled = backend != "reference" and _extension_loaded() and _compiled_supports(device.type)
     if backend == "compiled" and not use_compiled:
         why = (f"the extension has no {device.type} kernel (was it built with CUDA?)"
                if _extension_state.get("loaded") else f"the extension is not built ({BUILD_HINT})")
         raise ValueError(f"{OP}: backend='compiled' cannot run on {device}: {why}")
     if use_compiled:
         out_distances, out_ids = torch.ops.karma.topk_merge(
-            [d.detach() for d in distance_shards], id_shards, k, largest, offsets, bool(sorted), bool(dedup))
+            [d.detach() if d.requires_grad else d for d in distance_shards], id_shards, k, largest, offsets, bool(sorted), bool(dedup))
     else:
         out_distances, out_ids = _reference(distance_shards, id_shards, k, largest, offsets, bool(dedup))
     if library == "numpy":

@@ -2,7 +2,7 @@
 // (topk_merge_cuda.cu). Compiled only when setup.py builds with CUDA (KARMA_WITH_CUDA).
 #ifdef KARMA_WITH_CUDA
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -34,10 +34,10 @@ int32_t dtype_code(at::ScalarType dtype) {
   }
 }
 
-// Rows sorted by distance for the merge kernel: the key is negated for "ip" so one ascending sort (NaN last)
-// serves both metrics; padding may land anywhere, the kernel skips it.
+// Rows sorted by distance for the merge kernel: "ip" sorts the negated score, so one ascending sort (NaN last)
+// serves both metrics, in the input's own precision; padding may land anywhere, the kernel skips it.
 std::pair<at::Tensor, at::Tensor> sort_rows(const at::Tensor& distances, const at::Tensor& ids, bool largest) {
-  const at::Tensor key = largest ? distances.to(at::kFloat).neg() : distances.to(at::kFloat);
+  const at::Tensor key = largest ? distances.neg() : distances;
   const at::Tensor order = std::get<1>(key.sort(/*stable=*/false, /*dim=*/1, /*descending=*/false));
   return {distances.gather(1, order), ids.gather(1, order)};
 }
@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cuda(at::TensorList distances, at:
       offsets.defined() ? offsets.const_data_ptr<int64_t>() : nullptr, static_cast<int32_t>(num_shards),
       num_queries, k, dtype, largest ? 1 : 0, dedup ? 1 : 0, scratch.mutable_data_ptr(),
       out_distances.mutable_data_ptr(), out_ids.mutable_data_ptr<int64_t>(), error_flag.mutable_data_ptr<int32_t>(),
-      at::cuda::getCurrentCUDAStream().stream());
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == 0, "topk_merge: CUDA launch failed with cudaError_t ", status);
   // Offsets are the only way to overflow; only then is the flag read back (one host sync).
   if (offsets.defined()) {

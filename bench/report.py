@@ -26,8 +26,8 @@ from pathlib import Path
 REQUIRED_EXTRA_INFO = ("op", "impl", "shape", "dtype", "device", "peak_mem_bytes", "mem_method", "time_s")
 BASELINE_PREFERENCE = ("reference", "torch_native", "torch_eager", "faiss", "torch_topk")
 # Our implementations first, then peers, in a stable order; unknown names go last alphabetically.
-IMPL_ORDER = ("reference", "torch", "triton", "cuda", "cpp", "torch_native", "torch_eager", "torch_compile",
-              "liger", "cce", "inf_cl", "faiss", "torch_topk")
+IMPL_ORDER = ("reference", "torch", "triton", "cuda", "cpp", "cpp_select", "threads", "ray", "torch_native",
+              "torch_eager", "torch_compile", "liger", "cce", "inf_cl", "faiss", "torch_topk")
 
 
 def merge_json(json_paths) -> dict:
@@ -204,16 +204,21 @@ def plot_op(op: str, cases: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # colour = implementation, line style and marker = variant (dtype, device, mode: only those that vary)
+    sized = [c for c in cases if _nan_last(c["size"]) != float("inf")]
+    varying = [field for field in ("dtype", "device", "mode") if len({c[field] for c in sized}) > 1]
     series = defaultdict(list)
-    for case in cases:
-        if _nan_last(case["size"]) != float("inf"):
-            label = " ".join(p for p in (case["impl"], case["dtype"], case["device"], case["mode"]) if p and p != "-")
-            series[label].append(case)
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for case in sized:
+        series[(case["impl"], " ".join(str(case[field]) for field in varying))].append(case)
+    impls = sorted({impl for impl, _ in series}, key=_impl_sort_key)
+    variants = sorted({variant for _, variant in series})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (label, points) in enumerate(sorted(series.items())):
-        # one colour per series in both panels, even when a series has no memory figure
-        style = dict(marker="o", label=label, color=colors[index % len(colors)])
+    markers, line_styles = "osD^v<>", ("-", "--", ":", "-.")
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (impl, variant), points in sorted(series.items(), key=lambda item: (_impl_sort_key(item[0][0]), item[0][1])):
+        v = variants.index(variant)
+        style = dict(color=colors[impls.index(impl) % len(colors)], marker=markers[v % len(markers)],
+                     linestyle=line_styles[v % len(line_styles)], label=f"{impl} {variant}".strip())
         points.sort(key=lambda c: c["size"])
         ax_time.plot([c["size"] for c in points], [c["time_s"] for c in points], **style)
         mem = [(c["size"], c["peak_mem_bytes"]) for c in points if c["peak_mem_bytes"]]
@@ -222,15 +227,18 @@ def plot_op(op: str, cases: list[dict], path: Path) -> None:
     for ax, ylabel in ((ax_time, "median time (s)"), (ax_mem, "peak memory (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("problem size (product of the shape's dimensions)")
+        ax.set_xlabel("problem size (extra_info size; default: product of the shape numbers)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_time.set_title(f"{op}: time")
     ax_mem.set_title(f"{op}: peak memory")
     handles, labels = ax_time.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize="small")
-    fig.tight_layout(rect=(0, 0.06 + 0.04 * (len(labels) // 4), 1, 1))
+        columns = min(len(labels), 4)
+        fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small")
+        fig.tight_layout(rect=(0, 0.045 * (1 + (len(labels) - 1) // columns) + 0.02, 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -189,6 +189,9 @@ def test_default_is_cross_entropy_drop_in():
     torch.testing.assert_close(contrastive_loss(query, keys, target, temperature=0.07), expected)
     expected_arange = F.cross_entropy(query @ keys[:9].T / 0.05, torch.arange(9))
     torch.testing.assert_close(contrastive_loss(query, keys[:9]), expected_arange)
+    # target=None with M > B: keys[:B] are the positives, the rest extra (hard) negatives
+    expected_hard = F.cross_entropy(query @ keys.T / 0.05, torch.arange(9), reduction="sum")
+    torch.testing.assert_close(contrastive_loss(query, keys, reduction="sum"), expected_hard)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

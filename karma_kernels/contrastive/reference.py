@@ -86,16 +86,14 @@ def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, target: 
     rows = torch.arange(batch, device=query.device)
     positive = logits[rows, target]
     valid = valid_mask(key_ids, target, num_keys)
-    if valid is None:
-        valid = torch.ones(batch, num_keys, dtype=torch.bool, device=query.device)
     if mode == "softmax":
-        masked = logits.masked_fill(~valid, float("-inf"))
+        masked = logits if valid is None else logits.masked_fill(~valid, float("-inf"))
         loss = torch.logsumexp(masked, dim=1) - positive
         if symmetric:
             column_loss = torch.logsumexp(masked, dim=0) - positive
             loss = (loss + column_loss) / 2
     elif mode == "pairwise":
-        negative = valid.clone()
+        negative = torch.ones(batch, num_keys, dtype=torch.bool, device=query.device) if valid is None else valid
         negative[rows, target] = False
         margins = F.softplus(logits - positive[:, None])
         total = torch.where(negative, margins, torch.zeros((), dtype=dtype, device=query.device)).sum(dim=1)

@@ -1,1 +1,4 @@
+"""Fused linear + cross-entropy (the LM-head loss) and the embedding-prefix reconstruction loss built on it.
 
+reference.py (the semantics), torch_impl.py (chunked CPU path), triton_impl.py (kernels), op.py (public API).
+"""

@@ -38,10 +38,14 @@ from .torch_impl import cast_grads_like
 AUTOTUNE = os.environ.get("KARMA_AUTOTUNE") == "1"
 
 
-def _block_config(device: torch.device) -> dict:
+def _block_config(device: torch.device, kernel: str) -> dict:
+    """Fixed launch configuration of ``kernel`` ("forward", "grad_hidden", "grad_weight") on ``device``."""
     if device.type != "cuda":
         # interpreter: a program instance costs ~1 ms, blocks are numpy arrays; fewer, mid-sized blocks
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, num_warps=4)
+    if kernel == "grad_weight":
+        # each token block re-reads and re-writes the program's fp32 dWeight rows: larger token blocks, fewer passes
+        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2)
     return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
@@ -259,8 +263,8 @@ def _upcast(hidden: torch.Tensor) -> bool:
     return interpreter_active() or hidden.device.type != "cuda" or hidden.dtype == torch.float32
 
 
-def _launch_config(device: torch.device):
-    return {} if AUTOTUNE else _block_config(device)
+def _launch_config(device: torch.device, kernel: str):
+    return {} if AUTOTUNE else _block_config(device, kernel)
 
 
 def _grid_over(count: int, block_key: str, config: dict):
@@ -292,7 +296,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
     if n_tokens == 0:
         return loss, stats
     slot_token, slot_row, slot_target, n_valid = token_slots(target, row_index, ignore_index)
-    config = _launch_config(hidden.device)
+    config = _launch_config(hidden.device, "forward")
     _lce_forward_kernel[_grid_over(n_tokens, "BLOCK_N", config)](
         hidden, weight, bias if bias is not None else hidden, slot_token, slot_row, slot_target, n_valid,
         loss, stats[0], stats[1], vocab, dim, hidden.stride(0), weight.stride(0),
@@ -320,20 +324,58 @@ def backward(grad_scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
         grad_scale = grad_scale.to(torch.float32)
         grad_scale_stride = 0 if grad_scale.dim() == 0 else grad_scale.stride(0)
         slot_token, slot_row, slot_target, n_valid = token_slots(target, row_index, ignore_index)
-        config = _launch_config(device)
         common = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=_upcast(hidden))
         scalars = (float(label_smoothing), float(z_loss), float(softcap or 1.0))
         bias_arg = bias if bias is not None else hidden
         stats = stats.contiguous()
         if need_grad_hidden:
+            config = _launch_config(device, "grad_hidden")
             _lce_grad_hidden_kernel[_grid_over(n_tokens, "BLOCK_N", config)](
                 hidden, weight, bias_arg, slot_token, slot_row, slot_target, n_valid, grad_scale,
                 grad_scale_stride, stats[0], stats[1], grad_hidden, vocab, dim, hidden.stride(0), weight.stride(0),
                 grad_hidden.stride(0), *scalars, **common, **config)
         if need_grad_weight or need_grad_bias:
+            config = _launch_config(device, "grad_weight")
             _lce_grad_weight_kernel[_grid_over(vocab, "BLOCK_V", config)](
                 hidden, weight, bias_arg, slot_token, slot_row, slot_target, n_valid, grad_scale,
                 grad_scale_stride, stats[0], stats[1], grad_weight if grad_weight is not None else hidden,
                 grad_bias if grad_bias is not None else hidden, vocab, dim, hidden.stride(0), weight.stride(0),
                 dim, *scalars, NEED_WEIGHT=need_grad_weight, NEED_BIAS=need_grad_bias, **common, **config)
     return cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))
+
+
+def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> dict:
+    """Compile the three kernels for an NVIDIA target without a GPU (Triton's bundled ptxas), so CI on a
+    CPU-only machine still sees GPU compile errors. Needs TRITON_INTERPRET unset when this module was imported.
+    Returns {kernel name: bytes of shared memory it needs}."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    element = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    pointer_types = {"h_ptr": f"*{element}", "w_ptr": f"*{element}", "b_ptr": f"*{element}",
+                     "slot_token_ptr": "*i64", "slot_row_ptr": "*i64", "slot_target_ptr": "*i64",
+                     "n_valid_ptr": "*i32"}
+    float_args = ("smoothing", "z_loss", "softcap")
+    flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, NEED_WEIGHT=True, NEED_BIAS=True,
+                 UPCAST=dtype == torch.float32)
+    shared = {}
+    for name, kernel in (("forward", _lce_forward_kernel), ("grad_hidden", _lce_grad_hidden_kernel),
+                         ("grad_weight", _lce_grad_weight_kernel)):
+        if not isinstance(kernel, triton.JITFunction):
+            raise RuntimeError("compile_for_gpu needs the compiled kernels: import with TRITON_INTERPRET unset "
+                               "and KARMA_AUTOTUNE unset")
+        config = _block_config(torch.device("cuda"), name)
+        launch = {k: config.pop(k) for k in ("num_warps", "num_stages")}
+        signature, constants = {}, {}
+        for index, arg in enumerate(kernel.arg_names):
+            if arg in config or arg in flags:
+                signature[arg] = "constexpr"
+                constants[(index,)] = config.get(arg, flags.get(arg))
+            elif arg.endswith("_ptr"):
+                signature[arg] = pointer_types.get(arg, "*fp32")
+            else:
+                signature[arg] = "fp32" if arg in float_args else "i32"
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
+                                  options=launch)
+        shared[name] = compiled.metadata.shared
+    return shared

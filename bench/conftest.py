@@ -153,6 +153,30 @@ def bench_device() -> str:
     return DEVICE
 
 
+# Cases skipped in this session (peers not installed, GPU-only paths on CPU, ...), with pytest's reason; saved in
+# the pytest-benchmark JSON as "karma_skipped" so bench.report can say why a column is missing.
+_SKIPPED: list = []
+
+
+def _skip_reason(report) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call"):
+        _SKIPPED.append({"nodeid": report.nodeid, "reason": _skip_reason(report)})
+
+
+def pytest_collectreport(report):
+    if report.skipped:  # a whole bench file skipped at import (module-level importorskip)
+        _SKIPPED.append({"nodeid": report.nodeid, "reason": _skip_reason(report)})
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["karma_skipped"] = list(_SKIPPED)
+
+
 def pytest_report_header(config):
     where = torch.cuda.get_device_name(0) if HAS_CUDA else f"cpu ({os.cpu_count()} cores)"
     mode = "quick (KARMA_BENCH_QUICK=1)" if QUICK else "full"

@@ -36,9 +36,30 @@ def merge_json(json_paths) -> dict:
     for path in json_paths:
         data = json.loads(Path(path).read_text())
         if merged is None:
-            merged = dict(data, benchmarks=[])
+            merged = dict(data, benchmarks=[], karma_skipped=[])
         merged["benchmarks"].extend(data.get("benchmarks", []))
-    return merged or {"benchmarks": []}
+        merged["karma_skipped"].extend(data.get("karma_skipped", []))
+    return merged or {"benchmarks": [], "karma_skipped": []}
+
+
+def _bench_file(nodeid: str) -> str:
+    return nodeid.split("::")[0].rsplit("/", 1)[-1]
+
+
+def skipped_by_op(data: dict, cases: list[dict]) -> dict:
+    """Skipped cases (recorded by bench/conftest.py) grouped by op, then by reason: {op: {reason: count}}.
+    A bench file none of whose cases ran is keyed by its file name."""
+    op_of_file = {_bench_file(c["extra"].get("_nodeid", "")): c["op"] for c in cases}
+    grouped = defaultdict(lambda: defaultdict(int))
+    for skip in data.get("karma_skipped", []):
+        file_name = _bench_file(skip["nodeid"])
+        reason = skip["reason"] if "::" in skip["nodeid"] else f"the whole file: {skip['reason']}"
+        grouped[op_of_file.get(file_name, file_name)][reason] += 1
+    return grouped
+
+
+def skip_lines(reasons: dict) -> list[str]:
+    return [f"- not run ({count} case{'s' if count > 1 else ''}): {reason}" for reason, count in sorted(reasons.items())]
 
 
 def load_cases(json_paths) -> tuple[list[dict], dict]:
@@ -77,7 +98,7 @@ def _case(bench: dict) -> dict | None:
         "flop_fraction": info.get("flop_fraction_of_peak"),
         "bytes_per_s": info.get("bytes_per_s"),
         "bytes_fraction": info.get("bytes_fraction_of_peak"),
-        "extra": info,
+        "extra": dict(info, _nodeid=fullname),
     }
 
 
@@ -260,6 +281,7 @@ def build_report(json_paths, out_dir: Path, prefix: str = "", baselines=()) -> t
         by_op[case["op"]].append(case)
     if not by_op:
         parts.append("No benchmark results in this file.")
+    skipped = skipped_by_op(data, cases)
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = []
     for op in sorted(by_op):
@@ -271,7 +293,10 @@ def build_report(json_paths, out_dir: Path, prefix: str = "", baselines=()) -> t
             target_op, _, impl = entry.rpartition("=")
             if target_op in ("", op):
                 baseline = impl
-        parts += [op_table(op, by_op[op], baseline), f"![{op}: time and memory against size]({png.name})", ""]
+        parts += [op_table(op, by_op[op], baseline)] + skip_lines(skipped.pop(op, {}))
+        parts += ["", f"![{op}: time and memory against size]({png.name})", ""]
+    for name, reasons in sorted(skipped.items()):  # bench files of which nothing ran
+        parts += [f"### {name}", ""] + skip_lines(reasons) + [""]
     markdown = "\n".join(parts)
     (out_dir / "report.md").write_text(markdown)
     return markdown, pngs

@@ -12,9 +12,12 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from .data import ConfigError, DataFormatError
+
+if TYPE_CHECKING:  # the heavy imports (torch, transformers) wait until a command runs
+    from .train import ExperimentConfig
 
 TABLE_COLUMNS = ["HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "NDCG@200", "AUC", "decodability",
                  "probe_decodability", "sink_ratio", "image_cos", "train_s"]
@@ -234,7 +237,9 @@ def _common(parser: argparse.ArgumentParser):
     parser.add_argument("--action-mode", choices=["softmax", "pairwise"], help="objectives.action_mode")
     parser.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override one config field")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the default tiny model gains nothing from more, and extra "
+                             "OpenMP threads slow it down many times on a busy machine; 0 = torch's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run", default=os.path.join("runs", "train"), help="run directory from karma train")
     evaluate.add_argument("--split", choices=["test", "valid"], default="test")
     evaluate.add_argument("--shards", type=int, default=4, help="number of index shards")
+    evaluate.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's choice)")
     ablate = commands.add_parser("ablate", help="action-only vs +generation vs +reconstruction vs full KARMA")
     _common(ablate)
     ablate.add_argument("--out", default=os.path.join("runs", "ablate"), help="output directory (table, plot, json)")
@@ -260,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": command_train, "eval": command_eval, "ablate": command_ablate}
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", 0):
         import torch
 
         torch.set_num_threads(args.threads)

@@ -101,11 +101,13 @@ class SyntheticConfig:
             raise ConfigError(f"data.num_users must be an integer >= 1, got {self.num_users!r}")
         for name in ("sessions_per_user", "clicks_per_session"):
             low_high = tuple(getattr(self, name))
-            if len(low_high) != 2 or not all(isinstance(v, int) for v in low_high) or not 1 <= low_high[0] <= low_high[1]:
+            valid = len(low_high) == 2 and all(isinstance(v, int) for v in low_high)
+            if not valid or not 1 <= low_high[0] <= low_high[1]:
                 raise ConfigError(f"data.{name} must be two integers 1 <= low <= high, got {getattr(self, name)!r}")
             setattr(self, name, low_high)
         if not isinstance(self.impression_size, int) or not 1 <= self.impression_size <= self.num_items:
-            raise ConfigError(f"data.impression_size must be an integer in [1, num_items], got {self.impression_size!r}")
+            raise ConfigError(f"data.impression_size must be an integer in [1, num_items], "
+                              f"got {self.impression_size!r}")
         if not isinstance(self.image_dim, int) or self.image_dim < 1:
             raise ConfigError(f"data.image_dim must be an integer >= 1, got {self.image_dim!r}")
         if not 0.0 <= self.drift <= 1.0:

@@ -44,7 +44,8 @@ class ObjectiveConfig:
             raise ConfigError(f"objectives: at least one of {', '.join(OBJECTIVES)} needs a weight > 0")
         if self.action_mode not in ACTION_MODES:
             raise ConfigError(f"objectives.action_mode must be one of {ACTION_MODES}, got {self.action_mode!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ConfigError(f"objectives.temperature must be > 0, got {self.temperature!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"objectives.backend must be one of {BACKENDS}, got {self.backend!r}")

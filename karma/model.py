@@ -144,8 +144,8 @@ class KarmaModel(nn.Module):
             self.text_to_item = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.embed_dim))
         else:
             self.text_to_item = nn.Linear(hidden, config.embed_dim)
-        self.image_to_item = (nn.Sequential(nn.Linear(image_dim, hidden), nn.GELU(), nn.Linear(hidden, config.embed_dim))
-                              if self.uses_image else None)
+        self.image_to_item = (nn.Sequential(nn.Linear(image_dim, hidden), nn.GELU(),
+                                            nn.Linear(hidden, config.embed_dim)) if self.uses_image else None)
         self.item_to_token = nn.Linear(config.embed_dim, hidden)     # history item -> soft token
         self.interest_token = nn.Parameter(torch.randn(hidden) * 0.02)
         self.interest_head = nn.Linear(hidden, config.embed_dim)     # final <interest> state -> h

@@ -84,7 +84,7 @@ def _linear_cross_entropy_op(
                                                 z_loss=z_loss, softcap=softcap)
     else:
         grad_scale = None
-        if precompute_grads:
+        if precompute_grads and reduction != "none":
             # the torch path runs on CPU: reading the count is free there (and one sync per step elsewhere)
             n_valid = int(_n_valid(target, ignore_index))
             grad_scale = 1.0 if reduction == "sum" else 1.0 / max(n_valid, 1)

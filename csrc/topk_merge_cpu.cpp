@@ -144,13 +144,15 @@ class LoserTree {
     int32_t* losers = losers_.data();
     int32_t current = winner_;
     TreeKey current_key = keys[current];
+    // Branch-free: which side wins is a coin flip on real data, so a branch would mispredict half the time.
     for (int64_t node = (current + leaves_) >> 1; node >= 1; node >>= 1) {
       const int32_t loser = losers[node];
       const TreeKey loser_key = keys[loser];
-      const bool loser_wins = loser_key < current_key;
-      losers[node] = loser_wins ? current : loser;
-      current = loser_wins ? loser : current;
-      current_key = loser_wins ? loser_key : current_key;
+      const int32_t swap = -static_cast<int32_t>(loser_key < current_key);  // all ones when the loser wins
+      const TreeKey swap_key = static_cast<TreeKey>(0) - static_cast<TreeKey>(swap & 1);
+      losers[node] = loser ^ ((loser ^ current) & swap);
+      current = current ^ ((loser ^ current) & swap);
+      current_key = current_key ^ ((loser_key ^ current_key) & swap_key);
     }
     winner_ = current;
   }

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
-from .data import ConfigError, DataFormatError
+from .data import ConfigError
 
 if TYPE_CHECKING:  # the heavy imports (torch, transformers) wait until a command runs
     from .train import ExperimentConfig
@@ -99,7 +99,11 @@ def command_train(args, say=print) -> dict:
     config = build_config(args)
     dataset = load_dataset(config.data)
     config = _drop_image_without_images(config, dataset, say)
-    tokenizer = WordTokenizer.load(os.path.join(args.out, "tokenizer.json")) if args.resume else None
+    tokenizer = None
+    if args.resume:
+        if not os.path.exists(os.path.join(args.out, "trainer_state.json")):
+            raise FileNotFoundError(f"--resume: no checkpoint in {args.out!r} (run karma train --out {args.out} first)")
+        tokenizer = WordTokenizer.load(os.path.join(args.out, "tokenizer.json"))
     workspace = build_workspace(config, dataset, tokenizer)
     _save_run_files(args.out, config, workspace.tokenizer)
     say(f"data: {dataset.name}, {dataset.num_items} items, {dataset.num_users} users, "
@@ -273,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     try:
         handlers[args.command](args)
-    except (ConfigError, DataFormatError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # config, data-format and backend errors: say what, no traceback
         print(f"karma {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(f"karma {args.command}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)

@@ -89,7 +89,7 @@ def decodability_probe(model: KarmaModel, h_train: torch.Tensor, target_train: n
     """Decodability measured with a fresh prefix projector trained for ``steps`` on frozen training h (the model
     itself frozen), then scored on test h. Unlike :func:`decodability` it does not depend on whether the model
     trained its own projector, so every variant of an ablation is measured the same way."""
-    from karma_kernels import prefix_reconstruction_loss
+    from .losses import decode_text_loss
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -110,8 +110,7 @@ def decodability_probe(model: KarmaModel, h_train: torch.Tensor, target_train: n
                 text = model.item_tokens[torch.as_tensor(target_train[rows], device=h_train.device)]
                 states = model.reconstruction_states(h_train[torch.as_tensor(rows, device=h_train.device)], text,
                                                      probe)
-                loss = prefix_reconstruction_loss(states, model.lm_head_weight, text, prefix_len=1,
-                                                  pad_id=model.pad_id, bias=model.lm_head_bias, backend=backend)
+                loss = decode_text_loss(model, states, text, backend)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

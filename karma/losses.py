@@ -54,12 +54,19 @@ class ObjectiveConfig:
         return [name for name in OBJECTIVES if getattr(self, name) > 0]
 
 
+def kernel_precision(like: torch.Tensor):
+    """The fused ops choose their own precision (fp32 accumulation): autocast must not recast their internals,
+    so they run with autocast off, on inputs of one dtype."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 def action_loss(h: torch.Tensor, item_emb: torch.Tensor, batch: Batch, objectives: ObjectiveConfig) -> torch.Tensor:
     # Keys: the B clicked items (row i's positive is key i) then every row's hard negatives, shared by all rows.
     keys = item_emb[torch.cat([batch.target_index, batch.negative_index])]
     key_ids = torch.cat([batch.target_ids, batch.negative_ids])
-    return contrastive_loss(h, keys, temperature=objectives.temperature, key_ids=key_ids,
-                            mode=objectives.action_mode, backend=objectives.backend)
+    with kernel_precision(h):
+        return contrastive_loss(h, keys.to(h.dtype), temperature=objectives.temperature, key_ids=key_ids,
+                                mode=objectives.action_mode, backend=objectives.backend)
 
 
 def generation_loss(model: KarmaModel, states: torch.Tensor, prefix_len: int, text_ids: torch.Tensor,
@@ -68,21 +75,25 @@ def generation_loss(model: KarmaModel, states: torch.Tensor, prefix_len: int, te
     length = text_ids.shape[1]
     hidden = states[:, prefix_len - 1: prefix_len - 1 + length].reshape(-1, states.shape[-1])
     target = text_ids.masked_fill(text_ids == model.pad_id, -100).reshape(-1)
-    return linear_cross_entropy(hidden, model.lm_head_weight.to(hidden.dtype), target, bias=_bias(model, hidden),
-                                ignore_index=-100, backend=backend)
+    with kernel_precision(hidden):
+        return linear_cross_entropy(hidden, model.lm_head_weight.to(hidden.dtype), target,
+                                    bias=_bias(model, hidden), ignore_index=-100, backend=backend)
+
+
+def decode_text_loss(model: KarmaModel, states: torch.Tensor, text_ids: torch.Tensor, backend: str) -> torch.Tensor:
+    """LM loss of ``text_ids`` from states [B, 1 + L, D] of [one prefix token, text] (prefix_len = 1)."""
+    with kernel_precision(states):
+        return prefix_reconstruction_loss(states, model.lm_head_weight.to(states.dtype), text_ids, prefix_len=1,
+                                          pad_id=model.pad_id, bias=_bias(model, states), backend=backend)
 
 
 def reconstruction_loss(model: KarmaModel, h: torch.Tensor, text_ids: torch.Tensor, backend: str) -> torch.Tensor:
-    states = model.reconstruction_states(h, text_ids)
-    return prefix_reconstruction_loss(states, model.lm_head_weight.to(states.dtype), text_ids, prefix_len=1,
-                                      pad_id=model.pad_id, bias=_bias(model, states), backend=backend)
+    return decode_text_loss(model, model.reconstruction_states(h, text_ids), text_ids, backend)
 
 
 def language_model_loss(model: KarmaModel, text_ids: torch.Tensor, bos_id: int, backend: str) -> torch.Tensor:
     """Plain LM loss on catalog text ([<bos>, text]), for the optional pretraining phase."""
-    states = model.text_states(text_ids, bos_id)
-    return prefix_reconstruction_loss(states, model.lm_head_weight.to(states.dtype), text_ids, prefix_len=1,
-                                      pad_id=model.pad_id, bias=_bias(model, states), backend=backend)
+    return decode_text_loss(model, model.text_states(text_ids, bos_id), text_ids, backend)
 
 
 def _bias(model: KarmaModel, like: torch.Tensor) -> Optional[torch.Tensor]:

@@ -155,3 +155,5 @@ def test_bad_files_exit_2_naming_the_line(tmp_path, capsys):
 
     assert main(["eval", "--run", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "fresh"), "--resume"] + QUIET) == 2
+    assert "--resume: no checkpoint" in capsys.readouterr().err

@@ -320,6 +320,20 @@ def test_opcheck_torch(mode, symmetric, reduction, precompute):
                           _op_args("torch", precompute, mode, symmetric, reduction))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_backward_op(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    query, keys, target, temperature, key_ids, logq, mode, symmetric, *_ = _op_args(backend, False, "pairwise",
+                                                                                  device=device)
+    stats = torch.ops.karma.contrastive_loss(query, keys, target, temperature, key_ids, logq, mode, symmetric,
+                                             "none", backend, False, True)[1]
+    row_coef = torch.rand(query.shape[0], device=device)
+    torch.library.opcheck(torch.ops.karma.contrastive_loss_backward.default,
+                          (row_coef, query.detach(), keys.detach(), target, temperature.detach(), key_ids,
+                           logq.detach(), stats, mode, symmetric, backend, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_opcheck_triton():
     torch.library.opcheck(torch.ops.karma.contrastive_loss.default,
                           _op_args("triton", False, "softmax", True, "none", device=TRITON_DEVICE),

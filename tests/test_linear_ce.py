@@ -226,6 +226,31 @@ def test_all_tokens_ignored_matches_cross_entropy(backend, reduction):
         assert leaf.grad is not None and torch.equal(leaf.grad, torch.zeros_like(leaf))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_single_token_and_empty_batch_match_cross_entropy(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    inputs = make_inputs(1, 16, 20, torch.float32, device=device)
+    hidden = inputs["hidden"][0].clone().requires_grad_()  # [D], target 0-d
+    target = inputs["target"][0]
+    loss = linear_cross_entropy(hidden, inputs["weight"], target, backend=backend)
+    loss.backward()
+    plain = hidden.detach().clone().requires_grad_()
+    expected = F.cross_entropy(F.linear(plain, inputs["weight"]), target)
+    expected.backward()
+    assert loss.shape == () and linear_cross_entropy(hidden, inputs["weight"], target, reduction="none",
+                                                     backend=backend).shape == ()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(hidden.grad, plain.grad)
+    empty = torch.zeros(0, 16, device=device, requires_grad=True)
+    no_target = torch.zeros(0, dtype=torch.long, device=device)
+    for reduction in ("mean", "sum", "none"):
+        got = linear_cross_entropy(empty, inputs["weight"], no_target, reduction=reduction, backend=backend)
+        want = F.cross_entropy(F.linear(empty.detach(), inputs["weight"]), no_target, reduction=reduction)
+        assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
+        got.sum().backward()
+        assert empty.grad.shape == (0, 16)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_lse_output(backend):
     device = TRITON_DEVICE if backend == "triton" else "cpu"

@@ -316,7 +316,7 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
         tl.store(dlogq_ptr + cols, -column_sum, mask=col_ok & (pid_d == 0))
 
 
-def _autotuned(kernel, grad: bool):
+def _autotuned(kernel):
     """``kernel`` wrapped in triton.autotune over a few block shapes (KARMA_AUTOTUNE=1 only)."""
     configs = []
     for block_b, block_m, warps, stages in ((64, 64, 4, 2), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 2)):
@@ -327,8 +327,7 @@ def _autotuned(kernel, grad: bool):
 
 @functools.lru_cache(maxsize=None)
 def _tuned_kernels():
-    return (_autotuned(_forward_kernel, False), _autotuned(_grad_query_kernel, True),
-            _autotuned(_grad_keys_kernel, True))
+    return _autotuned(_forward_kernel), _autotuned(_grad_query_kernel), _autotuned(_grad_keys_kernel)
 
 
 def _use_autotune() -> bool:

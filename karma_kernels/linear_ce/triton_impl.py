@@ -75,7 +75,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D, stride_
         d_mask = offs_d < D
         x = tl.load(h_ptr + rows[:, None] * stride_h + offs_d[None, :],
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :],
+        w = tl.load(w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
                     mask=v_mask[:, None] & d_mask[None, :], other=0.0)
         if UPCAST:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -200,7 +200,7 @@ def _lce_grad_hidden_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, s
                 d_mask = offs_d < D
                 _add_dot_into(grad_h_ptr + rows[:, None] * stride_gh + offs_d[None, :],
                               row_mask[:, None] & d_mask[None, :], dz,
-                              w_ptr + offs_v[:, None] * stride_w + offs_d[None, :],
+                              w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
                               v_mask[:, None] & d_mask[None, :], UPCAST)
 
 
@@ -233,7 +233,7 @@ def _lce_grad_weight_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, s
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 d_mask = offs_d < D
-                _add_dot_into(grad_w_ptr + offs_v[:, None] * stride_gw + offs_d[None, :],
+                _add_dot_into(grad_w_ptr + offs_v.to(tl.int64)[:, None] * stride_gw + offs_d[None, :],
                               v_mask[:, None] & d_mask[None, :], tl.trans(dz),
                               h_ptr + rows[:, None] * stride_h + offs_d[None, :],
                               row_mask[:, None] & d_mask[None, :], UPCAST)

@@ -31,6 +31,11 @@ def _triton():
     return triton_impl
 
 
+def _precomputes(precompute_grads: bool, reduction: str, backend: str) -> bool:
+    """Gradients come out of the forward only on the torch path and for a uniform upstream gradient."""
+    return precompute_grads and reduction != "none" and backend == "torch"
+
+
 @torch.library.custom_op("karma::contrastive_loss", mutates_args=())
 def _contrastive_loss_op(query: Tensor, keys: Tensor, target: Tensor, temperature: Tensor, key_ids: Optional[Tensor],
                          logq: Optional[Tensor], mode: str, symmetric: bool, reduction: str, backend: str,
@@ -40,7 +45,7 @@ def _contrastive_loss_op(query: Tensor, keys: Tensor, target: Tensor, temperatur
     unit upstream gradient, formed during the forward pass when ``precompute_grads`` (torch backend, reduction
     mean/sum), else empty; they are in the compute dtype and the backward scales them."""
     row_coef = None
-    if precompute_grads:
+    if _precomputes(precompute_grads, reduction, backend):
         row_coef = 1.0 / query.shape[0] if reduction == "mean" else 1.0
     if backend == "triton":
         loss, stats = _triton().contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, symmetric)
@@ -65,7 +70,7 @@ def _(query, keys, target, temperature, key_ids, logq, mode, symmetric, reductio
     batch = query.shape[0]
     loss = query.new_empty((batch,) if reduction == "none" else (), dtype=dtype)
     stats = query.new_empty((3, batch), dtype=dtype)
-    if not precompute_grads:
+    if not _precomputes(precompute_grads, reduction, backend):
         return loss, stats, _empty(stats), _empty(stats), _empty(stats), _empty(stats)
     dlogq = query.new_empty((keys.shape[0],), dtype=dtype) if logq_grad else _empty(stats)
     return (loss, stats, query.new_empty(query.shape, dtype=dtype), keys.new_empty(keys.shape, dtype=dtype),
@@ -99,6 +104,7 @@ def _setup_context(ctx, inputs, output):
     query, keys, target, temperature, key_ids, logq, mode, symmetric, reduction, backend, precompute, logq_grad = inputs
     loss, stats, dq, dk, dtemperature, dlogq = output
     ctx.mark_non_differentiable(stats, dq, dk, dtemperature, dlogq)
+    precompute = _precomputes(precompute, reduction, backend)
     ctx.options = (mode, symmetric, reduction, backend, precompute, logq_grad)
     ctx.dtypes = (query.dtype, keys.dtype, None if logq is None else logq.dtype)
     if precompute:

@@ -498,3 +498,23 @@ def test_kernels_compile_for_sm90():
     if "ptxas" in result.stderr and "not found" in result.stderr:
         pytest.skip("ptxas is not available to build sm_90 binaries")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+
+
+def test_process_group_delegates_to_the_distributed_loss():
+    """process_group=... routes through karma_kernels.contrastive.distributed (a one-rank gloo group here; the
+    multi-rank equalities are tests/test_distributed.py's)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(12)
+        query, keys = torch.randn(5, 4, generator=gen), torch.randn(7, 4, generator=gen)
+        key_ids = torch.tensor([0, 1, 1, 2, 3, 4, 5])
+        local = contrastive_loss(query, keys, key_ids=key_ids, mode="pairwise", reduction="none")
+        grouped = contrastive_loss(query, keys, key_ids=key_ids, mode="pairwise", reduction="none",
+                                   process_group=dist.group.WORLD)
+        torch.testing.assert_close(grouped, local)
+    finally:
+        dist.destroy_process_group()

@@ -200,7 +200,7 @@ def _validate(query, keys, target, temperature, key_ids, logq, mode, symmetric, 
 def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = None, *,
                      temperature: Union[float, Tensor] = 0.05, key_ids: Optional[Tensor] = None,
                      logq: Optional[Tensor] = None, mode: str = "softmax", symmetric: bool = False,
-                     reduction: str = "mean", backend: str = "auto") -> Tensor:
+                     reduction: str = "mean", backend: str = "auto", process_group=None) -> Tensor:
     """In-batch contrastive loss of ``query`` [B, D] against ``keys`` [M, D] without the B x M logit matrix.
 
     With the defaults it equals ``F.cross_entropy(query @ keys.T / temperature, torch.arange(B))``.
@@ -216,9 +216,17 @@ def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = Non
         symmetric: CLIP-style mean of the query->key and key->query losses (softmax, M == B, target=None).
         reduction: "mean" (over all B rows), "sum" or "none" ([B]).
         backend: "auto" (Triton on CUDA, else the chunked torch path), "triton", "torch" or "reference".
+        process_group: a ``torch.distributed`` group (``torch.distributed.group.WORLD`` for all ranks): every
+            rank's keys become negatives of the local queries (see ``karma_kernels.contrastive.distributed`` for
+            the target offsets and how each reduction scales). None: this process's keys only.
 
     Returns float32 (float64 for float64 inputs). A row with no valid negative has loss 0 and zero gradients.
     """
+    if process_group is not None:
+        from .distributed import distributed_contrastive_loss  # torch.distributed is imported only when used
+        return distributed_contrastive_loss(query, keys, target, process_group=process_group, key_ids=key_ids,
+                                            logq=logq, temperature=temperature, mode=mode, symmetric=symmetric,
+                                            reduction=reduction, backend=backend)
     device = _validate(query, keys, target, temperature, key_ids, logq, mode, symmetric, reduction)
 
     def triton_rejects():

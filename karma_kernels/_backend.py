@@ -11,7 +11,6 @@ Nothing here queries devices at import time.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Callable, Optional
@@ -21,9 +20,15 @@ import torch
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTABLE: Optional[bool] = None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    # a plain module-level cache: torch.compile traces through this without lru_cache warnings
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def interpreter_active() -> bool:

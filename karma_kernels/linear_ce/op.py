@@ -307,6 +307,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     ``target`` for ``reduction="none"``), and with ``return_lse=True`` also the per-token log-sum-exp of the
     logits (fp32, shaped like ``target``, 0 at ignored tokens, no gradient). ``reduction="mean"`` over zero
     valid tokens is NaN, as in ``F.cross_entropy``.
+
+    On the torch path (CPU) with "mean"/"sum", the gradients are computed in the forward's chunk pass and the
+    first backward consumes them: backpropagating through the same graph twice (``retain_graph=True``) raises
+    autograd's "modified by an inplace operation" error. ``reduction="none"`` recomputes and allows it.
     """
     _check_head(OP, hidden, weight, bias)
     check_tensor(OP, "target", target, integer=True)

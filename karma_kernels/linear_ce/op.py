@@ -256,9 +256,18 @@ def _check_head(op: str, hidden, weight, bias) -> None:
 
 
 def _check_target_values(op: str, name: str, target: torch.Tensor, vocab: int, ignored: Optional[int]) -> None:
-    """Range check of the class indices. Reading values syncs, so it runs for CPU tensors only, outside
-    compiled graphs; on a GPU an out-of-range index is not detected (it just never matches a class)."""
-    if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling():
+    """Range check of the class indices. On CPU (outside compiled graphs) it raises ValueError at once; on a GPU
+    reading values would sync the host, so a device-side assertion fails the stream instead (no silent
+    out-of-range target that never matches a class)."""
+    if target.numel() == 0:
+        return
+    if target.device.type != "cpu":
+        in_range = (target >= 0) & (target < vocab)
+        if ignored is not None:
+            in_range |= target == ignored
+        torch._assert_async(in_range.all(), f"{op}: {name} values must be in [0, {vocab})")
+        return
+    if torch.compiler.is_compiling():
         return
     real = target if ignored is None else target[target != ignored]
     if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _backend
+from .._autocast import autocast_inputs
 from .._validation import check_choice, check_reduction, check_same_device, check_tensor
 from . import torch_impl
 from .reference import compute_dtype_for, contrastive_loss_reference
@@ -197,6 +198,7 @@ def _validate(query, keys, target, temperature, key_ids, logq, mode, symmetric, 
     return device
 
 
+@autocast_inputs("query", "keys")
 def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = None, *,
                      temperature: Union[float, Tensor] = 0.05, key_ids: Optional[Tensor] = None,
                      logq: Optional[Tensor] = None, mode: str = "softmax", symmetric: bool = False,

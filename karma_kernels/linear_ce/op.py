@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import _backend
+from .._autocast import autocast_inputs
 from .._validation import check_reduction, check_same_device, check_tensor
 from . import reference as _reference
 from . import torch_impl as _torch_impl
@@ -303,6 +304,7 @@ def _run(hidden2d, weight, target1d, row_index, bias, ignore_index, reduction, l
 
 # ------------------------------------------------------------------------------------------------- public API
 
+@autocast_inputs("hidden", "weight", "bias")
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
@@ -340,6 +342,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     return loss
 
 
+@autocast_inputs("hidden", "weight", "bias")
 def prefix_reconstruction_loss(hidden: torch.Tensor, weight: torch.Tensor, text_ids: torch.Tensor, *,
                                prefix_len: int, pad_id: Optional[int] = None, bias: Optional[torch.Tensor] = None,
                                reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,

@@ -93,9 +93,14 @@ def _print_metrics(metrics: dict, say):
 # ----------------------------------------------------------------------------------------------------------------
 def command_train(args, say=print) -> dict:
     from .data import WordTokenizer
+    from .distributed import cleanup, init_from_env, is_main
     from .evaluate import evaluate
     from .train import build_workspace, load_dataset, timed, train
 
+    env = init_from_env()  # a no-op unless started by torchrun with several processes
+    if not is_main():
+        def say(*_):
+            pass
     config = build_config(args)
     dataset = load_dataset(config.data)
     config = _drop_image_without_images(config, dataset, say)
@@ -105,10 +110,16 @@ def command_train(args, say=print) -> dict:
             raise FileNotFoundError(f"--resume: no checkpoint in {args.out!r} (run karma train --out {args.out} first)")
         tokenizer = WordTokenizer.load(os.path.join(args.out, "tokenizer.json"))
     workspace = build_workspace(config, dataset, tokenizer)
-    _save_run_files(args.out, config, workspace.tokenizer)
+    if is_main():
+        _save_run_files(args.out, config, workspace.tokenizer)
     say(f"data: {dataset.name}, {dataset.num_items} items, {dataset.num_users} users, "
-        f"{len(workspace.split.train)} training examples; objectives: {', '.join(config.objectives.active())}")
+        f"{len(workspace.split.train)} training examples; objectives: {', '.join(config.objectives.active())}"
+        + (f"; {env.world_size} processes" if env.distributed else ""))
     history, seconds = timed(train, workspace, run_dir=args.out, resume=args.resume)
+    if env.distributed:
+        cleanup()  # rank 0 evaluates alone; after cleanup is_main() is true everywhere, so ask env.rank
+        if env.rank != 0:
+            return {}
     metrics = evaluate(workspace.model, workspace.split.test, probe_examples=workspace.split.train,
                        backend=config.objectives.backend)
     metrics["train_s"] = seconds

@@ -15,6 +15,7 @@ from typing import Dict, Optional
 import torch
 
 from karma_kernels import contrastive_loss, linear_cross_entropy, prefix_reconstruction_loss
+from karma_kernels.contrastive.distributed import distributed_contrastive_loss
 
 from .data import ConfigError
 from .model import Batch, KarmaModel, history_tensors
@@ -64,9 +65,14 @@ def action_loss(h: torch.Tensor, item_emb: torch.Tensor, batch: Batch, objective
     # Keys: the B clicked items (row i's positive is key i) then every row's hard negatives, shared by all rows.
     keys = item_emb[torch.cat([batch.target_index, batch.negative_index])]
     key_ids = torch.cat([batch.target_ids, batch.negative_ids])
+    options = dict(temperature=objectives.temperature, key_ids=key_ids, mode=objectives.action_mode,
+                   backend=objectives.backend)
     with kernel_precision(h):
-        return contrastive_loss(h, keys.to(h.dtype), temperature=objectives.temperature, key_ids=key_ids,
-                                mode=objectives.action_mode, backend=objectives.backend)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # Every rank's clicked items and hard negatives become negatives for every query.
+            return distributed_contrastive_loss(h, keys.to(h.dtype), **options)
+        return contrastive_loss(h, keys.to(h.dtype), **options)
 
 
 def generation_loss(model: KarmaModel, states: torch.Tensor, prefix_len: int, text_ids: torch.Tensor,

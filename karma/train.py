@@ -3,6 +3,11 @@ the alignment loop (AdamW, clipping, bf16 autocast on GPU, seeded, tqdm, safeten
 
 Determinism: step s draws its batch and its flow-matching noise from generators seeded with (seed, s), so a run
 resumed from a checkpoint at step s continues exactly as the uninterrupted run would.
+
+Several processes (``torchrun --nproc-per-node N -m karma train ...``; gloo on CPU, nccl on GPU): every rank draws
+the same global batch of ``train.batch_size`` rows and takes its contiguous part; the action loss sees every rank's
+keys as negatives (``distributed_contrastive_loss``); gradients are averaged over ranks after backward, which
+equals single-process training on the global batch; rank 0 logs (losses averaged over ranks) and checkpoints.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 
 from .data import (ConfigError, RecDataset, SyntheticConfig, WordTokenizer, check_config_fields, generate_synthetic,
                    leave_one_out, load_movielens)
+from .distributed import all_reduce_mean, average_gradients, batch_slice, init_from_env, is_main
 from .losses import ObjectiveConfig, karma_losses, language_model_loss
 from .model import KarmaModel, ModelConfig, make_batch
 
@@ -160,7 +166,9 @@ class Workspace:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Under torchrun each process takes the GPU of its LOCAL_RANK.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+            torch.device("cpu")
     return torch.device(name)
 
 
@@ -239,6 +247,19 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(step_rng(seed, step, stream).integers(0, 2 ** 62)))
 
 
+def local_rows(rows: np.ndarray, env) -> np.ndarray:
+    """This rank's contiguous part of a global batch drawn identically on every rank."""
+    if env.distributed and len(rows) % env.world_size:
+        raise ConfigError(f"train.batch_size ({len(rows)}) must be divisible by the number of processes "
+                          f"({env.world_size}) so that the mean over ranks is the mean over the batch")
+    return rows[batch_slice(len(rows), env.rank, env.world_size)]
+
+
+def noise_stream(env) -> int:
+    # Rank 0 keeps stream 0 (so one process reproduces the single-process run); other ranks get their own noise.
+    return 0 if env.rank == 0 else 1000 + env.rank
+
+
 def autocast_context(device: torch.device, precision: str):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -269,22 +290,25 @@ def pretrain_language_model(workspace: Workspace, backend: Optional[str] = None)
     optimizer = torch.optim.AdamW(params, lr=config.pretrain_lr, weight_decay=config.weight_decay)
     num_items = model.item_tokens.shape[0]
     bos_id = workspace.tokenizer.bos_id
+    env = init_from_env()
     curve, pending = [], []
     model.train()
-    with _progress(config.pretrain_steps, config.progress, "pretrain LM") as bar:
+    with _progress(config.pretrain_steps, config.progress and is_main(), "pretrain LM") as bar:
         for step in range(config.pretrain_steps):
-            rows = torch.as_tensor(step_rng(config.seed, step, stream=1).integers(0, num_items, config.batch_size),
-                                   device=workspace.device)
+            rows = local_rows(step_rng(config.seed, step, stream=1).integers(0, num_items, config.batch_size), env)
+            rows = torch.as_tensor(rows, device=workspace.device)
             with autocast_context(workspace.device, config.precision):
                 loss = language_model_loss(model, model.item_tokens[rows], bos_id, backend)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(params)
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             pending.append(loss.detach())
             if len(pending) == config.log_every or step == config.pretrain_steps - 1:
-                curve.extend(torch.stack(pending).float().cpu().tolist())  # one sync per log interval
+                # one sync (and one collective) per log interval
+                curve.extend(all_reduce_mean(torch.stack(pending).float()).cpu().tolist())
                 pending = []
                 bar.set_postfix(lm=f"{curve[-1]:.3f}")
             bar.update(1)
@@ -305,6 +329,7 @@ def train(workspace: Workspace, run_dir: Optional[str] = None, resume: bool = Fa
     active objective and the total. With ``run_dir`` checkpoints go there; ``resume`` continues from the last one."""
     config, objectives = workspace.config.train, workspace.config.objectives
     model, examples = workspace.model, workspace.split.train
+    env = init_from_env()
     optimizer = make_optimizer(model, config)
     start, history = 0, []
     if resume:
@@ -318,16 +343,18 @@ def train(workspace: Workspace, run_dir: Optional[str] = None, resume: bool = Fa
     names = objectives.active()
     pending: List[torch.Tensor] = []
     model.train()
-    with _progress(config.steps - start, config.progress, "align") as bar:
+    with _progress(config.steps - start, config.progress and is_main(), "align") as bar:
         for step in range(start, config.steps):
-            rows = step_rng(config.seed, step).integers(0, len(examples), config.batch_size)
+            rows = local_rows(step_rng(config.seed, step).integers(0, len(examples), config.batch_size), env)
             batch = make_batch(examples, rows, workspace.device)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
+            generator = step_generator(config.seed, step, noise_stream(env))
             with autocast_context(workspace.device, config.precision):
-                losses = karma_losses(model, batch, objectives, generator=step_generator(config.seed, step))
+                losses = karma_losses(model, batch, objectives, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
+            average_gradients(model.parameters())
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -336,11 +363,12 @@ def train(workspace: Workspace, run_dir: Optional[str] = None, resume: bool = Fa
             checkpoint_due = run_dir is not None and (
                 last or (config.checkpoint_every > 0 and (step + 1) % config.checkpoint_every == 0))
             if len(pending) == config.log_every or last or checkpoint_due:
-                for values in torch.stack(pending).cpu().tolist():  # one sync per log interval
+                # one sync (and one collective) per log interval
+                for values in all_reduce_mean(torch.stack(pending)).cpu().tolist():
                     history.append({"step": len(history), **dict(zip(names + ["total"], values))})
                 pending = []
                 bar.set_postfix({n: f"{history[-1][n]:.3f}" for n in names})
-            if checkpoint_due:
+            if checkpoint_due and is_main():
                 save_checkpoint(run_dir, model, optimizer, step + 1, history)
             bar.update(1)
     return history

@@ -128,6 +128,28 @@ def test_python_dash_m_and_console_script():
     assert done.returncode == 0 and "--variants" in done.stdout
 
 
+def test_two_process_torchrun_trains_like_one_process(tmp_path):
+    # Same global batch split over 2 gloo ranks, cross-rank negatives, averaged gradients: the loss curve must be
+    # the single-process one (the image objective is off: its noise is drawn per rank).
+    config = write_config(tmp_path / "c.json", objectives={"image": 0},
+                          train={"batch_size": 16, "pretrain_steps": 2, "log_every": 1, "steps": 4})
+    single, double = str(tmp_path / "one"), str(tmp_path / "two")
+    assert main(["train", "--config", config, "--out", single] + QUIET) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "karma",
+                           "train", "--config", config, "--out", double] + QUIET,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stdout
+    histories = []
+    for run in (single, double):
+        with open(os.path.join(run, "metrics.json")) as handle:
+            histories.append(json.load(handle)["history"])
+    for a, b in zip(*histories):
+        for name in ("action", "generation", "reconstruction", "total"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4), (a["step"], name)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "model.hiden_size=3"], "model.hiden_size: unknown field"),
     (["--set", "train.steps=0"], "train.steps must be a positive integer"),

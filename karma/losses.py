@@ -55,24 +55,17 @@ class ObjectiveConfig:
         return [name for name in OBJECTIVES if getattr(self, name) > 0]
 
 
-def kernel_precision(like: torch.Tensor):
-    """The fused ops choose their own precision (fp32 accumulation): autocast must not recast their internals,
-    so they run with autocast off, on inputs of one dtype."""
-    return torch.autocast(like.device.type, enabled=False)
-
-
 def action_loss(h: torch.Tensor, item_emb: torch.Tensor, batch: Batch, objectives: ObjectiveConfig) -> torch.Tensor:
     # Keys: the B clicked items (row i's positive is key i) then every row's hard negatives, shared by all rows.
     keys = item_emb[torch.cat([batch.target_index, batch.negative_index])]
     key_ids = torch.cat([batch.target_ids, batch.negative_ids])
     options = dict(temperature=objectives.temperature, key_ids=key_ids, mode=objectives.action_mode,
                    backend=objectives.backend)
-    with kernel_precision(h):
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            # Every rank's clicked items and hard negatives become negatives for every query.
-            return distributed_contrastive_loss(h, keys.to(h.dtype), **options)
-        return contrastive_loss(h, keys.to(h.dtype), **options)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        # Every rank's clicked items and hard negatives become negatives for every query.
+        return distributed_contrastive_loss(h, keys, **options)
+    return contrastive_loss(h, keys, **options)
 
 
 def generation_loss(model: KarmaModel, states: torch.Tensor, prefix_len: int, text_ids: torch.Tensor,
@@ -81,16 +74,15 @@ def generation_loss(model: KarmaModel, states: torch.Tensor, prefix_len: int, te
     length = text_ids.shape[1]
     hidden = states[:, prefix_len - 1: prefix_len - 1 + length].reshape(-1, states.shape[-1])
     target = text_ids.masked_fill(text_ids == model.pad_id, -100).reshape(-1)
-    with kernel_precision(hidden):
-        return linear_cross_entropy(hidden, model.lm_head_weight.to(hidden.dtype), target,
-                                    bias=_bias(model, hidden), ignore_index=-100, backend=backend)
+    # Under autocast the op casts hidden and weight to the autocast dtype itself (as F.linear would).
+    return linear_cross_entropy(hidden, model.lm_head_weight.to(hidden.dtype), target, bias=_bias(model, hidden),
+                                ignore_index=-100, backend=backend)
 
 
 def decode_text_loss(model: KarmaModel, states: torch.Tensor, text_ids: torch.Tensor, backend: str) -> torch.Tensor:
     """LM loss of ``text_ids`` from states [B, 1 + L, D] of [one prefix token, text] (prefix_len = 1)."""
-    with kernel_precision(states):
-        return prefix_reconstruction_loss(states, model.lm_head_weight.to(states.dtype), text_ids, prefix_len=1,
-                                          pad_id=model.pad_id, bias=_bias(model, states), backend=backend)
+    return prefix_reconstruction_loss(states, model.lm_head_weight.to(states.dtype), text_ids, prefix_len=1,
+                                      pad_id=model.pad_id, bias=_bias(model, states), backend=backend)
 
 
 def reconstruction_loss(model: KarmaModel, h: torch.Tensor, text_ids: torch.Tensor, backend: str) -> torch.Tensor:

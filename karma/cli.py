@@ -291,7 +291,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # config, data-format and backend errors: say what, no traceback
         print(f"karma {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    print(f"karma {args.command}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(f"karma {args.command}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
 

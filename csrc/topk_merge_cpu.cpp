@@ -138,23 +138,24 @@ class LoserTree {
     winner_ = leaves_ > 1 ? scratch_[1] : 0;
   }
   int32_t winner() const { return winner_; }
-  // Call after the winner's key changed.
-  void replay() {
+  // Call after the winner's key changed to `current_key`; returns the new winner, its key in *winner_key.
+  int32_t replay(TreeKey current_key, TreeKey* winner_key) {
     const TreeKey* keys = keys_.data();
     int32_t* losers = losers_.data();
     int32_t current = winner_;
-    TreeKey current_key = keys[current];
-    // Branch-free: which side wins is a coin flip on real data, so a branch would mispredict half the time.
+    // Which side wins is a coin flip on real data, so the selection is arithmetic (GCC turns a plain select
+    // here into a branch that mispredicts half the time).
     for (int64_t node = (current + leaves_) >> 1; node >= 1; node >>= 1) {
       const int32_t loser = losers[node];
-      const TreeKey loser_key = keys[loser];
-      const int32_t swap = -static_cast<int32_t>(loser_key < current_key);  // all ones when the loser wins
-      const TreeKey swap_key = static_cast<TreeKey>(0) - static_cast<TreeKey>(swap & 1);
-      losers[node] = loser ^ ((loser ^ current) & swap);
-      current = current ^ ((loser ^ current) & swap);
-      current_key = current_key ^ ((loser_key ^ current_key) & swap_key);
+      const int32_t loser_wins = -static_cast<int32_t>(keys[loser] < current_key);  // all ones or zero
+      const int32_t winner = current ^ ((current ^ loser) & loser_wins);
+      losers[node] = current ^ loser ^ winner;  // the other one
+      current = winner;
+      current_key = keys[current];
     }
     winner_ = current;
+    *winner_key = current_key;
+    return current;
   }
 
  private:
@@ -178,60 +179,67 @@ class SortedMerge {
       : shards_(shards),
         num_shards_(static_cast<int64_t>(shards.size())),
         tree_(num_shards_),
-        row_distances_(num_shards_),
-        row_ids_(num_shards_),
-        positions_(num_shards_),
-        head_ids_(num_shards_),
+        cursors_(num_shards_),
         seen_(dedup ? total_width : 0) {}
 
   // Collects query q's best candidates (stream order, ties reordered) into out; returns the count, or -1 when
   // an id translation overflowed (recorded in overflow).
   int64_t run(int64_t q, int64_t k, bool dedup, Candidate* out, OverflowReport& overflow) {
-    // Raw local pointers: stores into the arrays must not make the compiler reload the vectors' internals.
+    return dedup ? run_impl<true>(q, k, out, overflow) : run_impl<false>(q, k, out, overflow);
+  }
+
+ private:
+  // One shard's row of the current query and its read position: one small struct per shard, so advancing a
+  // shard touches one cache line.
+  struct Cursor {
+    const scalar_t* distances;
+    const int64_t* ids;
+    int64_t pos;
+    int64_t width;
+    int64_t offset;
+    int64_t head_id;  // global id of the candidate at pos
+  };
+
+  // Moves the cursor to its next real candidate at or after pos; returns its tree key (kExhausted when none).
+  TreeKey load_head(Cursor& cursor, int64_t s, bool& failed, OverflowReport& overflow) {
+    int64_t pos = cursor.pos;
+    while (pos < cursor.width && cursor.ids[pos] < 0) ++pos;
+    cursor.pos = pos;
+    if (pos >= cursor.width) return Tree::kExhausted;
+    if (!topk::translate_id(cursor.ids[pos], cursor.offset, &cursor.head_id)) {
+      overflow.record(s, cursor.ids[pos], cursor.offset);
+      failed = true;
+      return Tree::kExhausted;
+    }
+    return Tree::make_key(topk::sort_key<Largest>(static_cast<Key>(cursor.distances[pos])), s);
+  }
+
+  template <bool Dedup>
+  int64_t run_impl(int64_t q, int64_t k, Candidate* out, OverflowReport& overflow) {
+    Cursor* cursors = cursors_.data();
     TreeKey* keys = tree_.keys();
-    const scalar_t** row_distances = row_distances_.data();
-    const int64_t** row_ids = row_ids_.data();
-    int64_t* positions = positions_.data();
-    int64_t* head_ids = head_ids_.data();
-    const ShardRows<scalar_t>* shards = shards_.data();
     bool failed = false;
-    // Loads shard s's next real candidate at or after positions[s] into its leaf (kExhausted when none).
-    const auto load_head = [&](int64_t s) {
-      const int64_t* ids = row_ids[s];
-      const int64_t width = shards[s].width;
-      int64_t pos = positions[s];
-      while (pos < width && ids[pos] < 0) ++pos;
-      positions[s] = pos;
-      if (pos >= width) {
-        keys[s] = Tree::kExhausted;
-      } else if (!topk::translate_id(ids[pos], shards[s].offset, &head_ids[s])) {
-        overflow.record(s, ids[pos], shards[s].offset);
-        failed = true;
-        keys[s] = Tree::kExhausted;
-      } else {
-        keys[s] = Tree::make_key(topk::sort_key<Largest>(static_cast<Key>(row_distances[s][pos])), s);
-      }
-    };
     for (int64_t s = 0; s < num_shards_; ++s) {
-      row_distances[s] = shards[s].distances + q * shards[s].distance_row_stride;
-      row_ids[s] = shards[s].ids + q * shards[s].id_row_stride;
-      positions[s] = 0;
-      load_head(s);
+      const ShardRows<scalar_t>& shard = shards_[s];
+      cursors[s] = Cursor{shard.distances + q * shard.distance_row_stride, shard.ids + q * shard.id_row_stride, 0,
+                          shard.width, shard.offset, 0};
+      keys[s] = load_head(cursors[s], s, failed, overflow);
     }
     tree_.build();
     topk::TopKCollector collector(out, k);
-    if (dedup) seen_.clear();
-    while (!failed) {
-      const int32_t s = tree_.winner();
-      const TreeKey head = keys[s];
-      if (head == Tree::kExhausted) break;
-      const Candidate c{Tree::sort_key_of(head), head_ids[s]};
-      if (!dedup || seen_.insert(c.id)) {
+    if (Dedup) seen_.clear();
+    int32_t s = tree_.winner();
+    TreeKey head = keys[s];
+    while (head != Tree::kExhausted && !failed) {
+      Cursor& cursor = cursors[s];
+      const Candidate c{Tree::sort_key_of(head), cursor.head_id};
+      if (!Dedup || seen_.insert(c.id)) {
         if (!collector.offer(c)) break;
       }
-      ++positions[s];
-      load_head(s);
-      tree_.replay();
+      ++cursor.pos;
+      const TreeKey next = load_head(cursor, s, failed, overflow);
+      keys[s] = next;
+      s = tree_.replay(next, &head);
     }
     if (failed) return -1;
     bool tied = false;  // a branch-free scan; ties are rare, so the sort below rarely runs
@@ -240,14 +248,10 @@ class SortedMerge {
     return collector.count;
   }
 
- private:
   const std::vector<ShardRows<scalar_t>>& shards_;
   int64_t num_shards_;
   Tree tree_;
-  std::vector<const scalar_t*> row_distances_;
-  std::vector<const int64_t*> row_ids_;
-  std::vector<int64_t> positions_;
-  std::vector<int64_t> head_ids_;
+  std::vector<Cursor> cursors_;
   IdSet seen_;
 };
 
@@ -296,20 +300,13 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
         count = merge->run(q, k, dedup, collected.data(), overflow);
         failed = count < 0;
       } else if (!dedup) {
-        // Selection: a bounded max-heap (worst on top) of the best k seen so far.
+        // Selection: gather every real candidate, partition the best k to the front, sort them. O(S * k_s)
+        // whatever the row order (a bounded heap degrades on rows that arrive sorted).
         buffer.clear();
-        failed = !for_each_candidate(q, [&](Packed p) {
-          if (static_cast<int64_t>(buffer.size()) < k) {
-            buffer.push_back(p);
-            std::push_heap(buffer.begin(), buffer.end());
-          } else if (p < buffer.front()) {
-            std::pop_heap(buffer.begin(), buffer.end());
-            buffer.back() = p;
-            std::push_heap(buffer.begin(), buffer.end());
-          }
-        });
-        std::sort_heap(buffer.begin(), buffer.end());
-        count = static_cast<int64_t>(buffer.size());
+        failed = !for_each_candidate(q, [&](Packed p) { buffer.push_back(p); });
+        count = std::min<int64_t>(k, static_cast<int64_t>(buffer.size()));
+        if (static_cast<int64_t>(buffer.size()) > k) std::nth_element(buffer.begin(), buffer.begin() + k, buffer.end());
+        std::sort(buffer.begin(), buffer.begin() + count);
         for (int64_t j = 0; j < count; ++j) collected[j] = unpack(buffer[j]);
       } else {
         // Unsorted with dedup: gather, keep the best occurrence of each id, then select.

@@ -77,7 +77,7 @@ def _leaf(x, dtype):
     return x.detach().to(dtype).requires_grad_(True)
 
 
-def _run_rank_case(rank, inputs, spec, backend, reduction, process_group=None):
+def _run_rank_case(rank, inputs, spec, backend, reduction, process_group=None, loss_fn=None):
     dtype = spec.get("dtype", torch.float64)
     qs = _slices(inputs["query_counts"])[rank]
     ks = _slices(inputs["key_counts"])[rank]
@@ -87,10 +87,10 @@ def _run_rank_case(rank, inputs, spec, backend, reduction, process_group=None):
     logq = _leaf(inputs["logq"][ks], dtype) if "logq" in inputs else None
     key_ids = inputs["key_ids"][ks] if "key_ids" in inputs else None
     target = inputs["target"][qs] if "target" in inputs else None
-    loss = distributed_contrastive_loss(query, keys, target, process_group=process_group, temperature=temperature,
-                                        key_ids=key_ids, logq=logq, mode=spec["mode"],
-                                        symmetric=spec.get("symmetric", False), reduction=reduction,
-                                        backend=backend)
+    loss_fn = loss_fn or distributed_contrastive_loss
+    loss = loss_fn(query, keys, target, process_group=process_group, temperature=temperature, key_ids=key_ids,
+                   logq=logq, mode=spec["mode"], symmetric=spec.get("symmetric", False), reduction=reduction,
+                   backend=backend)
     if reduction == "none":
         loss.backward(inputs["row_weights"][qs].to(loss.dtype))
     else:
@@ -141,6 +141,9 @@ def _worker(rank, port, out_dir, cases):
     group = dist.new_group(ranks=list(range(WORLD)))
     inputs, spec, backend, reduction = cases[("softmax_ids_logq", "torch", "none")]
     results["explicit_group"] = _run_rank_case(rank, inputs, spec, backend, reduction, process_group=group)
+    # the public op delegates here when given a process group
+    results["via_contrastive_loss"] = _run_rank_case(rank, inputs, spec, backend, reduction,
+                                                     process_group=dist.group.WORLD, loss_fn=contrastive_loss)
     # gather_keys on its own: rows in rank order, offset, and gradients routed back to the owner
     mine = torch.full((rank + 1, 2), float(rank + 1), dtype=torch.float64, requires_grad=True)
     ids = torch.arange(rank + 1) + 100 * rank
@@ -268,12 +271,14 @@ def test_ddp_gradient_equals_global_mean_gradient(two_rank_results):
         torch.testing.assert_close(rank["ddp"]["averaged"][1], model.bias.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_explicit_process_group_gives_the_same_result(two_rank_results):
+def test_explicit_group_and_public_op_give_the_same_result(two_rank_results):
     _, ranks = two_rank_results
     for result in ranks:
-        default, explicit = result[("softmax_ids_logq", "torch", "none")], result["explicit_group"]
-        for name in ("loss", "query", "keys", "temperature", "logq"):
-            torch.testing.assert_close(explicit[name], default[name], rtol=0, atol=0)
+        default = result[("softmax_ids_logq", "torch", "none")]
+        for other in ("explicit_group", "via_contrastive_loss"):
+            for name in ("loss", "query", "keys", "temperature", "logq"):
+                torch.testing.assert_close(result[other][name], default[name], rtol=0, atol=0,
+                                           msg=lambda m: f"{other} {name}: {m}")
 
 
 def test_gather_keys_order_offset_and_gradient_routing(two_rank_results):

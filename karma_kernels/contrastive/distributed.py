@@ -159,6 +159,9 @@ def distributed_contrastive_loss(query: torch.Tensor, keys: torch.Tensor, target
                                  **kwargs) -> torch.Tensor:
     """``contrastive_loss`` of the local queries against the keys of every rank in ``process_group``.
 
+    ``process_group=None`` here means the default group (unlike ``contrastive_loss``, where None means no
+    gathering); without an initialised group, or with one rank, this is a plain ``contrastive_loss`` call.
+
     ``target`` indexes the local ``keys`` (None: query i's positive is local key i); it is shifted by the
     gathered offset. Other keyword arguments go to
     ``karma_kernels.contrastive_loss`` unchanged; see the module docstring for how ``reduction`` scales.

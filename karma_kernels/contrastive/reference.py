@@ -79,7 +79,7 @@ def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, target: 
         target = torch.arange(batch, device=query.device)
     target = target.long()
     if not isinstance(temperature, torch.Tensor):
-        temperature = torch.tensor(temperature, device=query.device)
+        temperature = torch.tensor(temperature, dtype=dtype, device=query.device)
     logits = (query.to(dtype) @ keys.to(dtype).T) / temperature.to(dtype)
     if logq is not None:
         logits = logits - logq.to(dtype)[None, :]

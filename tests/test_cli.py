@@ -136,7 +136,7 @@ def test_two_process_torchrun_trains_like_one_process(tmp_path):
     single, double = str(tmp_path / "one"), str(tmp_path / "two")
     assert main(["train", "--config", config, "--out", single] + QUIET) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "karma",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "karma",
                            "train", "--config", config, "--out", double] + QUIET,
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -126,6 +126,7 @@ class LoserTree {
   }
   static uint64_t sort_key_of(TreeKey key) { return static_cast<uint64_t>(key >> kShift); }
   TreeKey* keys() { return keys_.data(); }
+  int64_t leaves() const { return leaves_; }  // S rounded up to a power of two; unused leaves stay exhausted
   void build() {
     for (int64_t leaf = 0; leaf < leaves_; ++leaf) scratch_[leaves_ + leaf] = static_cast<int32_t>(leaf);
     for (int64_t node = leaves_ - 1; node >= 1; --node) {
@@ -185,7 +186,10 @@ class SortedMerge {
   // Collects query q's best candidates (stream order, ties reordered) into out; returns the count, or -1 when
   // an id translation overflowed (recorded in overflow).
   int64_t run(int64_t q, int64_t k, bool dedup, Candidate* out, OverflowReport& overflow) {
-    return dedup ? run_impl<true>(q, k, out, overflow) : run_impl<false>(q, k, out, overflow);
+    if (num_shards_ <= kMaxScannedShards) {
+      return dedup ? run_impl<true, true>(q, k, out, overflow) : run_impl<false, true>(q, k, out, overflow);
+    }
+    return dedup ? run_impl<true, false>(q, k, out, overflow) : run_impl<false, false>(q, k, out, overflow);
   }
 
  private:
@@ -214,7 +218,34 @@ class SortedMerge {
     return Tree::make_key(topk::sort_key<Largest>(static_cast<Key>(cursor.distances[pos])), s);
   }
 
-  template <bool Dedup>
+  // Up to this many shards, the next winner is the minimum of all head keys: independent loads and a shallow
+  // reduction, which beats the loser tree's chain of dependent loads; beyond it, the tree's log2(S) wins.
+  static constexpr int64_t kMaxScannedShards = 16;
+
+  // Pairwise minimum over a power-of-two count (the tree's keys are padded with kExhausted): depth log2(N)
+  // of independent selections instead of a chain of N - 1.
+  template <int N>
+  static TreeKey min_key(const TreeKey* keys) {
+    if constexpr (N == 1) {
+      return keys[0];
+    } else {
+      const TreeKey left = min_key<N / 2>(keys);
+      const TreeKey right = min_key<N / 2>(keys + N / 2);
+      return right < left ? right : left;
+    }
+  }
+
+  static TreeKey min_key(const TreeKey* keys, int64_t padded_count) {
+    switch (padded_count) {
+      case 1: return min_key<1>(keys);
+      case 2: return min_key<2>(keys);
+      case 4: return min_key<4>(keys);
+      case 8: return min_key<8>(keys);
+      default: return min_key<16>(keys);
+    }
+  }
+
+  template <bool Dedup, bool Scan>
   int64_t run_impl(int64_t q, int64_t k, Candidate* out, OverflowReport& overflow) {
     Cursor* cursors = cursors_.data();
     TreeKey* keys = tree_.keys();
@@ -225,11 +256,18 @@ class SortedMerge {
                           shard.width, shard.offset, 0};
       keys[s] = load_head(cursors[s], s, failed, overflow);
     }
-    tree_.build();
+    TreeKey head;
+    int32_t s;
+    if (Scan) {
+      head = min_key(keys, tree_.leaves());
+      s = static_cast<int32_t>(head & 0xFFFFFFFFu);
+    } else {
+      tree_.build();
+      s = tree_.winner();
+      head = keys[s];
+    }
     topk::TopKCollector collector(out, k);
     if (Dedup) seen_.clear();
-    int32_t s = tree_.winner();
-    TreeKey head = keys[s];
     while (head != Tree::kExhausted && !failed) {
       Cursor& cursor = cursors[s];
       const Candidate c{Tree::sort_key_of(head), cursor.head_id};
@@ -239,7 +277,12 @@ class SortedMerge {
       ++cursor.pos;
       const TreeKey next = load_head(cursor, s, failed, overflow);
       keys[s] = next;
-      s = tree_.replay(next, &head);
+      if (Scan) {
+        head = min_key(keys, tree_.leaves());
+        s = static_cast<int32_t>(head & 0xFFFFFFFFu);  // the shard index sits in the key's low bits
+      } else {
+        s = tree_.replay(next, &head);
+      }
     }
     if (failed) return -1;
     bool tied = false;  // a branch-free scan; ties are rare, so the sort below rarely runs

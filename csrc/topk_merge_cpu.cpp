@@ -35,19 +35,32 @@ struct ShardRows {
   int64_t offset;
 };
 
-// First translation failure seen by any thread; reported after the parallel region (no throwing inside it).
-struct OverflowReport {
+// The first bad input seen by any thread, reported after the parallel region (no throwing inside it): an id
+// translation out of the int64 range, or (sorted=True) a row whose distances are not sorted best-first.
+struct InputErrorReport {
+  enum Kind { kOverflow, kUnsorted };
   std::atomic<bool> failed{false};
+  Kind kind = kOverflow;
   int64_t shard = 0;
+  int64_t query = 0;
   int64_t local_id = 0;
   int64_t offset = 0;
 
-  void record(int64_t s, int64_t local, int64_t off) {
+  void record_overflow(int64_t s, int64_t local, int64_t off) {
     bool expected = false;
     if (failed.compare_exchange_strong(expected, true)) {
+      kind = kOverflow;
       shard = s;
       local_id = local;
       offset = off;
+    }
+  }
+  void record_unsorted(int64_t s, int64_t q) {
+    bool expected = false;
+    if (failed.compare_exchange_strong(expected, true)) {
+      kind = kUnsorted;
+      shard = s;
+      query = q;
     }
   }
 };
@@ -184,12 +197,12 @@ class SortedMerge {
         seen_(dedup ? total_width : 0) {}
 
   // Collects query q's best candidates (stream order, ties reordered) into out; returns the count, or -1 when
-  // an id translation overflowed (recorded in overflow).
-  int64_t run(int64_t q, int64_t k, bool dedup, Candidate* out, OverflowReport& overflow) {
+  // an id translation overflowed (recorded in errors), or a row read out of order.
+  int64_t run(int64_t q, int64_t k, bool dedup, Candidate* out, InputErrorReport& errors) {
     if (num_shards_ <= kMaxScannedShards) {
-      return dedup ? run_impl<true, true>(q, k, out, overflow) : run_impl<false, true>(q, k, out, overflow);
+      return dedup ? run_impl<true, true>(q, k, out, errors) : run_impl<false, true>(q, k, out, errors);
     }
-    return dedup ? run_impl<true, false>(q, k, out, overflow) : run_impl<false, false>(q, k, out, overflow);
+    return dedup ? run_impl<true, false>(q, k, out, errors) : run_impl<false, false>(q, k, out, errors);
   }
 
  private:
@@ -205,13 +218,13 @@ class SortedMerge {
   };
 
   // Moves the cursor to its next real candidate at or after pos; returns its tree key (kExhausted when none).
-  TreeKey load_head(Cursor& cursor, int64_t s, bool& failed, OverflowReport& overflow) {
+  TreeKey load_head(Cursor& cursor, int64_t s, bool& failed, InputErrorReport& errors) {
     int64_t pos = cursor.pos;
     while (pos < cursor.width && cursor.ids[pos] < 0) ++pos;
     cursor.pos = pos;
     if (pos >= cursor.width) return Tree::kExhausted;
     if (!topk::translate_id(cursor.ids[pos], cursor.offset, &cursor.head_id)) {
-      overflow.record(s, cursor.ids[pos], cursor.offset);
+      errors.record_overflow(s, cursor.ids[pos], cursor.offset);
       failed = true;
       return Tree::kExhausted;
     }
@@ -246,7 +259,7 @@ class SortedMerge {
   }
 
   template <bool Dedup, bool Scan>
-  int64_t run_impl(int64_t q, int64_t k, Candidate* out, OverflowReport& overflow) {
+  int64_t run_impl(int64_t q, int64_t k, Candidate* out, InputErrorReport& errors) {
     Cursor* cursors = cursors_.data();
     TreeKey* keys = tree_.keys();
     bool failed = false;
@@ -254,7 +267,7 @@ class SortedMerge {
       const ShardRows<scalar_t>& shard = shards_[s];
       cursors[s] = Cursor{shard.distances + q * shard.distance_row_stride, shard.ids + q * shard.id_row_stride, 0,
                           shard.width, shard.offset, 0};
-      keys[s] = load_head(cursors[s], s, failed, overflow);
+      keys[s] = load_head(cursors[s], s, failed, errors);
     }
     TreeKey head;
     int32_t s;
@@ -275,7 +288,13 @@ class SortedMerge {
         if (!collector.offer(c)) break;
       }
       ++cursor.pos;
-      const TreeKey next = load_head(cursor, s, failed, overflow);
+      const TreeKey next = load_head(cursor, s, failed, errors);
+      // The rows must be sorted best-first: checked on every candidate read, which is all that can matter
+      // here (an unread tail is never compared).
+      if (next < head) {
+        errors.record_unsorted(s, q);
+        failed = true;
+      }
       keys[s] = next;
       if (Scan) {
         head = min_key(keys, tree_.leaves());
@@ -300,7 +319,7 @@ class SortedMerge {
 
 template <typename scalar_t, bool Largest>
 void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queries, int64_t k, bool sorted,
-               bool dedup, scalar_t* out_distances, int64_t* out_ids, OverflowReport& overflow) {
+               bool dedup, scalar_t* out_distances, int64_t* out_ids, InputErrorReport& errors) {
   using Key = at::opmath_type<scalar_t>;  // float for fp16/bf16/fp32, double for fp64
   const int64_t num_shards = static_cast<int64_t>(shards.size());
   int64_t total_width = 0;
@@ -311,7 +330,7 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
   const int64_t work_per_query = (sorted ? k + num_shards : total_width + k) + 1;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / work_per_query);
 
-  // Calls visit(packed candidate) for every real candidate of query q (unsorted paths); false on an overflow.
+  // Calls visit(packed candidate) for every real candidate of query q (unsorted paths); false on an errors.
   const auto for_each_candidate = [&](int64_t q, auto&& visit) -> bool {
     for (int64_t s = 0; s < num_shards; ++s) {
       const ShardRows<scalar_t>& shard = shards[s];
@@ -321,7 +340,7 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
         if (row_ids[j] < 0) continue;
         int64_t id;
         if (!topk::translate_id(row_ids[j], shard.offset, &id)) {
-          overflow.record(s, row_ids[j], shard.offset);
+          errors.record_overflow(s, row_ids[j], shard.offset);
           return false;
         }
         visit(pack(topk::sort_key<Largest>(static_cast<Key>(row_distances[j])), id));
@@ -336,11 +355,11 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
     std::unique_ptr<SortedMerge<scalar_t, Largest>> merge;
     if (sorted) merge = std::make_unique<SortedMerge<scalar_t, Largest>>(shards, total_width, dedup);
 
-    for (int64_t q = begin; q < end && !overflow.failed.load(std::memory_order_relaxed); ++q) {
+    for (int64_t q = begin; q < end && !errors.failed.load(std::memory_order_relaxed); ++q) {
       int64_t count = 0;
       bool failed = false;
       if (sorted) {
-        count = merge->run(q, k, dedup, collected.data(), overflow);
+        count = merge->run(q, k, dedup, collected.data(), errors);
         failed = count < 0;
       } else if (!dedup) {
         // Selection: gather every real candidate, partition the best k to the front, sort them. O(S * k_s)
@@ -437,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(at::TensorList distances, at::
   };
   auto out_distances = at::empty({num_queries, k}, distances[0].options());
   auto out_ids = at::empty({num_queries, k}, ids[0].options());
-  OverflowReport overflow;
+  InputErrorReport errors;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, distances[0].scalar_type(), "topk_merge_cpu", [&] {
     std::vector<ShardRows<scalar_t>> shards;
     shards.reserve(num_shards);
@@ -450,15 +469,20 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(at::TensorList distances, at::
     }
     if (largest) {
       merge_cpu<scalar_t, true>(shards, num_queries, k, sorted, dedup, out_distances.mutable_data_ptr<scalar_t>(),
-                                out_ids.mutable_data_ptr<int64_t>(), overflow);
+                                out_ids.mutable_data_ptr<int64_t>(), errors);
     } else {
       merge_cpu<scalar_t, false>(shards, num_queries, k, sorted, dedup, out_distances.mutable_data_ptr<scalar_t>(),
-                                 out_ids.mutable_data_ptr<int64_t>(), overflow);
+                                 out_ids.mutable_data_ptr<int64_t>(), errors);
     }
   });
-  TORCH_CHECK_VALUE(!overflow.failed.load(), "topk_merge: id_offsets[", overflow.shard, "] = ", overflow.offset,
-                    " translates local id ", overflow.local_id,
-                    " out of the int64 range [0, 2^63-1] (an error, never a wrap)");
+  if (errors.failed.load()) {
+    TORCH_CHECK_VALUE(errors.kind != InputErrorReport::kUnsorted, "topk_merge: row ", errors.query,
+                      " of distances[", errors.shard, "] is not sorted best-first (",
+                      largest ? "descending" : "ascending", ", NaN last); pass sorted=False for unsorted rows");
+    TORCH_CHECK_VALUE(false, "topk_merge: id_offsets[", errors.shard, "] = ", errors.offset,
+                      " translates local id ", errors.local_id,
+                      " out of the int64 range [0, 2^63-1] (an error, never a wrap)");
+  }
   return {out_distances, out_ids};
 }
 

@@ -230,6 +230,18 @@ def test_id_offsets_translate_and_overflow_is_an_error():
         topk_merge(distances, ids, 4, id_offsets=np.array([0, 2**64 - 1], dtype=np.uint64))
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_rows_read_out_of_order_with_sorted_true_raise(metric):
+    sign = 1.0 if metric == "l2" else -1.0
+    distances = [sign * np.array([[0.1, 0.5, 0.3, 0.9]], np.float32), sign * np.array([[0.2, 0.4]], np.float32)]
+    ids = [np.array([[1, 2, 3, 4]]), np.array([[5, 6]])]
+    with pytest.raises(ValueError, match=r"row 0 of distances\[0\] is not sorted best-first.*sorted=False"):
+        topk_merge(distances, ids, 4, metric=metric)
+    assert topk_merge(distances, ids, 4, metric=metric, sorted=False)[1].tolist() == [[1, 5, 3, 6]]
+    # Only what the merge reads is checked: a disorder past the k-th candidate cannot change the result.
+    assert topk_merge(distances, ids, 2, metric=metric)[1].tolist() == [[1, 5]]
+
+
 def test_deterministic_across_runs_and_thread_counts():
     rng = np.random.default_rng(6)
     distances, ids = make_shards(rng, 8, 3000, 30, tie_levels=3, nan_rate=0.02, padding_rate=0.05, id_range=500)

@@ -187,8 +187,9 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
         metric: "l2" (ascending distance) or "ip" (descending score).
         id_offsets: S integers added to each shard's local ids (e.g. the shard's first global row). A global
             id outside [0, 2^63-1] raises ValueError (never wraps).
-        sorted: True when every shard row is sorted best-first by distance (faiss output; padding may sit
-            anywhere): a k-way merge reads about k+S candidates per query. False accepts any row order.
+        sorted: True when every shard row is sorted best-first by distance (faiss output; ties in any id
+            order; padding may sit anywhere): a k-way merge reads about k+S candidates per query, and a row
+            found out of order among the candidates it reads raises ValueError (CPU). False accepts any order.
         dedup: keep only the best occurrence of each global id (replicated shards).
         backend: "auto" (the compiled op, else the reference with a warning), "compiled", or "reference".
 

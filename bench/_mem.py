@@ -7,7 +7,9 @@
 - CPU ("rss_sampler"): the peak growth of the process's resident set while ``fn`` runs, read from
   /proc/self/statm by a background thread about every millisecond. ``malloc_trim(0)`` first hands freed heap
   pages back to the OS, so memory freed by an earlier call is not silently reused and missed. Peaks shorter
-  than a millisecond can be missed; big intermediates (the thing we care about) live far longer.
+  than a millisecond can be missed; big intermediates (the thing we care about) live far longer. Python's garbage
+  collector runs first and is paused during the call: garbage of an earlier case freed mid-call would lower the
+  resident set and hide the op's own growth.
 - Elsewhere (no /proc): ``(result, None, "unavailable")``.
 
 Measure memory in a call of its own, outside the timed rounds: the sampler thread costs a little CPU time.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import threading
 import time
@@ -104,8 +107,15 @@ def peak_memory(fn: Callable[[], Any], device=None) -> Tuple[Any, Optional[int],
         return result, max(int(peak), 0), CUDA_METHOD
     if not os.path.exists(_STATM):
         return fn(), None, "unavailable"
-    release_freed_heap()
-    with _RssSampler() as sampler:
-        baseline = sampler.max_rss
-        result = fn()
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        release_freed_heap()
+        with _RssSampler() as sampler:
+            baseline = sampler.max_rss
+            result = fn()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return result, max(sampler.max_rss - baseline, 0), CPU_METHOD

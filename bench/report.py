@@ -219,18 +219,45 @@ def _nan_last(value):
     return float("inf") if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def _shape_params(shape: str) -> dict:
+    return dict(re.findall(r"(\w+)=([^,]+)", shape or ""))
+
+
+def _shape_keys_outside_size(cases: list[dict]) -> list[str]:
+    """Shape parameters that can change while the size stays the same (two cases of one implementation equal in
+    everything else and in size): points that differ in them must not be joined into one line."""
+    parsed = [(c["impl"], c["dtype"], c["device"], c["mode"], c["size"], _shape_params(c["shape"])) for c in cases]
+    keys = sorted({k for *_, params in parsed for k in params})
+    outside = []
+    for key in keys:
+        for i, a in enumerate(parsed):
+            if any(a[:5] == b[:5] and a[5].get(key) != b[5].get(key)
+                   and {k: v for k, v in a[5].items() if k != key} == {k: v for k, v in b[5].items() if k != key}
+                   for b in parsed[i + 1:]):
+                outside.append(key)
+                break
+    return outside
+
+
 def plot_op(op: str, cases: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # colour = implementation, line style and marker = variant (dtype, device, mode: only those that vary)
+    # colour = implementation, line style and marker = variant (dtype, device, mode: only those that vary, and
+    # shape parameters that the size does not count, e.g. the shard count S of a search of fixed size)
     sized = [c for c in cases if _nan_last(c["size"]) != float("inf")]
     varying = [field for field in ("dtype", "device", "mode") if len({c[field] for c in sized}) > 1]
+    extra_keys = _shape_keys_outside_size(sized)
+
+    def variant_of(case):
+        params = _shape_params(case["shape"])
+        return " ".join([str(case[field]) for field in varying] + [f"{k}={params.get(k)}" for k in extra_keys])
+
     series = defaultdict(list)
     for case in sized:
-        series[(case["impl"], " ".join(str(case[field]) for field in varying))].append(case)
+        series[(case["impl"], variant_of(case))].append(case)
     impls = sorted({impl for impl, _ in series}, key=_impl_sort_key)
     variants = sorted({variant for _, variant in series})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -19,8 +19,11 @@ peak_mem_bytes, mem_method, time_s, time_method, and, when given, flops / bytes 
 (flop_per_s / bytes_per_s) and its fraction of the device's ceiling (GPU spec sheet; unknown on CPU, so omitted).
 
 ``impl`` names: "reference", "torch", "triton", "cuda", "cpp", and peers: "torch_native", "torch_compile",
-"liger", "cce", "inf_cl", "faiss", "torch_topk". The ratio column of the report is against "reference" (or
-the first of reference / torch_native / faiss present for that shape).
+"liger", "cce", "inf_cl", "faiss", "torch_topk". Extra keyword arguments are stored as they are; two that
+bench/report.py reads: ``mode`` (separates rows, e.g. "softmax" / "pairwise") and ``baseline`` (the impl the
+row's ratios are against; default "reference", else the first of torch_native / faiss / ... present). ``size``
+(the plots' x axis) defaults to the product of the numbers in ``shape``. Skipped cases and their reasons are
+saved in the JSON ("karma_skipped") and listed under each table.
 
 ``KARMA_BENCH_QUICK=1`` (CI smoke run, < 3 minutes on 2 cores): use small shapes; rounds default to 2.
 Nothing here asserts speed: targets are read off the report.

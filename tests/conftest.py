@@ -32,3 +32,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def triton_device():
     return TRITON_DEVICE
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models gain nothing from more threads; one avoids OpenMP spinning on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -17,12 +17,7 @@ WEIGHT_ATOL = 1e-3
 OBJECTIVES = ("action", "generation", "reconstruction", "image")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def run(backend: str, steps: int, action_mode: str = "softmax"):

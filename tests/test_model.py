@@ -17,13 +17,7 @@ from karma.train import (ExperimentConfig, build_workspace, load_checkpoint, sav
 TINY = ExperimentConfig.tiny()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from more threads; one avoids OpenMP spinning on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,8 @@ def _shape(num_shards, batch):
 
 def _record(benchmark, batch, merge_share, **extra):
     info = benchmark.extra_info
+    # ratios in the report: Ray fan-out against in-process threads at the same shard count and batch
+    info["baseline"] = "threads"
     time_s = info.get("time_s")
     if time_s:
         info["queries_per_s"] = batch / time_s

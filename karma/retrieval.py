@@ -151,3 +151,7 @@ class ShardedIndex:
         executor = getattr(self, "_executor", None)
         if executor is not None:
             executor.shutdown(wait=False)
+
+
+# One Ray actor per shard replica, same interface (Ray itself is imported only when an index is built).
+from .ray_index import RayShardedIndex  # noqa: E402

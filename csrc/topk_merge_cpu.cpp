@@ -117,67 +117,76 @@ void order_tie_groups(Candidate* out, int64_t count) {
   }
 }
 
-// Tournament (loser) tree over the S shard heads: the winner is the best head; after its shard advances,
-// one leaf-to-root replay of log2(S) comparisons finds the next winner. A tree key holds the head's sort key in
-// its high bits and the shard index in its low bits (no two heads tie); distance ties thus leave in shard
-// order, and the collector reorders them by id.
+// Tournament of minima over the S shard heads, 8 children per node: a level is recomputed as the minimum of
+// one group of 8 (independent loads, a depth-3 selection), so advancing one shard costs ceil(log8 S) small
+// groups instead of a chain of dependent comparisons. A tree key holds the head's sort key in its high bits and
+// the shard index in its low bits: no two heads tie, the minimum names its shard, and distance ties leave in
+// shard order (the collector reorders them by id). Unused slots hold kExhausted.
 template <typename TreeKey>
-class LoserTree {
+class MinTree8 {
  public:
   static constexpr TreeKey kExhausted = ~static_cast<TreeKey>(0);
   static constexpr int kShift = sizeof(TreeKey) == 8 ? 32 : 64;
+  static constexpr int64_t kFanout = 8;
 
-  explicit LoserTree(int64_t num_leaves) {
-    leaves_ = 1;
-    while (leaves_ < num_leaves) leaves_ *= 2;
-    keys_.assign(leaves_, kExhausted);
-    losers_.assign(leaves_, 0);
-    scratch_.assign(2 * leaves_, 0);
+  explicit MinTree8(int64_t num_leaves) {
+    // Level sizes are multiples of 8; the last level has exactly one group, whose minimum is the winner.
+    int64_t size = round_up(std::max<int64_t>(num_leaves, 1));
+    while (true) {
+      level_offsets_.push_back(static_cast<int64_t>(nodes_.size()));
+      nodes_.resize(nodes_.size() + size, kExhausted);
+      if (size == kFanout) break;
+      size = round_up(size / kFanout);
+    }
   }
   static TreeKey make_key(uint64_t sort_key, int64_t leaf) {
     return (static_cast<TreeKey>(sort_key) << kShift) | static_cast<TreeKey>(leaf);
   }
   static uint64_t sort_key_of(TreeKey key) { return static_cast<uint64_t>(key >> kShift); }
-  TreeKey* keys() { return keys_.data(); }
-  int64_t leaves() const { return leaves_; }  // S rounded up to a power of two; unused leaves stay exhausted
-  void build() {
-    for (int64_t leaf = 0; leaf < leaves_; ++leaf) scratch_[leaves_ + leaf] = static_cast<int32_t>(leaf);
-    for (int64_t node = leaves_ - 1; node >= 1; --node) {
-      const int32_t a = scratch_[2 * node];
-      const int32_t b = scratch_[2 * node + 1];
-      const bool a_wins = keys_[a] < keys_[b];
-      scratch_[node] = a_wins ? a : b;
-      losers_[node] = a_wins ? b : a;
+  static int32_t leaf_of(TreeKey key) { return static_cast<int32_t>(key & 0xFFFFFFFFu); }
+  TreeKey* keys() { return nodes_.data(); }  // the leaves
+
+  // Recomputes every level; returns the best key.
+  TreeKey build() {
+    const int64_t levels = static_cast<int64_t>(level_offsets_.size());
+    for (int64_t level = 0; level + 1 < levels; ++level) {
+      const int64_t groups = (level_offsets_[level + 1] - level_offsets_[level]) / kFanout;
+      for (int64_t g = 0; g < groups; ++g) {
+        nodes_[level_offsets_[level + 1] + g] = min8(nodes_.data() + level_offsets_[level] + kFanout * g);
+      }
     }
-    winner_ = leaves_ > 1 ? scratch_[1] : 0;
+    return min8(nodes_.data() + level_offsets_.back());
   }
-  int32_t winner() const { return winner_; }
-  // Call after the winner's key changed to `current_key`; returns the new winner, its key in *winner_key.
-  int32_t replay(TreeKey current_key, TreeKey* winner_key) {
-    const TreeKey* keys = keys_.data();
-    int32_t* losers = losers_.data();
-    int32_t current = winner_;
-    // Which side wins is a coin flip on real data, so the selection is arithmetic (GCC turns a plain select
-    // here into a branch that mispredicts half the time).
-    for (int64_t node = (current + leaves_) >> 1; node >= 1; node >>= 1) {
-      const int32_t loser = losers[node];
-      const int32_t loser_wins = -static_cast<int32_t>(keys[loser] < current_key);  // all ones or zero
-      const int32_t winner = current ^ ((current ^ loser) & loser_wins);
-      losers[node] = current ^ loser ^ winner;  // the other one
-      current = winner;
-      current_key = keys[current];
+
+  // Call after leaf's key changed; returns the best key.
+  TreeKey update(int64_t leaf) {
+    TreeKey* nodes = nodes_.data();
+    const int64_t levels = static_cast<int64_t>(level_offsets_.size());
+    int64_t index = leaf;
+    for (int64_t level = 0; level + 1 < levels; ++level) {
+      const int64_t group = index / kFanout;
+      nodes[level_offsets_[level + 1] + group] = min8(nodes + level_offsets_[level] + kFanout * group);
+      index = group;
     }
-    winner_ = current;
-    *winner_key = current_key;
-    return current;
+    return min8(nodes + level_offsets_.back());
   }
 
  private:
-  int64_t leaves_;
-  std::vector<TreeKey> keys_;
-  std::vector<int32_t> losers_;
-  std::vector<int32_t> scratch_;
-  int32_t winner_ = 0;
+  static int64_t round_up(int64_t n) { return (n + kFanout - 1) / kFanout * kFanout; }
+  // Pairwise, so the eight loads are independent and the selection is three deep. Plain selects on integers
+  // compile to conditional moves here: which head wins is a coin flip, a branch would mispredict.
+  static TreeKey min8(const TreeKey* k) {
+    const TreeKey a = k[1] < k[0] ? k[1] : k[0];
+    const TreeKey b = k[3] < k[2] ? k[3] : k[2];
+    const TreeKey c = k[5] < k[4] ? k[5] : k[4];
+    const TreeKey d = k[7] < k[6] ? k[7] : k[6];
+    const TreeKey ab = b < a ? b : a;
+    const TreeKey cd = d < c ? d : c;
+    return cd < ab ? cd : ab;
+  }
+
+  std::vector<TreeKey> nodes_;
+  std::vector<int64_t> level_offsets_;
 };
 
 // The S-way merge of one query's sorted rows: reads each row from its head, skipping padding, until the k-th
@@ -186,7 +195,7 @@ template <typename scalar_t, bool Largest>
 class SortedMerge {
   using Key = at::opmath_type<scalar_t>;  // float for fp16/bf16/fp32, double for fp64
   using TreeKey = std::conditional_t<sizeof(Key) == 4, uint64_t, Packed>;
-  using Tree = LoserTree<TreeKey>;
+  using Tree = MinTree8<TreeKey>;
 
  public:
   SortedMerge(const std::vector<ShardRows<scalar_t>>& shards, int64_t total_width, bool dedup)
@@ -199,10 +208,7 @@ class SortedMerge {
   // Collects query q's best candidates (stream order, ties reordered) into out; returns the count, or -1 when
   // an id translation overflowed (recorded in errors), or a row read out of order.
   int64_t run(int64_t q, int64_t k, bool dedup, Candidate* out, InputErrorReport& errors) {
-    if (num_shards_ <= kMaxScannedShards) {
-      return dedup ? run_impl<true, true>(q, k, out, errors) : run_impl<false, true>(q, k, out, errors);
-    }
-    return dedup ? run_impl<true, false>(q, k, out, errors) : run_impl<false, false>(q, k, out, errors);
+    return dedup ? run_impl<true>(q, k, out, errors) : run_impl<false>(q, k, out, errors);
   }
 
  private:
@@ -231,34 +237,7 @@ class SortedMerge {
     return Tree::make_key(topk::sort_key<Largest>(static_cast<Key>(cursor.distances[pos])), s);
   }
 
-  // Up to this many shards, the next winner is the minimum of all head keys: independent loads and a shallow
-  // reduction, which beats the loser tree's chain of dependent loads; beyond it, the tree's log2(S) wins.
-  static constexpr int64_t kMaxScannedShards = 16;
-
-  // Pairwise minimum over a power-of-two count (the tree's keys are padded with kExhausted): depth log2(N)
-  // of independent selections instead of a chain of N - 1.
-  template <int N>
-  static TreeKey min_key(const TreeKey* keys) {
-    if constexpr (N == 1) {
-      return keys[0];
-    } else {
-      const TreeKey left = min_key<N / 2>(keys);
-      const TreeKey right = min_key<N / 2>(keys + N / 2);
-      return right < left ? right : left;
-    }
-  }
-
-  static TreeKey min_key(const TreeKey* keys, int64_t padded_count) {
-    switch (padded_count) {
-      case 1: return min_key<1>(keys);
-      case 2: return min_key<2>(keys);
-      case 4: return min_key<4>(keys);
-      case 8: return min_key<8>(keys);
-      default: return min_key<16>(keys);
-    }
-  }
-
-  template <bool Dedup, bool Scan>
+  template <bool Dedup>
   int64_t run_impl(int64_t q, int64_t k, Candidate* out, InputErrorReport& errors) {
     Cursor* cursors = cursors_.data();
     TreeKey* keys = tree_.keys();
@@ -269,16 +248,8 @@ class SortedMerge {
                           shard.width, shard.offset, 0};
       keys[s] = load_head(cursors[s], s, failed, errors);
     }
-    TreeKey head;
-    int32_t s;
-    if (Scan) {
-      head = min_key(keys, tree_.leaves());
-      s = static_cast<int32_t>(head & 0xFFFFFFFFu);
-    } else {
-      tree_.build();
-      s = tree_.winner();
-      head = keys[s];
-    }
+    TreeKey head = tree_.build();
+    int32_t s = Tree::leaf_of(head);
     topk::TopKCollector collector(out, k);
     if (Dedup) seen_.clear();
     while (head != Tree::kExhausted && !failed) {
@@ -296,12 +267,8 @@ class SortedMerge {
         failed = true;
       }
       keys[s] = next;
-      if (Scan) {
-        head = min_key(keys, tree_.leaves());
-        s = static_cast<int32_t>(head & 0xFFFFFFFFu);  // the shard index sits in the key's low bits
-      } else {
-        s = tree_.replay(next, &head);
-      }
+      head = tree_.update(s);
+      s = Tree::leaf_of(head);
     }
     if (failed) return -1;
     bool tied = false;  // a branch-free scan; ties are rare, so the sort below rarely runs

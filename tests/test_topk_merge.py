@@ -73,8 +73,9 @@ CASES = [  # num_shards, num_queries, widths, k
     (3, 17, 5, 4),
     (4, 33, [8, 0, 3, 12], 50),
     (7, 6, 13, 13),
-    (16, 9, 10, 100),   # the widest head scan
-    (37, 5, [7, 0, 3] * 12 + [9], 30),  # beyond 16 shards the merge uses its loser tree
+    (16, 9, 10, 100),
+    (37, 5, [7, 0, 3] * 12 + [9], 30),  # two levels of the merge's 8-way tournament
+    (70, 3, [2, 0, 5, 1] * 17 + [3, 3], 40),  # three levels
 ]
 
 

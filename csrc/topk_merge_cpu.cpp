@@ -295,7 +295,7 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
   // Queries per thread at least: waking an OpenMP team costs tens of microseconds (far more on a loaded
   // machine), so a small merge runs on the calling thread. Work per query: ~k + S reads (merge) or all S * k_s.
   const int64_t work_per_query = (sorted ? k + num_shards : total_width + k) + 1;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / work_per_query);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / work_per_query);
 
   // Calls visit(packed candidate) for every real candidate of query q (unsorted paths); false on an errors.
   const auto for_each_candidate = [&](int64_t q, auto&& visit) -> bool {

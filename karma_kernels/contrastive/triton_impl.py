@@ -64,6 +64,28 @@ def triton_rejects(query: torch.Tensor) -> Optional[str]:
 
 
 @triton.jit
+def _query_block(row_start, B, target_ptr, key_ids_ptr, HAS_KEY_IDS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """A block of query rows: (rows, row_ok, target, positive_id), the id that marks false negatives."""
+    rows = row_start + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    target = tl.load(target_ptr + rows, mask=row_ok, other=0)
+    positive_id = target
+    if HAS_KEY_IDS:
+        positive_id = tl.load(key_ids_ptr + target, mask=row_ok, other=0)
+    return rows, row_ok, target, positive_id
+
+
+@triton.jit
+def _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B):
+    """Per-row upstream coefficient and the three saved forward statistics of a block of rows."""
+    row_coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    row_stat0 = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+    row_stat1 = tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0)
+    row_stat2 = tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
+    return row_coef, row_stat0, row_stat1, row_stat2
+
+
+@triton.jit
 def _logits_tile(q_ptr, k_ptr, logq_ptr, inv_t, rows, cols, row_ok, col_ok, D, stride_q, stride_k,
                  HAS_LOGQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
@@ -118,13 +140,9 @@ def _forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature
                     SYMMETRIC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    target = tl.load(target_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok, target, positive_id = _query_block(pid * BLOCK_B, B, target_ptr, key_ids_ptr, HAS_KEY_IDS,
+                                                     BLOCK_B)
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
-    positive_id = target
-    if HAS_KEY_IDS:
-        positive_id = tl.load(key_ids_ptr + target, mask=row_ok, other=0)
 
     positive = tl.zeros((BLOCK_B,), dtype=tl.float32)
     if PAIRWISE:
@@ -211,19 +229,12 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
+    rows, row_ok, target, positive_id = _query_block(pid * BLOCK_B, B, target_ptr, key_ids_ptr, HAS_KEY_IDS,
+                                                     BLOCK_B)
     dims = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     d_ok = dims < D
-    target = tl.load(target_ptr + rows, mask=row_ok, other=0)
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
-    positive_id = target
-    if HAS_KEY_IDS:
-        positive_id = tl.load(key_ids_ptr + target, mask=row_ok, other=0)
-    row_coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-    row_stat0 = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    row_stat1 = tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0)
-    row_stat2 = tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
+    row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B)
 
     acc = tl.zeros((BLOCK_B, BLOCK_DV), dtype=tl.float32)
     for n0 in range(0, M, BLOCK_M):
@@ -282,16 +293,8 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     column_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for r0 in range(0, B, BLOCK_B):
-        rows = r0 + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        target = tl.load(target_ptr + rows, mask=row_ok, other=0)
-        positive_id = target
-        if HAS_KEY_IDS:
-            positive_id = tl.load(key_ids_ptr + target, mask=row_ok, other=0)
-        row_coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-        row_stat0 = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-        row_stat1 = tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0)
-        row_stat2 = tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
+        rows, row_ok, target, positive_id = _query_block(r0, B, target_ptr, key_ids_ptr, HAS_KEY_IDS, BLOCK_B)
+        row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B)
         s = _logits_tile(q_ptr, k_ptr, logq_ptr, inv_t, rows, cols, row_ok, col_ok, D, stride_q, stride_k,
                          HAS_LOGQ, BLOCK_B, BLOCK_M, BLOCK_D, DOT_FP32, IEEE)
         valid, is_target = _valid_tile(rows, cols, row_ok, col_ok, target, positive_id, key_ids_ptr, HAS_KEY_IDS)

@@ -231,12 +231,8 @@ def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = Non
                                             reduction=reduction, backend=backend)
     device = _validate(query, keys, target, temperature, key_ids, logq, mode, symmetric, reduction)
 
-    def triton_rejects():
-        if query.dtype == torch.float64:
-            return "float64 inputs are not supported by the Triton kernels (use backend='torch')"
-        return None
-
-    resolved = _backend.choose(OP, backend, device, triton_rejects)
+    # asked only once Triton can run on this device, so importing the kernels here costs nothing extra
+    resolved = _backend.choose(OP, backend, device, lambda: _triton().triton_rejects(query))
     if resolved == "reference":
         return contrastive_loss_reference(query, keys, target, temperature, key_ids, logq, mode, symmetric,
                                           reduction)

@@ -28,8 +28,10 @@ struct Candidate {
   int64_t id;
 };
 
-// Keys of NaN (after every number) and of an exhausted input (after everything), per distance precision.
-constexpr uint64_t kNanKey32 = 0xFFFFFFFFull;             // above the key of +inf, 0xFF800000
+// Keys of NaN (after every number) and of an exhausted input (after everything), per distance precision. The
+// all-ones key of each precision stays free (the CPU merge marks the end of a shard's row with it), and no
+// distance maps to key 0 (only a NaN with every bit set would, and NaN is mapped first).
+constexpr uint64_t kNanKey32 = 0xFFFFFFFEull;             // above the key of +inf, 0xFF800000
 constexpr uint64_t kNanKey64 = 0xFFFFFFFFFFFFFFFEull;     // above the key of +inf, 0xFFF0000000000000
 constexpr uint64_t kExhaustedKey = 0xFFFFFFFFFFFFFFFFull;
 

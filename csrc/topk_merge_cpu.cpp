@@ -16,6 +16,7 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "topk_merge.h"
@@ -98,190 +99,349 @@ class IdSet {
   uint32_t stamp_ = 1;
 };
 
+// A software prefetch the optimizer keeps: GCC 12's dead-code elimination removed a whole loop made only of
+// __builtin_prefetch calls (measured: the merge ran 1.6x slower), so the address also goes to an empty asm.
+inline void prefetch_line(const void* address) {
+  __builtin_prefetch(address);
+  __asm__ volatile("" : : "r"(address));
+}
+
 // A candidate as one 128-bit integer (key high, id low): the total order is the integer order, one compare.
 using Packed = unsigned __int128;
 
 inline Packed pack(uint64_t key, int64_t id) { return (static_cast<Packed>(key) << 64) | static_cast<uint64_t>(id); }
 inline Candidate unpack(Packed p) { return Candidate{static_cast<uint64_t>(p >> 64), static_cast<int64_t>(p)}; }
 
-// Sorts each run of equal keys by id (the merged stream is already in key order).
-void order_tie_groups(Candidate* out, int64_t count) {
-  int64_t start = 0;
-  while (start < count) {
-    int64_t end = start + 1;
-    while (end < count && out[end].key == out[start].key) ++end;
-    if (end - start > 1) {
-      std::sort(out + start, out + end, [](const Candidate& a, const Candidate& b) { return a.id < b.id; });
-    }
-    start = end;
-  }
-}
-
-// Tournament of minima over the S shard heads, 8 children per node: a level is recomputed as the minimum of
-// one group of 8 (independent loads, a depth-3 selection), so advancing one shard costs ceil(log8 S) small
-// groups instead of a chain of dependent comparisons. A tree key holds the head's sort key in its high bits and
-// the shard index in its low bits: no two heads tie, the minimum names its shard, and distance ties leave in
-// shard order (the collector reorders them by id). Unused slots hold kExhausted.
-template <typename TreeKey>
-class MinTree8 {
- public:
-  static constexpr TreeKey kExhausted = ~static_cast<TreeKey>(0);
-  static constexpr int kShift = sizeof(TreeKey) == 8 ? 32 : 64;
-  static constexpr int64_t kFanout = 8;
-
-  explicit MinTree8(int64_t num_leaves) {
-    // Level sizes are multiples of 8; the last level has exactly one group, whose minimum is the winner.
-    int64_t size = round_up(std::max<int64_t>(num_leaves, 1));
-    while (true) {
-      level_offsets_.push_back(static_cast<int64_t>(nodes_.size()));
-      nodes_.resize(nodes_.size() + size, kExhausted);
-      if (size == kFanout) break;
-      size = round_up(size / kFanout);
-    }
-  }
-  static TreeKey make_key(uint64_t sort_key, int64_t leaf) {
-    return (static_cast<TreeKey>(sort_key) << kShift) | static_cast<TreeKey>(leaf);
-  }
-  static uint64_t sort_key_of(TreeKey key) { return static_cast<uint64_t>(key >> kShift); }
-  static int32_t leaf_of(TreeKey key) { return static_cast<int32_t>(key & 0xFFFFFFFFu); }
-  TreeKey* keys() { return nodes_.data(); }  // the leaves
-
-  // Recomputes every level; returns the best key.
-  TreeKey build() {
-    const int64_t levels = static_cast<int64_t>(level_offsets_.size());
-    for (int64_t level = 0; level + 1 < levels; ++level) {
-      const int64_t groups = (level_offsets_[level + 1] - level_offsets_[level]) / kFanout;
-      for (int64_t g = 0; g < groups; ++g) {
-        nodes_[level_offsets_[level + 1] + g] = min8(nodes_.data() + level_offsets_[level] + kFanout * g);
-      }
-    }
-    return min8(nodes_.data() + level_offsets_.back());
-  }
-
-  // Call after leaf's key changed; returns the best key.
-  TreeKey update(int64_t leaf) {
-    TreeKey* nodes = nodes_.data();
-    const int64_t levels = static_cast<int64_t>(level_offsets_.size());
-    int64_t index = leaf;
-    for (int64_t level = 0; level + 1 < levels; ++level) {
-      const int64_t group = index / kFanout;
-      nodes[level_offsets_[level + 1] + group] = min8(nodes + level_offsets_[level] + kFanout * group);
-      index = group;
-    }
-    return min8(nodes + level_offsets_.back());
-  }
-
- private:
-  static int64_t round_up(int64_t n) { return (n + kFanout - 1) / kFanout * kFanout; }
-  // Pairwise, so the eight loads are independent and the selection is three deep. Plain selects on integers
-  // compile to conditional moves here: which head wins is a coin flip, a branch would mispredict.
-  static TreeKey min8(const TreeKey* k) {
-    const TreeKey a = k[1] < k[0] ? k[1] : k[0];
-    const TreeKey b = k[3] < k[2] ? k[3] : k[2];
-    const TreeKey c = k[5] < k[4] ? k[5] : k[4];
-    const TreeKey d = k[7] < k[6] ? k[7] : k[6];
-    const TreeKey ab = b < a ? b : a;
-    const TreeKey cd = d < c ? d : c;
-    return cd < ab ? cd : ab;
-  }
-
-  std::vector<TreeKey> nodes_;
-  std::vector<int64_t> level_offsets_;
-};
-
-// The S-way merge of one query's sorted rows: reads each row from its head, skipping padding, until the k-th
-// key is passed (about k + S candidates). Per-thread state, reused across queries.
+// The S-way merge of one query's sorted rows, built for a short dependency chain per output (the merge is
+// latency-bound: which shard wins is a coin flip, so every step waits on the one before).
+//
+// - Loser tree over the shard heads: emitting a candidate replays one leaf-to-root path, log2(S) compare-and-
+//   swap steps done with conditional moves; the path's nodes are known from the shard alone, so their loads
+//   start before the new head is known.
+// - Blocks: each shard's row is read ahead in blocks of up to kBlock-1 candidates, converted once (sort key,
+//   global id, value) into per-shard slots, padding dropped. A tree key is (sort key << bits | slot), so the
+//   winner names its own slot: its id and value are at that slot and the shard's next head is at slot + 1, one
+//   load away. Each block ends with a marker: key 0 (ranks before everything, so it wins at once and the
+//   block is refilled) while the row goes on, the all-ones key at its end (ranks after everything: when it
+//   wins, every row is exhausted).
+// - Equal keys leave in slot order; the ties are reordered by id afterwards (rare).
+// Per-thread state, reused across queries.
 template <typename scalar_t, bool Largest>
 class SortedMerge {
   using Key = at::opmath_type<scalar_t>;  // float for fp16/bf16/fp32, double for fp64
+  using KeyBits = std::conditional_t<sizeof(Key) == 4, uint32_t, uint64_t>;
   using TreeKey = std::conditional_t<sizeof(Key) == 4, uint64_t, Packed>;
-  using Tree = MinTree8<TreeKey>;
+  static constexpr int kSlotBits = 8 * sizeof(KeyBits);
+  static constexpr int kBlockBits = 4;
+  static constexpr int64_t kBlock = int64_t{1} << kBlockBits;  // slots per shard: candidates + the end marker
+  static constexpr KeyBits kRefill = 0;
+  static constexpr KeyBits kEnd = ~KeyBits{0};
 
  public:
-  SortedMerge(const std::vector<ShardRows<scalar_t>>& shards, int64_t total_width, bool dedup)
-      : shards_(shards),
-        num_shards_(static_cast<int64_t>(shards.size())),
-        tree_(num_shards_),
-        cursors_(num_shards_),
-        seen_(dedup ? total_width : 0) {}
+  // Loser-tree depths with an unrolled replay; deeper trees (S > 16) take a loop.
+  static constexpr int kRuntimeDepth = 0;
 
-  // Collects query q's best candidates (stream order, ties reordered) into out; returns the count, or -1 when
-  // an id translation overflowed (recorded in errors), or a row read out of order.
-  int64_t run(int64_t q, int64_t k, bool dedup, Candidate* out, InputErrorReport& errors) {
-    return dedup ? run_impl<true>(q, k, out, errors) : run_impl<false>(q, k, out, errors);
+  SortedMerge(const std::vector<ShardRows<scalar_t>>& shards, int64_t total_width, int64_t k, bool dedup)
+      : shards_(shards), num_shards_(static_cast<int64_t>(shards.size())), seen_(dedup ? total_width : 0) {
+    leaves_ = 2;
+    depth_ = 1;
+    while (leaves_ < num_shards_) leaves_ *= 2, ++depth_;
+    const int64_t slots = leaves_ * kBlock;
+    keys_.assign(slots, make_key(kEnd, 0));
+    ids_.assign(slots, -1);
+    values_.assign(slots, scalar_t(0));
+    rows_.assign(num_shards_, Row{});
+    losers_.assign(leaves_, make_key(kEnd, 0));
+    winners_.assign(2 * leaves_, make_key(kEnd, 0));
+    last_read_.assign(num_shards_, 1);
+    // The first block of a row: about the row's share of k, plus slack so that a refill stays rare.
+    first_block_ = std::min<int64_t>(kBlock - 1, (k + num_shards_ - 1) / num_shards_ + 2);
+  }
+
+  int depth() const { return depth_; }
+
+  // Asks for the first blocks of query q's rows ahead of time (a software prefetch; no effect on results). A
+  // block spans at most 120 bytes of distances and of ids: three cache lines each, named by their first,
+  // middle and last byte.
+  void prefetch(int64_t q) const {
+    for (int64_t s = 0; s < num_shards_; ++s) {
+      const ShardRows<scalar_t>& shard = shards_[s];
+      const int64_t n = std::min(first_block_, shard.width);
+      const char* d = reinterpret_cast<const char*>(shard.distances + q * shard.distance_row_stride);
+      const char* i = reinterpret_cast<const char*>(shard.ids + q * shard.id_row_stride);
+      const int64_t distance_bytes = n * static_cast<int64_t>(sizeof(scalar_t));
+      prefetch_line(d);
+      prefetch_line(d + distance_bytes / 2);
+      prefetch_line(d + distance_bytes - 1);
+      prefetch_line(i);
+      prefetch_line(i + n * 4);
+      prefetch_line(i + n * 8 - 1);
+    }
+  }
+
+  // Writes query q's best candidates to out_distances/out_ids[0, count) (ties ordered by id) and returns the
+  // count, or -1 on bad input (recorded in errors).
+  template <int Depth, bool Dedup>
+  int64_t run(int64_t q, int64_t k, scalar_t* __restrict out_distances, int64_t* __restrict out_ids,
+              InputErrorReport& errors) {
+    errors_ = &errors;
+    failed_ = false;
+    unsorted_shard_ = -1;
+    query_ = q;
+    TreeKey winner = start(q);
+    if (Dedup) seen_.clear();
+    // The hot loop reads the state through local pointers: the output stores could alias members otherwise.
+    const View view = this->view();
+    int64_t count = 0;
+    KeyBits last = 0;  // key of the last candidate written
+    bool tied = false;
+    while (count < k) {
+      const KeyBits key = key_of(winner);
+      const uint64_t slot = slot_of(winner);
+      if (__builtin_expect(static_cast<KeyBits>(key + 1) <= 1, 0)) {  // a block's end marker
+        if (key == kEnd) break;
+        winner = refill<Depth>(slot);
+        continue;
+      }
+      if (!Dedup || seen_.insert(view.ids[slot])) {
+        out_distances[count] = view.values[slot];
+        out_ids[count] = view.ids[slot];
+        ++count;
+        if (__builtin_expect(key == last, 0)) tied = true;
+        last = key;
+      }
+      winner = view.template advance<Depth>(slot, key, unsorted_shard_);
+    }
+    if (count == k) {
+      // Candidates tied with the k-th one may still follow, with smaller ids.
+      while (key_of(winner) == kRefill) winner = refill<Depth>(slot_of(winner));
+      if (key_of(winner) == last) {
+        take_smallest_ids_of_boundary_ties<Depth, Dedup>(k, last, winner, out_distances, out_ids);
+        tied = true;
+      }
+    }
+    if (unsorted_shard_ >= 0) record_unsorted(static_cast<uint64_t>(unsorted_shard_));
+    if (failed_) return -1;
+    if (tied) order_tie_groups(out_distances, out_ids, count);
+    return count;
   }
 
  private:
-  // One shard's row of the current query and its read position: one small struct per shard, so advancing a
-  // shard touches one cache line.
-  struct Cursor {
-    const scalar_t* distances;
-    const int64_t* ids;
-    int64_t pos;
-    int64_t width;
-    int64_t offset;
-    int64_t head_id;  // global id of the candidate at pos
+  struct Row {
+    const scalar_t* distances = nullptr;
+    const int64_t* ids = nullptr;
+    int64_t next = 0;  // first position not yet read into a block
   };
 
-  // Moves the cursor to its next real candidate at or after pos; returns its tree key (kExhausted when none).
-  TreeKey load_head(Cursor& cursor, int64_t s, bool& failed, InputErrorReport& errors) {
-    int64_t pos = cursor.pos;
-    while (pos < cursor.width && cursor.ids[pos] < 0) ++pos;
-    cursor.pos = pos;
-    if (pos >= cursor.width) return Tree::kExhausted;
-    if (!topk::translate_id(cursor.ids[pos], cursor.offset, &cursor.head_id)) {
-      errors.record_overflow(s, cursor.ids[pos], cursor.offset);
-      failed = true;
-      return Tree::kExhausted;
-    }
-    return Tree::make_key(topk::sort_key<Largest>(static_cast<Key>(cursor.distances[pos])), s);
+  static TreeKey make_key(KeyBits key, uint64_t slot) { return (static_cast<TreeKey>(key) << kSlotBits) | slot; }
+  static KeyBits key_of(TreeKey t) { return static_cast<KeyBits>(t >> kSlotBits); }
+  static uint64_t slot_of(TreeKey t) { return static_cast<uint32_t>(t); }
+  static KeyBits sort_key_of(scalar_t value) {
+    return static_cast<KeyBits>(topk::sort_key<Largest>(static_cast<Key>(value)));
+  }
+  // The value written out: NaN as the canonical NaN, -0 as +0 (what every path of the op returns).
+  static scalar_t canonical(scalar_t value) {
+    return static_cast<scalar_t>(topk::distance_of<Largest, Key>(topk::sort_key<Largest>(static_cast<Key>(value))));
+  }
+  // a ranks before b, for keys of candidates or markers (a marker is never out of order: its key - 1 wraps
+  // to the largest value).
+  static bool out_of_order(KeyBits next, KeyBits previous) {
+    return static_cast<KeyBits>(next - 1) < static_cast<KeyBits>(previous - 1);
   }
 
-  template <bool Dedup>
-  int64_t run_impl(int64_t q, int64_t k, Candidate* out, InputErrorReport& errors) {
-    Cursor* cursors = cursors_.data();
-    TreeKey* keys = tree_.keys();
-    bool failed = false;
-    for (int64_t s = 0; s < num_shards_; ++s) {
-      const ShardRows<scalar_t>& shard = shards_[s];
-      cursors[s] = Cursor{shard.distances + q * shard.distance_row_stride, shard.ids + q * shard.id_row_stride, 0,
-                          shard.width, shard.offset, 0};
-      keys[s] = load_head(cursors[s], s, failed, errors);
-    }
-    TreeKey head = tree_.build();
-    int32_t s = Tree::leaf_of(head);
-    topk::TopKCollector collector(out, k);
-    if (Dedup) seen_.clear();
-    while (head != Tree::kExhausted && !failed) {
-      Cursor& cursor = cursors[s];
-      const Candidate c{Tree::sort_key_of(head), cursor.head_id};
-      if (!Dedup || seen_.insert(c.id)) {
-        if (!collector.offer(c)) break;
+  // Reads the next block of shard s's row (up to `len` positions), drops padding, translates ids.
+  void fill(int64_t s, int64_t len) {
+    const ShardRows<scalar_t>& shard = shards_[s];
+    Row& row = rows_[s];
+    const int64_t n = std::min(len, shard.width - row.next);
+    const scalar_t* distances = row.distances + row.next;
+    const int64_t* ids = row.ids + row.next;
+    const uint64_t base = static_cast<uint64_t>(s) << kBlockBits;
+    TreeKey* keys = keys_.data() + base;
+    int64_t* out_ids = ids_.data() + base;
+    scalar_t* values = values_.data() + base;
+    // Ids that translate into [0, INT64_MAX]: [low, high] (see topk::translate_id).
+    const int64_t offset = shard.offset;
+    const int64_t low = offset < 0 ? -offset : 0;
+    const int64_t high = offset >= 0 ? std::numeric_limits<int64_t>::max() - offset
+                                     : std::numeric_limits<int64_t>::max();
+    int64_t any_negative = 0;
+    for (int64_t j = 0; j < n; ++j) any_negative |= ids[j];
+    bool out_of_range = false;
+    int64_t count = 0;
+    if (any_negative >= 0) {  // no padding: a straight, branch-free conversion
+      for (int64_t j = 0; j < n; ++j) {
+        keys[j] = make_key(sort_key_of(distances[j]), base + j);
+        out_ids[j] = static_cast<int64_t>(static_cast<uint64_t>(ids[j]) + static_cast<uint64_t>(offset));
+        values[j] = canonical(distances[j]);
+        out_of_range |= (ids[j] < low) | (ids[j] > high);
       }
-      ++cursor.pos;
-      const TreeKey next = load_head(cursor, s, failed, errors);
-      // The rows must be sorted best-first: checked on every candidate read, which is all that can matter
-      // here (an unread tail is never compared).
-      if (next < head) {
-        errors.record_unsorted(s, q);
-        failed = true;
+      count = n;
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        if (ids[j] < 0) continue;
+        keys[count] = make_key(sort_key_of(distances[j]), base + count);
+        out_ids[count] = static_cast<int64_t>(static_cast<uint64_t>(ids[j]) + static_cast<uint64_t>(offset));
+        values[count] = canonical(distances[j]);
+        out_of_range |= (ids[j] < low) | (ids[j] > high);
+        ++count;
       }
-      keys[s] = next;
-      head = tree_.update(s);
-      s = Tree::leaf_of(head);
     }
-    if (failed) return -1;
-    bool tied = false;  // a branch-free scan; ties are rare, so the sort below rarely runs
-    for (int64_t j = 1; j < collector.count; ++j) tied |= out[j].key == out[j - 1].key;
-    if (tied) order_tie_groups(out, collector.count);
-    return collector.count;
+    row.next += n;
+    keys[count] = make_key(row.next < shard.width ? kRefill : kEnd, base + count);
+    if (__builtin_expect(out_of_range, 0)) {
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t global;
+        if (ids[j] >= 0 && !topk::translate_id(ids[j], offset, &global)) {
+          errors_->record_overflow(s, ids[j], offset);
+          break;
+        }
+      }
+      failed_ = true;
+    }
+  }
+
+  // Loads query q's first blocks and plays the initial tournament; returns the winner.
+  TreeKey start(int64_t q) {
+    TreeKey* winners = winners_.data();
+    for (int64_t s = 0; s < leaves_; ++s) {
+      if (s < num_shards_) {
+        const ShardRows<scalar_t>& shard = shards_[s];
+        rows_[s] = Row{shard.distances + q * shard.distance_row_stride, shard.ids + q * shard.id_row_stride, 0};
+        last_read_[s] = 1;
+        fill(s, first_block_);
+        winners[leaves_ + s] = keys_[static_cast<uint64_t>(s) << kBlockBits];
+      } else {
+        winners[leaves_ + s] = make_key(kEnd, 0);
+      }
+    }
+    for (int64_t node = leaves_ - 1; node >= 1; --node) {
+      const TreeKey a = winners[2 * node], b = winners[2 * node + 1];
+      winners[node] = b < a ? b : a;
+      losers_[node] = b < a ? a : b;
+    }
+    return winners[1];
+  }
+
+  // Raw views of the merge state.
+  struct View {
+    const TreeKey* keys;
+    const int64_t* ids;
+    const scalar_t* values;
+    TreeKey* losers;
+    uint64_t leaves;
+    int depth;
+
+    // Replays shard s's leaf-to-root path with its new head; returns the new winner.
+    template <int Depth>
+    TreeKey replay(uint64_t s, TreeKey candidate) const {
+      uint64_t node = (leaves + s) >> 1;
+      const int levels = Depth == kRuntimeDepth ? depth : Depth;
+#pragma GCC unroll 4
+      for (int level = 0; level < levels; ++level) {
+        const TreeKey loser = losers[node];
+        const bool swap = loser < candidate;  // conditional moves: a branch here would mispredict half the time
+        losers[node] = swap ? candidate : loser;
+        candidate = swap ? loser : candidate;
+        node >>= 1;
+      }
+      return candidate;
+    }
+
+    // The candidate at slot (key `key`) left: its shard's next head is at slot + 1. A head that ranks before
+    // the candidate it follows names its shard in unsorted_shard.
+    template <int Depth>
+    TreeKey advance(uint64_t slot, KeyBits key, int64_t& unsorted_shard) const {
+      const TreeKey next = keys[slot + 1];
+      if (__builtin_expect(out_of_order(key_of(next), key), 0)) unsorted_shard = static_cast<int64_t>(slot >> kBlockBits);
+      return replay<Depth>(slot >> kBlockBits, next);
+    }
+  };
+  View view() { return View{keys_.data(), ids_.data(), values_.data(), losers_.data(), static_cast<uint64_t>(leaves_), depth_}; }
+
+  // The end marker at slot won: read the shard's next block.
+  template <int Depth>
+  TreeKey refill(uint64_t slot) {
+    const uint64_t s = slot >> kBlockBits;
+    if ((slot & (kBlock - 1)) != 0) last_read_[s] = key_of(keys_[slot - 1]);
+    fill(static_cast<int64_t>(s), kBlock - 1);
+    const TreeKey head = keys_[s << kBlockBits];
+    if (__builtin_expect(out_of_order(key_of(head), last_read_[s]), 0)) record_unsorted(s);
+    return view().template replay<Depth>(s, head);
+  }
+
+  void record_unsorted(uint64_t s) {
+    errors_->record_unsorted(static_cast<int64_t>(s), query_);
+    failed_ = true;
+  }
+
+  // The output is full and the next winner ties with the k-th key: gather the whole boundary tie group (the
+  // written tail with that key and every later candidate with it) and keep its smallest ids.
+  template <int Depth, bool Dedup>
+  void take_smallest_ids_of_boundary_ties(int64_t k, KeyBits key, TreeKey winner,
+                                          scalar_t* out_distances, int64_t* out_ids) {
+    int64_t group_start = k - 1;
+    while (group_start > 0 && sort_key_of(out_distances[group_start - 1]) == key) --group_start;
+    tie_group_.clear();
+    for (int64_t j = group_start; j < k; ++j) tie_group_.emplace_back(out_ids[j], out_distances[j]);
+    while (!failed_) {
+      const KeyBits head = key_of(winner);
+      const uint64_t slot = slot_of(winner);
+      if (head == kRefill) {
+        winner = refill<Depth>(slot);
+        continue;
+      }
+      if (head != key) break;
+      if (!Dedup || seen_.insert(ids_[slot])) tie_group_.emplace_back(ids_[slot], values_[slot]);
+      winner = view().template advance<Depth>(slot, head, unsorted_shard_);
+    }
+    const int64_t keep = k - group_start;
+    std::partial_sort(tie_group_.begin(), tie_group_.begin() + keep, tie_group_.end(),
+                      [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (int64_t j = 0; j < keep; ++j) {
+      out_ids[group_start + j] = tie_group_[j].first;
+      out_distances[group_start + j] = tie_group_[j].second;
+    }
+  }
+
+  // Sorts each run of equal keys by id (the written row is already in key order).
+  void order_tie_groups(scalar_t* out_distances, int64_t* out_ids, int64_t count) {
+    int64_t start = 0;
+    while (start < count) {
+      const KeyBits key = sort_key_of(out_distances[start]);
+      int64_t end = start + 1;
+      while (end < count && sort_key_of(out_distances[end]) == key) ++end;
+      if (end - start > 1) {
+        tie_group_.clear();
+        for (int64_t j = start; j < end; ++j) tie_group_.emplace_back(out_ids[j], out_distances[j]);
+        std::sort(tie_group_.begin(), tie_group_.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+        for (int64_t j = start; j < end; ++j) {
+          out_ids[j] = tie_group_[j - start].first;
+          out_distances[j] = tie_group_[j - start].second;
+        }
+      }
+      start = end;
+    }
   }
 
   const std::vector<ShardRows<scalar_t>>& shards_;
   int64_t num_shards_;
-  Tree tree_;
-  std::vector<Cursor> cursors_;
+  int64_t leaves_;
+  int depth_;
+  int64_t first_block_;
+  std::vector<TreeKey> keys_;     // per shard: kBlock slots
+  std::vector<int64_t> ids_;      // global ids, by slot
+  std::vector<scalar_t> values_;  // distances as written out (canonical), by slot
+  std::vector<Row> rows_;
+  std::vector<TreeKey> losers_;   // losers_[node], node in [1, leaves)
+  std::vector<TreeKey> winners_;  // scratch for the initial tournament
+  std::vector<KeyBits> last_read_;  // key of the last candidate of the shard's previous block
+  std::vector<std::pair<int64_t, scalar_t>> tie_group_;
   IdSet seen_;
+  InputErrorReport* errors_ = nullptr;
+  bool failed_ = false;
+  int64_t unsorted_shard_ = -1;  // a shard whose row was read out of order in this query
+  int64_t query_ = 0;
 };
 
 template <typename scalar_t, bool Largest>
@@ -297,7 +457,7 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
   const int64_t work_per_query = (sorted ? k + num_shards : total_width + k) + 1;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / work_per_query);
 
-  // Calls visit(packed candidate) for every real candidate of query q (unsorted paths); false on an errors.
+  // Calls visit(packed candidate) for every real candidate of query q (unsorted paths); false on an error.
   const auto for_each_candidate = [&](int64_t q, auto&& visit) -> bool {
     for (int64_t s = 0; s < num_shards; ++s) {
       const ShardRows<scalar_t>& shard = shards[s];
@@ -316,31 +476,61 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
     return true;
   };
 
-  at::parallel_for(0, num_queries, grain, [&](int64_t begin, int64_t end) {
-    std::vector<Candidate> collected(static_cast<size_t>(k));
-    std::vector<Packed> buffer;
-    std::unique_ptr<SortedMerge<scalar_t, Largest>> merge;
-    if (sorted) merge = std::make_unique<SortedMerge<scalar_t, Largest>>(shards, total_width, dedup);
+  // Writes the padding tail of row q after its `count` real candidates.
+  const auto pad_row = [&](int64_t q, int64_t count) {
+    for (int64_t j = count; j < k; ++j) {
+      out_distances[q * k + j] = padding;
+      out_ids[q * k + j] = -1;
+    }
+  };
 
+  if (sorted) {
+    at::parallel_for(0, num_queries, grain, [&](int64_t begin, int64_t end) {
+      SortedMerge<scalar_t, Largest> merge(shards, total_width, k, dedup);
+      // The S-way merge, with the tree depth as a compile-time constant where it is small.
+      const auto merge_rows = [&](auto depth, auto dedup_rows) {
+        constexpr int kDepth = decltype(depth)::value;
+        constexpr bool kDedup = decltype(dedup_rows)::value;
+        // Rows this many queries ahead are requested now: they arrive while the current query merges.
+        constexpr int64_t kPrefetchAhead = 2;
+        for (int64_t q = begin; q < end && !errors.failed.load(std::memory_order_relaxed); ++q) {
+          if (q + kPrefetchAhead < end) merge.prefetch(q + kPrefetchAhead);
+          const int64_t count =
+              merge.template run<kDepth, kDedup>(q, k, out_distances + q * k, out_ids + q * k, errors);
+          if (count < 0) return;
+          pad_row(q, count);
+        }
+      };
+      using Runtime = std::integral_constant<int, SortedMerge<scalar_t, Largest>::kRuntimeDepth>;
+      if (dedup) {
+        merge_rows(Runtime{}, std::true_type{});
+      } else {
+        switch (merge.depth()) {
+          case 1: merge_rows(std::integral_constant<int, 1>{}, std::false_type{}); break;
+          case 2: merge_rows(std::integral_constant<int, 2>{}, std::false_type{}); break;
+          case 3: merge_rows(std::integral_constant<int, 3>{}, std::false_type{}); break;
+          case 4: merge_rows(std::integral_constant<int, 4>{}, std::false_type{}); break;
+          default: merge_rows(Runtime{}, std::false_type{}); break;
+        }
+      }
+    });
+    return;
+  }
+
+  at::parallel_for(0, num_queries, grain, [&](int64_t begin, int64_t end) {
+    std::vector<Packed> buffer;
     for (int64_t q = begin; q < end && !errors.failed.load(std::memory_order_relaxed); ++q) {
+      buffer.clear();
+      if (!for_each_candidate(q, [&](Packed p) { buffer.push_back(p); })) return;
       int64_t count = 0;
-      bool failed = false;
-      if (sorted) {
-        count = merge->run(q, k, dedup, collected.data(), errors);
-        failed = count < 0;
-      } else if (!dedup) {
+      if (!dedup) {
         // Selection: gather every real candidate, partition the best k to the front, sort them. O(S * k_s)
         // whatever the row order (a bounded heap degrades on rows that arrive sorted).
-        buffer.clear();
-        failed = !for_each_candidate(q, [&](Packed p) { buffer.push_back(p); });
         count = std::min<int64_t>(k, static_cast<int64_t>(buffer.size()));
         if (static_cast<int64_t>(buffer.size()) > k) std::nth_element(buffer.begin(), buffer.begin() + k, buffer.end());
         std::sort(buffer.begin(), buffer.begin() + count);
-        for (int64_t j = 0; j < count; ++j) collected[j] = unpack(buffer[j]);
       } else {
-        // Unsorted with dedup: gather, keep the best occurrence of each id, then select.
-        buffer.clear();
-        failed = !for_each_candidate(q, [&](Packed p) { buffer.push_back(p); });
+        // With dedup: keep the best occurrence of each id, then select.
         std::sort(buffer.begin(), buffer.end(), [](Packed a, Packed b) {
           const uint64_t id_a = static_cast<uint64_t>(a), id_b = static_cast<uint64_t>(b);
           return id_a != id_b ? id_a < id_b : a < b;
@@ -350,19 +540,13 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
         });
         count = std::min<int64_t>(k, unique_end - buffer.begin());
         std::partial_sort(buffer.begin(), buffer.begin() + count, unique_end);
-        for (int64_t j = 0; j < count; ++j) collected[j] = unpack(buffer[j]);
       }
-      if (failed) return;
-      scalar_t* row_out_distances = out_distances + q * k;
-      int64_t* row_out_ids = out_ids + q * k;
       for (int64_t j = 0; j < count; ++j) {
-        row_out_distances[j] = static_cast<scalar_t>(topk::distance_of<Largest, Key>(collected[j].key));
-        row_out_ids[j] = collected[j].id;
+        const Candidate c = unpack(buffer[j]);
+        out_distances[q * k + j] = static_cast<scalar_t>(topk::distance_of<Largest, Key>(c.key));
+        out_ids[q * k + j] = c.id;
       }
-      for (int64_t j = count; j < k; ++j) {
-        row_out_distances[j] = padding;
-        row_out_ids[j] = -1;
-      }
+      pad_row(q, count);
     }
   });
 }

@@ -76,6 +76,10 @@ CASES = [  # num_shards, num_queries, widths, k
     (16, 9, 10, 100),
     (37, 5, [7, 0, 3] * 12 + [9], 30),  # two levels of the merge's 8-way tournament
     (70, 3, [2, 0, 5, 1] * 17 + [3, 3], 40),  # three levels
+    # The sorted merge reads rows in blocks of 15: rows that take several blocks, tie groups across blocks.
+    (2, 7, [40, 33], 60),
+    (5, 9, [16, 15, 31, 1, 47], 45),
+    (3, 11, 64, 5),
 ]
 
 
@@ -92,6 +96,23 @@ def test_matches_reference_with_ties_nan_and_padding(metric, sorted_rows, dedup,
     offsets = list(range(0, 7 * num_shards, 7)) if dedup else None
     result = topk_merge(distances, ids, k, metric=metric, sorted=sorted_rows, dedup=dedup, id_offsets=offsets)
     assert_same(result, expect(distances, ids, k, metric=metric, dedup=dedup, id_offsets=offsets))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_long_padding_runs_and_tie_groups_spanning_read_blocks(dtype, metric, dedup):
+    # Whole read blocks of padding (the merge skips them and reads on), and a tie group that starts in one
+    # block and ends in a later one, cut by k: its smallest ids must win wherever they sit.
+    rng = np.random.default_rng(11)
+    num_queries, width = 6, 70
+    distances, ids = make_shards(rng, 3, num_queries, width, metric=metric, tie_levels=3,
+                                 id_range=60 if dedup else None, dtype=np.dtype(dtype))
+    ids[0][:, 2:40] = -1
+    ids[2][:, :31] = -1
+    for k in (1, 14, 15, 16, 29, 50, 200):
+        result = topk_merge(distances, ids, k, metric=metric, dedup=dedup)
+        assert_same(result, expect(distances, ids, k, metric=metric, dedup=dedup))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])

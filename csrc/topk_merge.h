@@ -46,22 +46,22 @@ KARMA_HD To bit_cast(From value) {
 
 // Distance -> unsigned key, ascending in rank. IEEE bits order like sign-magnitude integers: flipping the sign
 // bit of non-negatives and every bit of negatives makes them order like unsigned integers. "ip" ranks the
-// negated score; adding +0 turns -0 into +0 so that the two zeros tie (and break by id).
+// negated score; adding +0 turns -0 into +0 so that the two zeros tie (and break by id). Written with selects
+// only, so that loops over many distances vectorize.
 template <bool Largest>
 KARMA_HD_HOT uint64_t sort_key(float distance) {
-  if (distance != distance) return kNanKey32;
   const float value = (Largest ? -distance : distance) + 0.0f;
   const uint32_t bits = bit_cast<uint32_t>(value);
-  return (bits & 0x80000000u) ? static_cast<uint32_t>(~bits) : (bits | 0x80000000u);
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u;
+  return distance != distance ? kNanKey32 : static_cast<uint64_t>(bits ^ flip);
 }
 
 template <bool Largest>
 KARMA_HD_HOT uint64_t sort_key(double distance) {
-  if (distance != distance) return kNanKey64;
   const double value = (Largest ? -distance : distance) + 0.0;
   const uint64_t bits = bit_cast<uint64_t>(value);
-  const uint64_t sign = 0x8000000000000000ull;
-  return (bits & sign) ? ~bits : (bits | sign);
+  const uint64_t flip = static_cast<uint64_t>(static_cast<int64_t>(bits) >> 63) | 0x8000000000000000ull;
+  return distance != distance ? kNanKey64 : bits ^ flip;
 }
 
 // Inverse of sort_key (NaN comes back as the canonical NaN, -0 as +0).

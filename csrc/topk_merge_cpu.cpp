@@ -112,19 +112,21 @@ using Packed = unsigned __int128;
 inline Packed pack(uint64_t key, int64_t id) { return (static_cast<Packed>(key) << 64) | static_cast<uint64_t>(id); }
 inline Candidate unpack(Packed p) { return Candidate{static_cast<uint64_t>(p >> 64), static_cast<int64_t>(p)}; }
 
-// The S-way merge of one query's sorted rows, built for a short dependency chain per output (the merge is
-// latency-bound: which shard wins is a coin flip, so every step waits on the one before).
+// The S-way merge of one query's sorted rows, built for a short dependency chain per output: which shard wins
+// is a coin flip, so each step waits on the one before, and the chain is what costs.
 //
 // - Loser tree over the shard heads: emitting a candidate replays one leaf-to-root path, log2(S) compare-and-
-//   swap steps done with conditional moves; the path's nodes are known from the shard alone, so their loads
+//   swap steps done with conditional moves; the path's nodes follow from the shard alone, so their loads
 //   start before the new head is known.
 // - Blocks: each shard's row is read ahead in blocks of up to kBlock-1 candidates, converted once (sort key,
-//   global id, value) into per-shard slots, padding dropped. A tree key is (sort key << bits | slot), so the
-//   winner names its own slot: its id and value are at that slot and the shard's next head is at slot + 1, one
-//   load away. Each block ends with a marker: key 0 (ranks before everything, so it wins at once and the
-//   block is refilled) while the row goes on, the all-ones key at its end (ranks after everything: when it
-//   wins, every row is exhausted).
-// - Equal keys leave in slot order; the ties are reordered by id afterwards (rare).
+//   global id) into per-shard slots, padding dropped. A tree key is (sort key << bits | slot), so the winner
+//   names its own slot: its id is at that slot and the shard's next head at slot + 1, one load away. Each
+//   block ends with a marker: key 0 (ranks before everything, so it wins at once and the block is refilled)
+//   while the row goes on, the all-ones key at its end (ranks after everything: when it wins, every row is
+//   exhausted).
+// - Equal keys leave in slot order; ties are reordered by id afterwards (rare).
+// - The rows of a later query are prefetched one shard at a time while this one merges: asking for all of
+//   them at once overflows the core's outstanding-miss slots and most requests are dropped (measured).
 // Per-thread state, reused across queries.
 template <typename scalar_t, bool Largest>
 class SortedMerge {
@@ -138,7 +140,7 @@ class SortedMerge {
   static constexpr KeyBits kEnd = ~KeyBits{0};
 
  public:
-  // Loser-tree depths with an unrolled replay; deeper trees (S > 16) take a loop.
+  // Loser-tree depths up to 4 (S <= 16) have an unrolled replay; deeper trees take a loop.
   static constexpr int kRuntimeDepth = 0;
 
   SortedMerge(const std::vector<ShardRows<scalar_t>>& shards, int64_t total_width, int64_t k, bool dedup)
@@ -146,54 +148,37 @@ class SortedMerge {
     leaves_ = 2;
     depth_ = 1;
     while (leaves_ < num_shards_) leaves_ *= 2, ++depth_;
-    const int64_t slots = leaves_ * kBlock;
-    keys_.assign(slots, make_key(kEnd, 0));
-    ids_.assign(slots, -1);
-    values_.assign(slots, scalar_t(0));
+    keys_.assign(leaves_ * kBlock, make_key(kEnd, 0));
+    ids_.assign(leaves_ * kBlock, -1);
     rows_.assign(num_shards_, Row{});
     losers_.assign(leaves_, make_key(kEnd, 0));
     winners_.assign(2 * leaves_, make_key(kEnd, 0));
     last_read_.assign(num_shards_, 1);
     // The first block of a row: about the row's share of k, plus slack so that a refill stays rare.
     first_block_ = std::min<int64_t>(kBlock - 1, (k + num_shards_ - 1) / num_shards_ + 2);
+    prefetch_spacing_ = std::max<int64_t>(1, std::min<int64_t>(8, k / num_shards_));
   }
 
   int depth() const { return depth_; }
 
-  // Asks for the first blocks of query q's rows ahead of time (a software prefetch; no effect on results). A
-  // block spans at most 120 bytes of distances and of ids: three cache lines each, named by their first,
-  // middle and last byte.
-  void prefetch(int64_t q) const {
-    for (int64_t s = 0; s < num_shards_; ++s) {
-      const ShardRows<scalar_t>& shard = shards_[s];
-      const int64_t n = std::min(first_block_, shard.width);
-      const char* d = reinterpret_cast<const char*>(shard.distances + q * shard.distance_row_stride);
-      const char* i = reinterpret_cast<const char*>(shard.ids + q * shard.id_row_stride);
-      const int64_t distance_bytes = n * static_cast<int64_t>(sizeof(scalar_t));
-      prefetch_line(d);
-      prefetch_line(d + distance_bytes / 2);
-      prefetch_line(d + distance_bytes - 1);
-      prefetch_line(i);
-      prefetch_line(i + n * 4);
-      prefetch_line(i + n * 8 - 1);
-    }
-  }
-
   // Writes query q's best candidates to out_distances/out_ids[0, count) (ties ordered by id) and returns the
-  // count, or -1 on bad input (recorded in errors).
+  // count, or -1 on bad input (recorded in errors). Prefetches the rows of query `upcoming` (if >= 0).
   template <int Depth, bool Dedup>
   int64_t run(int64_t q, int64_t k, scalar_t* __restrict out_distances, int64_t* __restrict out_ids,
-              InputErrorReport& errors) {
+              InputErrorReport& errors, int64_t upcoming) {
     errors_ = &errors;
     failed_ = false;
     unsorted_shard_ = -1;
     query_ = q;
+    upcoming_ = upcoming;
+    prefetched_ = upcoming >= 0 ? 0 : num_shards_;
     TreeKey winner = start(q);
     if (Dedup) seen_.clear();
     // The hot loop reads the state through local pointers: the output stores could alias members otherwise.
     const View view = this->view();
     int64_t count = 0;
-    KeyBits last = 0;  // key of the last candidate written
+    int64_t next_prefetch = prefetched_ < num_shards_ ? 0 : k;  // output count at which to prefetch a shard
+    KeyBits last = 0;                                            // key of the last candidate written
     bool tied = false;
     while (count < k) {
       const KeyBits key = key_of(winner);
@@ -204,7 +189,11 @@ class SortedMerge {
         continue;
       }
       if (!Dedup || seen_.insert(view.ids[slot])) {
-        out_distances[count] = view.values[slot];
+        if (__builtin_expect(count == next_prefetch, 0)) {
+          prefetch_shard(upcoming_, prefetched_++);
+          next_prefetch = prefetched_ < num_shards_ ? count + prefetch_spacing_ : k;
+        }
+        out_distances[count] = value_of(key);
         out_ids[count] = view.ids[slot];
         ++count;
         if (__builtin_expect(key == last, 0)) tied = true;
@@ -212,6 +201,7 @@ class SortedMerge {
       }
       winner = view.template advance<Depth>(slot, key, unsorted_shard_);
     }
+    while (prefetched_ < num_shards_) prefetch_shard(upcoming_, prefetched_++);
     if (count == k) {
       // Candidates tied with the k-th one may still follow, with smaller ids.
       while (key_of(winner) == kRefill) winner = refill<Depth>(slot_of(winner));
@@ -239,14 +229,29 @@ class SortedMerge {
   static KeyBits sort_key_of(scalar_t value) {
     return static_cast<KeyBits>(topk::sort_key<Largest>(static_cast<Key>(value)));
   }
-  // The value written out: NaN as the canonical NaN, -0 as +0 (what every path of the op returns).
-  static scalar_t canonical(scalar_t value) {
-    return static_cast<scalar_t>(topk::distance_of<Largest, Key>(topk::sort_key<Largest>(static_cast<Key>(value))));
-  }
-  // a ranks before b, for keys of candidates or markers (a marker is never out of order: its key - 1 wraps
-  // to the largest value).
+  // The distance written out for a key: the input value, with NaN as the canonical NaN and -0 as +0.
+  static scalar_t value_of(KeyBits key) { return static_cast<scalar_t>(topk::distance_of<Largest, Key>(key)); }
+  // True when a head ranks before the candidate it follows in its row. A marker never does: its key - 1 wraps
+  // to the largest value.
   static bool out_of_order(KeyBits next, KeyBits previous) {
     return static_cast<KeyBits>(next - 1) < static_cast<KeyBits>(previous - 1);
+  }
+
+  // Asks for the cache lines of shard s's first block in query q: at most 120 bytes of distances and of ids,
+  // three lines each at most, named by their first, middle and last byte.
+  void prefetch_shard(int64_t q, int64_t s) const {
+    const ShardRows<scalar_t>& shard = shards_[s];
+    const int64_t n = std::min(first_block_, shard.width);
+    if (n == 0) return;
+    const char* d = reinterpret_cast<const char*>(shard.distances + q * shard.distance_row_stride);
+    const char* i = reinterpret_cast<const char*>(shard.ids + q * shard.id_row_stride);
+    const int64_t distance_bytes = n * static_cast<int64_t>(sizeof(scalar_t));
+    prefetch_line(d);
+    prefetch_line(d + distance_bytes / 2);
+    prefetch_line(d + distance_bytes - 1);
+    prefetch_line(i);
+    prefetch_line(i + n * 4);
+    prefetch_line(i + n * 8 - 1);
   }
 
   // Reads the next block of shard s's row (up to `len` positions), drops padding, translates ids.
@@ -259,7 +264,6 @@ class SortedMerge {
     const uint64_t base = static_cast<uint64_t>(s) << kBlockBits;
     TreeKey* keys = keys_.data() + base;
     int64_t* out_ids = ids_.data() + base;
-    scalar_t* values = values_.data() + base;
     // Ids that translate into [0, INT64_MAX]: [low, high] (see topk::translate_id).
     const int64_t offset = shard.offset;
     const int64_t low = offset < 0 ? -offset : 0;
@@ -268,21 +272,23 @@ class SortedMerge {
     int64_t any_negative = 0;
     for (int64_t j = 0; j < n; ++j) any_negative |= ids[j];
     bool out_of_range = false;
-    int64_t count = 0;
-    if (any_negative >= 0) {  // no padding: a straight, branch-free conversion
-      for (int64_t j = 0; j < n; ++j) {
-        keys[j] = make_key(sort_key_of(distances[j]), base + j);
-        out_ids[j] = static_cast<int64_t>(static_cast<uint64_t>(ids[j]) + static_cast<uint64_t>(offset));
-        values[j] = canonical(distances[j]);
-        out_of_range |= (ids[j] < low) | (ids[j] > high);
+    int64_t count = n;
+    if (any_negative >= 0) {  // no padding: straight loops that vectorize
+      for (int64_t j = 0; j < n; ++j) keys[j] = make_key(sort_key_of(distances[j]), base + j);
+      if (offset == 0) {
+        std::copy(ids, ids + n, out_ids);  // every id is >= 0 here: nothing to translate or check
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          out_ids[j] = static_cast<int64_t>(static_cast<uint64_t>(ids[j]) + static_cast<uint64_t>(offset));
+          out_of_range |= (ids[j] < low) | (ids[j] > high);
+        }
       }
-      count = n;
     } else {
+      count = 0;
       for (int64_t j = 0; j < n; ++j) {
         if (ids[j] < 0) continue;
         keys[count] = make_key(sort_key_of(distances[j]), base + count);
         out_ids[count] = static_cast<int64_t>(static_cast<uint64_t>(ids[j]) + static_cast<uint64_t>(offset));
-        values[count] = canonical(distances[j]);
         out_of_range |= (ids[j] < low) | (ids[j] > high);
         ++count;
       }
@@ -323,11 +329,10 @@ class SortedMerge {
     return winners[1];
   }
 
-  // Raw views of the merge state.
+  // Raw views of the merge state, for the hot loop.
   struct View {
     const TreeKey* keys;
     const int64_t* ids;
-    const scalar_t* values;
     TreeKey* losers;
     uint64_t leaves;
     int depth;
@@ -357,7 +362,7 @@ class SortedMerge {
       return replay<Depth>(slot >> kBlockBits, next);
     }
   };
-  View view() { return View{keys_.data(), ids_.data(), values_.data(), losers_.data(), static_cast<uint64_t>(leaves_), depth_}; }
+  View view() { return View{keys_.data(), ids_.data(), losers_.data(), static_cast<uint64_t>(leaves_), depth_}; }
 
   // The end marker at slot won: read the shard's next block.
   template <int Depth>
@@ -378,12 +383,11 @@ class SortedMerge {
   // The output is full and the next winner ties with the k-th key: gather the whole boundary tie group (the
   // written tail with that key and every later candidate with it) and keep its smallest ids.
   template <int Depth, bool Dedup>
-  void take_smallest_ids_of_boundary_ties(int64_t k, KeyBits key, TreeKey winner,
-                                          scalar_t* out_distances, int64_t* out_ids) {
+  void take_smallest_ids_of_boundary_ties(int64_t k, KeyBits key, TreeKey winner, scalar_t* out_distances,
+                                          int64_t* out_ids) {
     int64_t group_start = k - 1;
     while (group_start > 0 && sort_key_of(out_distances[group_start - 1]) == key) --group_start;
-    tie_group_.clear();
-    for (int64_t j = group_start; j < k; ++j) tie_group_.emplace_back(out_ids[j], out_distances[j]);
+    tie_ids_.assign(out_ids + group_start, out_ids + k);
     while (!failed_) {
       const KeyBits head = key_of(winner);
       const uint64_t slot = slot_of(winner);
@@ -392,34 +396,22 @@ class SortedMerge {
         continue;
       }
       if (head != key) break;
-      if (!Dedup || seen_.insert(ids_[slot])) tie_group_.emplace_back(ids_[slot], values_[slot]);
+      if (!Dedup || seen_.insert(ids_[slot])) tie_ids_.push_back(ids_[slot]);
       winner = view().template advance<Depth>(slot, head, unsorted_shard_);
     }
-    const int64_t keep = k - group_start;
-    std::partial_sort(tie_group_.begin(), tie_group_.begin() + keep, tie_group_.end(),
-                      [](const auto& a, const auto& b) { return a.first < b.first; });
-    for (int64_t j = 0; j < keep; ++j) {
-      out_ids[group_start + j] = tie_group_[j].first;
-      out_distances[group_start + j] = tie_group_[j].second;
-    }
+    std::partial_sort(tie_ids_.begin(), tie_ids_.begin() + (k - group_start), tie_ids_.end());
+    std::copy(tie_ids_.begin(), tie_ids_.begin() + (k - group_start), out_ids + group_start);
   }
 
-  // Sorts each run of equal keys by id (the written row is already in key order).
-  void order_tie_groups(scalar_t* out_distances, int64_t* out_ids, int64_t count) {
+  // Sorts the ids of each run of equal keys (the written row is already in key order; a run's distances are
+  // all the same value).
+  static void order_tie_groups(const scalar_t* out_distances, int64_t* out_ids, int64_t count) {
     int64_t start = 0;
     while (start < count) {
       const KeyBits key = sort_key_of(out_distances[start]);
       int64_t end = start + 1;
       while (end < count && sort_key_of(out_distances[end]) == key) ++end;
-      if (end - start > 1) {
-        tie_group_.clear();
-        for (int64_t j = start; j < end; ++j) tie_group_.emplace_back(out_ids[j], out_distances[j]);
-        std::sort(tie_group_.begin(), tie_group_.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-        for (int64_t j = start; j < end; ++j) {
-          out_ids[j] = tie_group_[j - start].first;
-          out_distances[j] = tie_group_[j - start].second;
-        }
-      }
+      std::sort(out_ids + start, out_ids + end);
       start = end;
     }
   }
@@ -429,19 +421,21 @@ class SortedMerge {
   int64_t leaves_;
   int depth_;
   int64_t first_block_;
+  int64_t prefetch_spacing_;  // outputs between two shard prefetches
   std::vector<TreeKey> keys_;     // per shard: kBlock slots
   std::vector<int64_t> ids_;      // global ids, by slot
-  std::vector<scalar_t> values_;  // distances as written out (canonical), by slot
   std::vector<Row> rows_;
   std::vector<TreeKey> losers_;   // losers_[node], node in [1, leaves)
   std::vector<TreeKey> winners_;  // scratch for the initial tournament
   std::vector<KeyBits> last_read_;  // key of the last candidate of the shard's previous block
-  std::vector<std::pair<int64_t, scalar_t>> tie_group_;
+  std::vector<int64_t> tie_ids_;
   IdSet seen_;
   InputErrorReport* errors_ = nullptr;
   bool failed_ = false;
   int64_t unsorted_shard_ = -1;  // a shard whose row was read out of order in this query
   int64_t query_ = 0;
+  int64_t upcoming_ = -1;        // the query whose rows are prefetched during this one
+  int64_t prefetched_ = 0;       // its shards prefetched so far
 };
 
 template <typename scalar_t, bool Largest>
@@ -491,12 +485,12 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
       const auto merge_rows = [&](auto depth, auto dedup_rows) {
         constexpr int kDepth = decltype(depth)::value;
         constexpr bool kDedup = decltype(dedup_rows)::value;
-        // Rows this many queries ahead are requested now: they arrive while the current query merges.
+        // The rows of the query this many ahead are prefetched while a query merges.
         constexpr int64_t kPrefetchAhead = 2;
         for (int64_t q = begin; q < end && !errors.failed.load(std::memory_order_relaxed); ++q) {
-          if (q + kPrefetchAhead < end) merge.prefetch(q + kPrefetchAhead);
+          const int64_t upcoming = q + kPrefetchAhead < end ? q + kPrefetchAhead : -1;
           const int64_t count =
-              merge.template run<kDepth, kDedup>(q, k, out_distances + q * k, out_ids + q * k, errors);
+              merge.template run<kDepth, kDedup>(q, k, out_distances + q * k, out_ids + q * k, errors, upcoming);
           if (count < 0) return;
           pad_row(q, count);
         }

@@ -148,8 +148,10 @@ class SortedMerge {
     leaves_ = 2;
     depth_ = 1;
     while (leaves_ < num_shards_) leaves_ *= 2, ++depth_;
-    keys_.assign(leaves_ * kBlock, make_key(kEnd, 0));
-    ids_.assign(leaves_ * kBlock, -1);
+    // Shard s owns slots [(leaves + s) * kBlock, (leaves + s + 1) * kBlock): a slot shifted right by
+    // kBlockBits + 1 is then the loser-tree node above the shard's leaf (the lower half stays unused).
+    keys_.assign(2 * leaves_ * kBlock, make_key(kEnd, 0));
+    ids_.assign(2 * leaves_ * kBlock, -1);
     rows_.assign(num_shards_, Row{});
     losers_.assign(leaves_, make_key(kEnd, 0));
     winners_.assign(2 * leaves_, make_key(kEnd, 0));
@@ -174,43 +176,50 @@ class SortedMerge {
     prefetched_ = upcoming >= 0 ? 0 : num_shards_;
     TreeKey winner = start(q);
     if (Dedup) seen_.clear();
-    // The hot loop reads the state through local pointers: the output stores could alias members otherwise.
-    const View view = this->view();
+    // The hot loop reads the state through a local view (the output stores could alias members otherwise),
+    // which also keeps the root's loser in a register.
+    View view = this->view();
     int64_t count = 0;
-    int64_t next_prefetch = prefetched_ < num_shards_ ? 0 : k;  // output count at which to prefetch a shard
-    KeyBits last = 0;                                            // key of the last candidate written
+    KeyBits last = 0;  // key of the last candidate written
     bool tied = false;
-    while (count < k) {
-      const KeyBits key = key_of(winner);
-      const uint64_t slot = slot_of(winner);
-      if (__builtin_expect(static_cast<KeyBits>(key + 1) <= 1, 0)) {  // a block's end marker
-        if (key == kEnd) break;
-        winner = refill<Depth>(slot);
-        continue;
-      }
-      if (!Dedup || seen_.insert(view.ids[slot])) {
-        if (__builtin_expect(count == next_prefetch, 0)) {
-          prefetch_shard(upcoming_, prefetched_++);
-          next_prefetch = prefetched_ < num_shards_ ? count + prefetch_spacing_ : k;
+    bool exhausted = false;
+    while (!exhausted && count < k) {
+      // Outputs in chunks, one shard of the upcoming query prefetched between two chunks.
+      const int64_t chunk_end = prefetched_ < num_shards_ ? std::min(k, count + prefetch_spacing_) : k;
+      while (count < chunk_end) {
+        const KeyBits key = key_of(winner);
+        const uint64_t slot = slot_of(winner);
+        if (__builtin_expect(static_cast<KeyBits>(key + 1) <= 1, 0)) {  // a block's end marker
+          if (key == kEnd) {
+            exhausted = true;
+            break;
+          }
+          winner = view.template replay<Depth>(slot, refill(slot));
+          continue;
         }
-        out_distances[count] = value_of(key);
-        out_ids[count] = view.ids[slot];
-        ++count;
-        if (__builtin_expect(key == last, 0)) tied = true;
-        last = key;
+        if (!Dedup || seen_.insert(view.ids[slot])) {
+          out_distances[count] = value_of(key);
+          out_ids[count] = view.ids[slot];
+          ++count;
+          if (__builtin_expect(key == last, 0)) tied = true;
+          last = key;
+        }
+        winner = view.template advance<Depth>(slot, key, unsorted_shard_);
       }
-      winner = view.template advance<Depth>(slot, key, unsorted_shard_);
+      if (prefetched_ < num_shards_) prefetch_shard(upcoming_, prefetched_++);
     }
     while (prefetched_ < num_shards_) prefetch_shard(upcoming_, prefetched_++);
     if (count == k) {
       // Candidates tied with the k-th one may still follow, with smaller ids.
-      while (key_of(winner) == kRefill) winner = refill<Depth>(slot_of(winner));
+      while (key_of(winner) == kRefill) {
+        winner = view.template replay<Depth>(slot_of(winner), refill(slot_of(winner)));
+      }
       if (key_of(winner) == last) {
-        take_smallest_ids_of_boundary_ties<Depth, Dedup>(k, last, winner, out_distances, out_ids);
+        take_smallest_ids_of_boundary_ties<Depth, Dedup>(view, k, last, winner, out_distances, out_ids);
         tied = true;
       }
     }
-    if (unsorted_shard_ >= 0) record_unsorted(static_cast<uint64_t>(unsorted_shard_));
+    if (unsorted_shard_ >= 0) record_unsorted(unsorted_shard_);
     if (failed_) return -1;
     if (tied) order_tie_groups(out_distances, out_ids, count);
     return count;
@@ -226,6 +235,8 @@ class SortedMerge {
   static TreeKey make_key(KeyBits key, uint64_t slot) { return (static_cast<TreeKey>(key) << kSlotBits) | slot; }
   static KeyBits key_of(TreeKey t) { return static_cast<KeyBits>(t >> kSlotBits); }
   static uint64_t slot_of(TreeKey t) { return static_cast<uint32_t>(t); }
+  uint64_t first_slot(int64_t s) const { return static_cast<uint64_t>(leaves_ + s) << kBlockBits; }
+  static int64_t shard_of(uint64_t slot, int64_t leaves) { return static_cast<int64_t>(slot >> kBlockBits) - leaves; }
   static KeyBits sort_key_of(scalar_t value) {
     return static_cast<KeyBits>(topk::sort_key<Largest>(static_cast<Key>(value)));
   }
@@ -261,7 +272,7 @@ class SortedMerge {
     const int64_t n = std::min(len, shard.width - row.next);
     const scalar_t* distances = row.distances + row.next;
     const int64_t* ids = row.ids + row.next;
-    const uint64_t base = static_cast<uint64_t>(s) << kBlockBits;
+    const uint64_t base = first_slot(s);
     TreeKey* keys = keys_.data() + base;
     int64_t* out_ids = ids_.data() + base;
     // Ids that translate into [0, INT64_MAX]: [low, high] (see topk::translate_id).
@@ -316,7 +327,7 @@ class SortedMerge {
         rows_[s] = Row{shard.distances + q * shard.distance_row_stride, shard.ids + q * shard.id_row_stride, 0};
         last_read_[s] = 1;
         fill(s, first_block_);
-        winners[leaves_ + s] = keys_[static_cast<uint64_t>(s) << kBlockBits];
+        winners[leaves_ + s] = keys_[first_slot(s)];
       } else {
         winners[leaves_ + s] = make_key(kEnd, 0);
       }
@@ -329,62 +340,68 @@ class SortedMerge {
     return winners[1];
   }
 
-  // Raw views of the merge state, for the hot loop.
+  // Raw views of the merge state, for the hot loop; the root's loser lives here rather than in losers_[1].
   struct View {
     const TreeKey* keys;
     const int64_t* ids;
     TreeKey* losers;
     uint64_t leaves;
     int depth;
+    TreeKey root;
 
-    // Replays shard s's leaf-to-root path with its new head; returns the new winner.
+    // Replays the leaf-to-root path of the shard that owns `slot` with its new head; returns the new winner.
+    // Every step is a compare and two conditional moves: a branch here would mispredict half the time.
     template <int Depth>
-    TreeKey replay(uint64_t s, TreeKey candidate) const {
-      uint64_t node = (leaves + s) >> 1;
-      const int levels = Depth == kRuntimeDepth ? depth : Depth;
+    TreeKey replay(uint64_t slot, TreeKey candidate) {
+      uint64_t node = slot >> (kBlockBits + 1);
+      const int levels_below_root = (Depth == kRuntimeDepth ? depth : Depth) - 1;
 #pragma GCC unroll 4
-      for (int level = 0; level < levels; ++level) {
+      for (int level = 0; level < levels_below_root; ++level) {
         const TreeKey loser = losers[node];
-        const bool swap = loser < candidate;  // conditional moves: a branch here would mispredict half the time
+        const bool swap = loser < candidate;
         losers[node] = swap ? candidate : loser;
         candidate = swap ? loser : candidate;
         node >>= 1;
       }
-      return candidate;
+      const bool swap = root < candidate;
+      const TreeKey winner = swap ? root : candidate;
+      root = swap ? candidate : root;
+      return winner;
     }
 
     // The candidate at slot (key `key`) left: its shard's next head is at slot + 1. A head that ranks before
     // the candidate it follows names its shard in unsorted_shard.
     template <int Depth>
-    TreeKey advance(uint64_t slot, KeyBits key, int64_t& unsorted_shard) const {
+    TreeKey advance(uint64_t slot, KeyBits key, int64_t& unsorted_shard) {
       const TreeKey next = keys[slot + 1];
-      if (__builtin_expect(out_of_order(key_of(next), key), 0)) unsorted_shard = static_cast<int64_t>(slot >> kBlockBits);
-      return replay<Depth>(slot >> kBlockBits, next);
+      if (__builtin_expect(out_of_order(key_of(next), key), 0)) unsorted_shard = shard_of(slot, leaves);
+      return replay<Depth>(slot, next);
     }
   };
-  View view() { return View{keys_.data(), ids_.data(), losers_.data(), static_cast<uint64_t>(leaves_), depth_}; }
-
-  // The end marker at slot won: read the shard's next block.
-  template <int Depth>
-  TreeKey refill(uint64_t slot) {
-    const uint64_t s = slot >> kBlockBits;
-    if ((slot & (kBlock - 1)) != 0) last_read_[s] = key_of(keys_[slot - 1]);
-    fill(static_cast<int64_t>(s), kBlock - 1);
-    const TreeKey head = keys_[s << kBlockBits];
-    if (__builtin_expect(out_of_order(key_of(head), last_read_[s]), 0)) record_unsorted(s);
-    return view().template replay<Depth>(s, head);
+  View view() {
+    return View{keys_.data(), ids_.data(), losers_.data(), static_cast<uint64_t>(leaves_), depth_, losers_[1]};
   }
 
-  void record_unsorted(uint64_t s) {
-    errors_->record_unsorted(static_cast<int64_t>(s), query_);
+  // The end marker at slot won: reads the shard's next block; returns its new head (the caller replays it).
+  TreeKey refill(uint64_t slot) {
+    const int64_t s = shard_of(slot, leaves_);
+    if ((slot & (kBlock - 1)) != 0) last_read_[s] = key_of(keys_[slot - 1]);
+    fill(s, kBlock - 1);
+    const TreeKey head = keys_[first_slot(s)];
+    if (__builtin_expect(out_of_order(key_of(head), last_read_[s]), 0)) record_unsorted(s);
+    return head;
+  }
+
+  void record_unsorted(int64_t s) {
+    errors_->record_unsorted(s, query_);
     failed_ = true;
   }
 
   // The output is full and the next winner ties with the k-th key: gather the whole boundary tie group (the
   // written tail with that key and every later candidate with it) and keep its smallest ids.
   template <int Depth, bool Dedup>
-  void take_smallest_ids_of_boundary_ties(int64_t k, KeyBits key, TreeKey winner, scalar_t* out_distances,
-                                          int64_t* out_ids) {
+  void take_smallest_ids_of_boundary_ties(View view, int64_t k, KeyBits key, TreeKey winner,
+                                          const scalar_t* out_distances, int64_t* out_ids) {
     int64_t group_start = k - 1;
     while (group_start > 0 && sort_key_of(out_distances[group_start - 1]) == key) --group_start;
     tie_ids_.assign(out_ids + group_start, out_ids + k);
@@ -392,12 +409,12 @@ class SortedMerge {
       const KeyBits head = key_of(winner);
       const uint64_t slot = slot_of(winner);
       if (head == kRefill) {
-        winner = refill<Depth>(slot);
+        winner = view.template replay<Depth>(slot, refill(slot));
         continue;
       }
       if (head != key) break;
       if (!Dedup || seen_.insert(ids_[slot])) tie_ids_.push_back(ids_[slot]);
-      winner = view().template advance<Depth>(slot, head, unsorted_shard_);
+      winner = view.template advance<Depth>(slot, head, unsorted_shard_);
     }
     std::partial_sort(tie_ids_.begin(), tie_ids_.begin() + (k - group_start), tie_ids_.end());
     std::copy(tie_ids_.begin(), tie_ids_.begin() + (k - group_start), out_ids + group_start);
@@ -425,7 +442,7 @@ class SortedMerge {
   std::vector<TreeKey> keys_;     // per shard: kBlock slots
   std::vector<int64_t> ids_;      // global ids, by slot
   std::vector<Row> rows_;
-  std::vector<TreeKey> losers_;   // losers_[node], node in [1, leaves)
+  std::vector<TreeKey> losers_;   // losers_[node], node in [1, leaves); the merge loop keeps node 1 in its View
   std::vector<TreeKey> winners_;  // scratch for the initial tournament
   std::vector<KeyBits> last_read_;  // key of the last candidate of the shard's previous block
   std::vector<int64_t> tie_ids_;

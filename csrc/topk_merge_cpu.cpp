@@ -19,6 +19,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "topk_merge.h"
 
 namespace karma {
@@ -267,6 +271,36 @@ class SortedMerge {
     prefetch_line(i + n * 8 - 1);
   }
 
+  // Tree keys of distances[0, n) into keys (slots from `base`), four at a time with SSE2 for float32 (the
+  // common case; the scalar loop does not vectorize: it widens 32-bit keys into 64-bit tree keys). Returns
+  // how many it wrote, a multiple of 4; the caller converts the rest. Same keys as sort_key_of + make_key.
+  static int64_t tree_keys_simd(const scalar_t* distances, TreeKey* keys, uint64_t base, int64_t n) {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const __m128i sign = _mm_set1_epi32(static_cast<int>(0x80000000u));
+      const __m128i nan_key = _mm_set1_epi32(static_cast<int>(topk::kNanKey32));
+      const __m128i four = _mm_set1_epi32(4);
+      __m128i slots = _mm_add_epi32(_mm_set1_epi32(static_cast<int>(base)), _mm_setr_epi32(0, 1, 2, 3));
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4) {
+        const __m128 d = _mm_loadu_ps(distances + j);
+        const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(d, d));
+        const __m128 value = _mm_add_ps(Largest ? _mm_xor_ps(d, _mm_castsi128_ps(sign)) : d, _mm_setzero_ps());
+        const __m128i bits = _mm_castps_si128(value);
+        __m128i key = _mm_xor_si128(bits, _mm_or_si128(_mm_srai_epi32(bits, 31), sign));
+        key = _mm_or_si128(_mm_andnot_si128(nan, key), _mm_and_si128(nan, nan_key));
+        // Little-endian 64-bit tree keys: the slot in the low half, the sort key in the high half.
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(keys + j), _mm_unpacklo_epi32(slots, key));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(keys + j + 2), _mm_unpackhi_epi32(slots, key));
+        slots = _mm_add_epi32(slots, four);
+      }
+      return j;
+    }
+#endif
+    (void)distances, (void)keys, (void)base, (void)n;
+    return 0;
+  }
+
   // Reads the next block of shard s's row (up to `len` positions), drops padding, translates ids.
   void fill(int64_t s, int64_t len) {
     const ShardRows<scalar_t>& shard = shards_[s];
@@ -286,14 +320,12 @@ class SortedMerge {
     for (int64_t j = 0; j < n; ++j) any_negative |= ids[j];
     bool out_of_range = false;
     int64_t count = n;
-    if (any_negative >= 0) {  // no padding: straight loops that vectorize
+    if (any_negative >= 0) {  // no padding: straight loops
+      const int64_t done = tree_keys_simd(distances, keys, base, n);
+      for (int64_t j = done; j < n; ++j) keys[j] = make_key(sort_key_of(distances[j]), base + j);
       if (offset == 0) {  // every id is >= 0 here: nothing to translate or check
-        for (int64_t j = 0; j < n; ++j) {
-          keys[j] = make_key(sort_key_of(distances[j]), base + j);
-          out_ids[j] = ids[j];
-        }
+        for (int64_t j = 0; j < n; ++j) out_ids[j] = ids[j];
       } else {
-        for (int64_t j = 0; j < n; ++j) keys[j] = make_key(sort_key_of(distances[j]), base + j);
         for (int64_t j = 0; j < n; ++j) {
           out_ids[j] = static_cast<int64_t>(static_cast<uint64_t>(ids[j]) + static_cast<uint64_t>(offset));
           out_of_range |= (ids[j] < low) | (ids[j] > high);

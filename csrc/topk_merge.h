@@ -28,11 +28,13 @@ struct Candidate {
   int64_t id;
 };
 
-// Keys of NaN (after every number) and of an exhausted input (after everything), per distance precision. The
-// all-ones key of each precision stays free (the CPU merge marks the end of a shard's row with it), and no
-// distance maps to key 0 (only a NaN with every bit set would, and NaN is mapped first).
-constexpr uint64_t kNanKey32 = 0xFFFFFFFEull;             // above the key of +inf, 0xFF800000
-constexpr uint64_t kNanKey64 = 0xFFFFFFFFFFFFFFFEull;     // above the key of +inf, 0xFFF0000000000000
+// Keys of NaN (after every number) and of an exhausted input (after everything), per distance precision. A NaN
+// key is the key a canonical NaN would get (0x7FC00000 / 0x7FF8000000000000 with the sign bit flipped), so the
+// inverse map needs no special case; it sits above the key of +inf. The all-ones key of each precision stays
+// free (the CPU merge marks the end of a shard's row with it), and no distance maps to key 0 (only a NaN with
+// every bit set would, and NaN is mapped first).
+constexpr uint64_t kNanKey32 = 0xFFC00000ull;             // above the key of +inf, 0xFF800000
+constexpr uint64_t kNanKey64 = 0xFFF8000000000000ull;     // above the key of +inf, 0xFFF0000000000000
 constexpr uint64_t kExhaustedKey = 0xFFFFFFFFFFFFFFFFull;
 
 // Reinterprets the bits of a value (memcpy compiles to a register move on host and device).
@@ -64,15 +66,15 @@ KARMA_HD_HOT uint64_t sort_key(double distance) {
   return distance != distance ? kNanKey64 : bits ^ flip;
 }
 
-// Inverse of sort_key (NaN comes back as the canonical NaN, -0 as +0).
+// Inverse of sort_key (NaN comes back as the canonical NaN, -0 as +0): undoes the flip (a key with its top bit
+// set came from a non-negative value). Selects only.
 template <bool Largest, typename Key>
 KARMA_HD Key distance_of(uint64_t key);
 
 template <>
 KARMA_HD float distance_of<false, float>(uint64_t key) {
-  if (key == kNanKey32) return bit_cast<float>(0x7FC00000u);
   const uint32_t k = static_cast<uint32_t>(key);
-  return bit_cast<float>((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+  return bit_cast<float>(k ^ (static_cast<uint32_t>(static_cast<int32_t>(~k) >> 31) | 0x80000000u));
 }
 
 template <>
@@ -82,9 +84,7 @@ KARMA_HD float distance_of<true, float>(uint64_t key) {
 
 template <>
 KARMA_HD double distance_of<false, double>(uint64_t key) {
-  if (key == kNanKey64) return bit_cast<double>(0x7FF8000000000000ull);
-  const uint64_t sign = 0x8000000000000000ull;
-  return bit_cast<double>((key & sign) ? (key & ~sign) : ~key);
+  return bit_cast<double>(key ^ (static_cast<uint64_t>(static_cast<int64_t>(~key) >> 63) | 0x8000000000000000ull));
 }
 
 template <>

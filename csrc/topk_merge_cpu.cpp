@@ -316,16 +316,18 @@ class SortedMerge {
     const int64_t low = offset < 0 ? -offset : 0;
     const int64_t high = offset >= 0 ? std::numeric_limits<int64_t>::max() - offset
                                      : std::numeric_limits<int64_t>::max();
+    // Copy the ids while looking for padding (a negative id): with none and offset 0, the copy is all.
     int64_t any_negative = 0;
-    for (int64_t j = 0; j < n; ++j) any_negative |= ids[j];
+    for (int64_t j = 0; j < n; ++j) {
+      out_ids[j] = ids[j];
+      any_negative |= ids[j];
+    }
     bool out_of_range = false;
     int64_t count = n;
     if (any_negative >= 0) {  // no padding: straight loops
       const int64_t done = tree_keys_simd(distances, keys, base, n);
       for (int64_t j = done; j < n; ++j) keys[j] = make_key(sort_key_of(distances[j]), base + j);
-      if (offset == 0) {  // every id is >= 0 here: nothing to translate or check
-        for (int64_t j = 0; j < n; ++j) out_ids[j] = ids[j];
-      } else {
+      if (offset != 0) {
         for (int64_t j = 0; j < n; ++j) {
           out_ids[j] = static_cast<int64_t>(static_cast<uint64_t>(ids[j]) + static_cast<uint64_t>(offset));
           out_of_range |= (ids[j] < low) | (ids[j] > high);

@@ -603,6 +603,15 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
 
 }  // namespace
 
+// The S shards arrive either as a list of S (Q, k_s) tensors (k_s may differ) or stacked, as one (S, Q, k_s)
+// tensor in a one-element list: the Python wrapper passes a stacked array that way, so that no tensor per
+// shard is made (which costs more than merging a small batch).
+bool is_stacked(at::TensorList distances) { return distances.size() == 1 && distances[0].dim() == 3; }
+
+int64_t num_shards_of(at::TensorList distances) {
+  return is_stacked(distances) ? distances[0].size(0) : static_cast<int64_t>(distances.size());
+}
+
 // Checks shared by the CPU and CUDA implementations. Python validates first with friendlier messages; these
 // guard direct torch.ops calls.
 void check_topk_merge_inputs(at::TensorList distances, at::TensorList ids, int64_t k,
@@ -614,9 +623,10 @@ void check_topk_merge_inputs(at::TensorList distances, at::TensorList ids, int64
   const auto dtype = distances[0].scalar_type();
   const auto device = distances[0].device();
   TORCH_CHECK_TYPE(at::isFloatingType(dtype), "topk_merge: distances must be floating, got ", dtype);
+  const bool stacked = is_stacked(distances);
   for (size_t s = 0; s < distances.size(); ++s) {
-    TORCH_CHECK_VALUE(distances[s].dim() == 2, "topk_merge: distances[", s, "] must be 2-D (Q, k_s), got ",
-                      distances[s].sizes());
+    TORCH_CHECK_VALUE(distances[s].dim() == (stacked ? 3 : 2), "topk_merge: distances[", s, "] must be ",
+                      stacked ? "3-D (S, Q, k_s)" : "2-D (Q, k_s)", ", got ", distances[s].sizes());
     TORCH_CHECK_VALUE(ids[s].sizes() == distances[s].sizes(), "topk_merge: ids[", s, "] has shape ",
                       ids[s].sizes(), " but distances[", s, "] has shape ", distances[s].sizes());
     TORCH_CHECK_VALUE(distances[s].size(0) == distances[0].size(0), "topk_merge: every shard must have the ",
@@ -629,12 +639,14 @@ void check_topk_merge_inputs(at::TensorList distances, at::TensorList ids, int64
     TORCH_CHECK_VALUE(distances[s].device() == device && ids[s].device() == device,
                       "topk_merge: every shard must be on ", device);
   }
+  const int64_t num_shards = num_shards_of(distances);
+  TORCH_CHECK_VALUE(num_shards >= 1, "topk_merge: distances must hold at least one shard");
   if (id_offsets.has_value()) {
     const at::Tensor& offsets = *id_offsets;
     TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, "topk_merge: id_offsets must be int64, got ",
                      offsets.scalar_type());
-    TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == static_cast<int64_t>(distances.size()),
-                      "topk_merge: id_offsets must have shape (", distances.size(), ",), got ", offsets.sizes());
+    TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == num_shards, "topk_merge: id_offsets must have shape (",
+                      num_shards, ",), got ", offsets.sizes());
     TORCH_CHECK_VALUE(offsets.device() == device, "topk_merge: id_offsets must be on ", device);
   }
 }
@@ -643,15 +655,17 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(at::TensorList distances, at::
                                                   bool largest, const c10::optional<at::Tensor>& id_offsets,
                                                   bool sorted, bool dedup) {
   check_topk_merge_inputs(distances, ids, k, id_offsets);
-  const int64_t num_queries = distances[0].size(0);
-  const int64_t num_shards = static_cast<int64_t>(distances.size());
+  const bool stacked = is_stacked(distances);
+  const int64_t num_shards = num_shards_of(distances);
+  const int64_t num_queries = distances[0].size(stacked ? 1 : 0);
   at::Tensor offsets_cpu;
   if (id_offsets.has_value()) offsets_cpu = id_offsets->contiguous();
-  // Keep the (possibly made contiguous) inputs alive while the raw pointers are in use.
+  // Rows must be contiguous (the shard and query strides may be anything). Keep any contiguous copy alive
+  // while the raw pointers are in use.
   std::vector<at::Tensor> kept;
-  kept.reserve(2 * num_shards);
-  const auto row_major = [&](const at::Tensor& t) {
-    at::Tensor r = (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
+  const auto rows_contiguous = [&](const at::Tensor& t) {
+    const int64_t last = t.dim() - 1;
+    at::Tensor r = (t.size(last) <= 1 || t.stride(last) == 1) ? t : t.contiguous();
     kept.push_back(r);
     return r;
   };
@@ -661,12 +675,22 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(at::TensorList distances, at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, distances[0].scalar_type(), "topk_merge_cpu", [&] {
     std::vector<ShardRows<scalar_t>> shards;
     shards.reserve(num_shards);
-    for (int64_t s = 0; s < num_shards; ++s) {
-      const at::Tensor d = row_major(distances[s]);
-      const at::Tensor i = row_major(ids[s]);
-      shards.push_back(ShardRows<scalar_t>{d.const_data_ptr<scalar_t>(), i.const_data_ptr<int64_t>(), d.stride(0),
-                                           i.stride(0), d.size(1),
-                                           offsets_cpu.defined() ? offsets_cpu.const_data_ptr<int64_t>()[s] : 0});
+    const int64_t* offsets = offsets_cpu.defined() ? offsets_cpu.const_data_ptr<int64_t>() : nullptr;
+    if (stacked) {
+      const at::Tensor d = rows_contiguous(distances[0]);
+      const at::Tensor i = rows_contiguous(ids[0]);
+      for (int64_t s = 0; s < num_shards; ++s) {
+        shards.push_back(ShardRows<scalar_t>{d.const_data_ptr<scalar_t>() + s * d.stride(0),
+                                             i.const_data_ptr<int64_t>() + s * i.stride(0), d.stride(1), i.stride(1),
+                                             d.size(2), offsets ? offsets[s] : 0});
+      }
+    } else {
+      for (int64_t s = 0; s < num_shards; ++s) {
+        const at::Tensor d = rows_contiguous(distances[s]);
+        const at::Tensor i = rows_contiguous(ids[s]);
+        shards.push_back(ShardRows<scalar_t>{d.const_data_ptr<scalar_t>(), i.const_data_ptr<int64_t>(), d.stride(0),
+                                             i.stride(0), d.size(1), offsets ? offsets[s] : 0});
+      }
     }
     if (largest) {
       merge_cpu<scalar_t, true>(shards, num_queries, k, sorted, dedup, out_distances.mutable_data_ptr<scalar_t>(),
@@ -689,6 +713,7 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(at::TensorList distances, at::
 
 // A fragment: the Python custom ops of the other kernels register into the same "karma" namespace.
 TORCH_LIBRARY_FRAGMENT(karma, m) {
+  // distances/ids: S tensors (Q, k_s), or one stacked (S, Q, k_s) tensor each (see is_stacked).
   m.def(
       "topk_merge(Tensor[] distances, Tensor[] ids, int k, bool largest, Tensor? id_offsets, bool sorted, "
       "bool dedup) -> (Tensor, Tensor)");

@@ -16,6 +16,7 @@ namespace karma {
 
 void check_topk_merge_inputs(at::TensorList distances, at::TensorList ids, int64_t k,
                              const c10::optional<at::Tensor>& id_offsets);
+bool is_stacked(at::TensorList distances);
 
 namespace {
 
@@ -42,10 +43,14 @@ std::pair<at::Tensor, at::Tensor> sort_rows(const at::Tensor& distances, const a
   return {distances.gather(1, order), ids.gather(1, order)};
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_merge_cuda(at::TensorList distances, at::TensorList ids, int64_t k,
+std::tuple<at::Tensor, at::Tensor> topk_merge_cuda(at::TensorList distances_in, at::TensorList ids_in, int64_t k,
                                                    bool largest, const c10::optional<at::Tensor>& id_offsets,
                                                    bool sorted, bool dedup) {
-  check_topk_merge_inputs(distances, ids, k, id_offsets);
+  check_topk_merge_inputs(distances_in, ids_in, k, id_offsets);
+  // A stacked (S, Q, k_s) input becomes S views: the shard table below takes one pointer per shard anyway.
+  const bool stacked = is_stacked(distances_in);
+  const std::vector<at::Tensor> distances = stacked ? distances_in[0].unbind(0) : distances_in.vec();
+  const std::vector<at::Tensor> ids = stacked ? ids_in[0].unbind(0) : ids_in.vec();
   const int64_t num_shards = static_cast<int64_t>(distances.size());
   TORCH_CHECK_VALUE(num_shards <= KARMA_TOPK_MAX_SHARDS, "topk_merge: the CUDA path merges at most ",
                     KARMA_TOPK_MAX_SHARDS, " shards per call, got ", num_shards);

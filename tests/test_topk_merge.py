@@ -151,6 +151,15 @@ def test_numpy_in_numpy_out_torch_in_torch_out_and_list_equals_stacked():
     wide_i = np.repeat(stacked_i, 2, axis=2)[:, :, ::2]
     strided = topk_merge(wide_d, wide_i, 5)
     np.testing.assert_array_equal(strided[1], from_numpy[1])
+    # A stacked array goes to the compiled op whole: any shard and query strides (here queries taken
+    # backwards and every other shard of a larger stack), one stacked and one listed input, and offsets.
+    big_d, big_i = np.repeat(stacked_d, 2, axis=0), np.repeat(stacked_i, 2, axis=0)
+    views = (big_d[::2, ::-1], big_i[::2, ::-1])
+    np.testing.assert_array_equal(topk_merge(*views, 5)[1], from_numpy[1][::-1])
+    np.testing.assert_array_equal(topk_merge(views[0], list(views[1]), 5)[1], from_numpy[1][::-1])
+    offsets = [0, 10**6, 2 * 10**6, 3 * 10**6]
+    np.testing.assert_array_equal(topk_merge(stacked_d, stacked_i, 5, id_offsets=offsets)[1],
+                                  topk_merge(distances, ids, 5, id_offsets=offsets)[1])
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
@@ -286,15 +295,18 @@ def test_bad_inputs_raise_clear_errors():
     d = np.zeros((2, 3, 4), np.float32)
     i = np.zeros((2, 3, 4), np.int64)
     bad = [
-        (dict(distances=d, ids=i[:, :, :3]), ValueError, r"ids\[0\] has shape"),
+        (dict(distances=d, ids=i[:, :, :3]), ValueError, r"ids has shape \(2, 3, 3\) but distances has shape"),
+        (dict(distances=list(d), ids=list(i[:, :, :3])), ValueError, r"ids\[0\] has shape"),
         (dict(distances=d, ids=i[:1]), ValueError, "distances has 2 shards but ids has 1"),
         (dict(distances=[d[0], d[1][:2]], ids=[i[0], i[1][:2]]), ValueError, "same number of queries"),
         (dict(k=0), ValueError, "k must be >= 1"),
         (dict(k=-3), ValueError, "k must be >= 1"),
         (dict(k=2.0), TypeError, "k must be an int"),
         (dict(k=True), TypeError, "k must be an int"),
-        (dict(ids=i.astype(np.int32)), TypeError, r"ids\[0\] must be int64"),
-        (dict(distances=d.astype(np.int64)), TypeError, r"distances\[0\] must be float32"),
+        (dict(ids=i.astype(np.int32)), TypeError, r"ids must be int64"),
+        (dict(distances=d.astype(np.int64)), TypeError, r"distances must be float32"),
+        (dict(distances=list(d), ids=list(i.astype(np.int32))), TypeError, r"ids\[0\] must be int64"),
+        (dict(distances=list(d.astype(np.int64)), ids=list(i)), TypeError, r"distances\[0\] must be float32"),
         (dict(distances=[d[0], d[1].astype(np.float64)], ids=list(i)), TypeError, "use one dtype"),
         (dict(ids=torch.from_numpy(i)), TypeError, "distances is numpy but ids is torch"),
         (dict(distances=[d[0], torch.from_numpy(d[1])]), TypeError, "mixes numpy arrays and torch tensors"),
@@ -326,6 +338,16 @@ def test_compiled_op_direct_call_checks_inputs_too():
         torch.ops.karma.topk_merge(d, [torch.zeros(3, 4, dtype=torch.int64)], 0, False, None, True, False)
     with pytest.raises(TypeError, match="must be int64"):
         torch.ops.karma.topk_merge(d, [torch.zeros(3, 4, dtype=torch.int32)], 2, False, None, True, False)
+    # The stacked form: one (S, Q, k_s) tensor each.
+    stacked = [torch.zeros(2, 3, 4)]
+    with pytest.raises(ValueError, match=r"ids\[0\] has shape"):
+        torch.ops.karma.topk_merge(stacked, [torch.zeros(2, 3, 5, dtype=torch.int64)], 2, False, None, True, False)
+    with pytest.raises(ValueError, match=r"id_offsets must have shape \(2,\)"):
+        torch.ops.karma.topk_merge(stacked, [torch.zeros(2, 3, 4, dtype=torch.int64)], 2, False,
+                                   torch.zeros(3, dtype=torch.int64), True, False)
+    with pytest.raises(ValueError, match="at least one shard"):
+        torch.ops.karma.topk_merge([torch.zeros(0, 3, 4)], [torch.zeros(0, 3, 4, dtype=torch.int64)], 2, False,
+                                   None, True, False)
 
 
 def test_opcheck_and_torch_compile():
@@ -334,7 +356,10 @@ def test_opcheck_and_torch_compile():
     d = [torch.from_numpy(x) for x in distances]
     i = [torch.from_numpy(x) for x in ids]
     offsets = torch.tensor([0, 5000, 10000])
-    for args in ((d, i, 7, False, offsets, True, False), (d, i, 3, True, None, False, True)):
+    stacked_d = [torch.from_numpy(np.stack([x[:, :2] for x in distances]))]  # the stacked form
+    stacked_i = [torch.from_numpy(np.stack([x[:, :2] for x in ids]))]
+    for args in ((d, i, 7, False, offsets, True, False), (d, i, 3, True, None, False, True),
+                 (stacked_d, stacked_i, 4, False, offsets, True, False)):
         torch.library.opcheck(torch.ops.karma.topk_merge.default, args)
 
     def merge(a, b, c, ia, ib, ic):

@@ -34,7 +34,8 @@ _extension_state: dict = {}  # "loaded": bool, set once by _extension_loaded()
 def _register_fake() -> None:
     @torch.library.register_fake("karma::topk_merge")
     def _(distances, ids, k, largest, id_offsets, sorted, dedup):
-        num_queries = distances[0].shape[0]
+        stacked = len(distances) == 1 and distances[0].dim() == 3  # one (S, Q, k_s) tensor
+        num_queries = distances[0].shape[1 if stacked else 0]
         return (distances[0].new_empty((num_queries, k)),
                 ids[0].new_empty((num_queries, k)))
 
@@ -89,23 +90,25 @@ def _as_tensor(array: ArrayLike) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _shards(name: str, value) -> list[torch.Tensor]:
-    """(S, Q, k_s) or a list of S (Q, k_s) -> list of S 2-D tensors (views, no copy)."""
+def _shards(name: str, value) -> Union[torch.Tensor, list[torch.Tensor]]:
+    """(S, Q, k_s) -> that tensor (stacked; no copy, no tensor per shard), a list of S (Q, k_s) -> S tensors."""
     if isinstance(value, (list, tuple)):
         shards = [_as_tensor(v) for v in value]
         for s, shard in enumerate(shards):
             if shard.dim() != 2:
                 raise ValueError(f"{OP}: {name}[{s}] must be 2-D (Q, k_s), got shape {tuple(shard.shape)}")
         return shards
-    if isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[0] > 0:
-        return [_as_tensor(shard) for shard in value]  # numpy views are cheaper than torch's unbind
     stacked = _as_tensor(value)
     if stacked.dim() != 3:
         raise ValueError(f"{OP}: {name} must be 3-D (S, Q, k_s) or a list of 2-D (Q, k_s) arrays, "
                          f"got shape {tuple(stacked.shape)}")
     if stacked.shape[0] == 0:
         raise ValueError(f"{OP}: {name} must hold at least one shard, got shape {tuple(stacked.shape)}")
-    return list(stacked.unbind(0))
+    return stacked
+
+
+def _shard_list(shards: Union[torch.Tensor, list[torch.Tensor]]) -> list[torch.Tensor]:
+    return list(shards.unbind(0)) if isinstance(shards, torch.Tensor) else shards
 
 
 def _offsets_tensor(id_offsets, num_shards: int, device: torch.device) -> Optional[torch.Tensor]:
@@ -137,31 +140,41 @@ def _offsets_tensor(id_offsets, num_shards: int, device: torch.device) -> Option
     return offsets.to(device=device, dtype=torch.int64).contiguous()
 
 
-def _validate(distances: list[torch.Tensor], ids: list[torch.Tensor], k) -> None:
-    if len(distances) != len(ids):
-        raise ValueError(f"{OP}: distances has {len(distances)} shards but ids has {len(ids)}")
+def _validate(distances: Union[torch.Tensor, list[torch.Tensor]], ids: Union[torch.Tensor, list[torch.Tensor]],
+              k) -> None:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"{OP}: k must be an int, got {type(k).__name__}")
     if k <= 0:
         raise ValueError(f"{OP}: k must be >= 1, got {k}")
-    num_queries = distances[0].shape[0]
-    dtype, device = distances[0].dtype, distances[0].device
+    if isinstance(distances, torch.Tensor):  # stacked: one check for every shard
+        if ids.shape[0] != distances.shape[0]:
+            raise ValueError(f"{OP}: distances has {distances.shape[0]} shards but ids has {ids.shape[0]}")
+        _validate_shard(distances, ids, "", distances.dtype, distances.device, distances.shape[1])
+        return
+    if len(distances) != len(ids):
+        raise ValueError(f"{OP}: distances has {len(distances)} shards but ids has {len(ids)}")
     for s, (d, i) in enumerate(zip(distances, ids)):
-        if d.dtype not in DISTANCE_DTYPES:
-            raise TypeError(f"{OP}: distances[{s}] must be float32, float16, bfloat16 or float64, got {d.dtype}")
-        if d.dtype != dtype:
-            raise TypeError(f"{OP}: distances[{s}] is {d.dtype} but distances[0] is {dtype}; use one dtype")
-        if i.dtype != torch.int64:
-            raise TypeError(f"{OP}: ids[{s}] must be int64, got {i.dtype}")
-        if tuple(i.shape) != tuple(d.shape):
-            raise ValueError(f"{OP}: ids[{s}] has shape {tuple(i.shape)} but distances[{s}] has shape "
-                             f"{tuple(d.shape)}")
-        if d.shape[0] != num_queries:
-            raise ValueError(f"{OP}: every shard must have the same number of queries; distances[{s}] has "
-                             f"{d.shape[0]}, distances[0] has {num_queries}")
-        if d.device != device or i.device != device:
-            raise ValueError(f"{OP}: distances[{s}] and ids[{s}] must be on {device} like distances[0], got "
-                             f"{d.device} and {i.device}")
+        _validate_shard(d, i, f"[{s}]", distances[0].dtype, distances[0].device, distances[0].shape[0])
+
+
+def _validate_shard(d: torch.Tensor, i: torch.Tensor, index: str, dtype, device, num_queries: int) -> None:
+    """Checks one shard (index "[s]") or a stacked input (index "") against the first shard's dtype, device
+    and number of queries."""
+    if d.dtype not in DISTANCE_DTYPES:
+        raise TypeError(f"{OP}: distances{index} must be float32, float16, bfloat16 or float64, got {d.dtype}")
+    if d.dtype != dtype:
+        raise TypeError(f"{OP}: distances{index} is {d.dtype} but distances[0] is {dtype}; use one dtype")
+    if i.dtype != torch.int64:
+        raise TypeError(f"{OP}: ids{index} must be int64, got {i.dtype}")
+    if tuple(i.shape) != tuple(d.shape):
+        raise ValueError(f"{OP}: ids{index} has shape {tuple(i.shape)} but distances{index} has shape "
+                         f"{tuple(d.shape)}")
+    if d.shape[-2] != num_queries:
+        raise ValueError(f"{OP}: every shard must have the same number of queries; distances{index} has "
+                         f"{d.shape[-2]}, distances[0] has {num_queries}")
+    if d.device != device or i.device != device:
+        raise ValueError(f"{OP}: distances{index} and ids{index} must be on {device} like distances[0], got "
+                         f"{d.device} and {i.device}")
 
 
 def _reference(distances: list[torch.Tensor], ids: list[torch.Tensor], k: int, largest: bool,
@@ -211,10 +224,13 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
             raise TypeError(f"{OP}: {name} must be a bool, got {type(flag).__name__}")
     distance_shards = _shards("distances", distances)
     id_shards = _shards("ids", ids)
+    if isinstance(distance_shards, torch.Tensor) != isinstance(id_shards, torch.Tensor):
+        distance_shards, id_shards = _shard_list(distance_shards), _shard_list(id_shards)  # one stacked, one list
     _validate(distance_shards, id_shards, k)
     k = int(k)
+    num_shards = len(distance_shards)  # a stacked tensor's first dimension
     device = distance_shards[0].device
-    offsets = _offsets_tensor(id_offsets, len(distance_shards), device)
+    offsets = _offsets_tensor(id_offsets, num_shards, device)
     largest = metric == "ip"
 
     use_compiled = backend != "reference" and _extension_loaded() and _compiled_supports(device.type)
@@ -223,10 +239,15 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
                if _extension_state.get("loaded") else f"the extension is not built ({BUILD_HINT})")
         raise ValueError(f"{OP}: backend='compiled' cannot run on {device}: {why}")
     if use_compiled:
-        out_distances, out_ids = torch.ops.karma.topk_merge(
-            [d.detach() if d.requires_grad else d for d in distance_shards], id_shards, k, largest, offsets, bool(sorted), bool(dedup))
+        # A stacked input goes to the op as one (S, Q, k_s) tensor in a one-element list.
+        as_list = [distance_shards] if isinstance(distance_shards, torch.Tensor) else distance_shards
+        as_list = [d.detach() if d.requires_grad else d for d in as_list]
+        id_list = [id_shards] if isinstance(id_shards, torch.Tensor) else id_shards
+        out_distances, out_ids = torch.ops.karma.topk_merge(as_list, id_list, k, largest, offsets, bool(sorted),
+                                                            bool(dedup))
     else:
-        out_distances, out_ids = _reference(distance_shards, id_shards, k, largest, offsets, bool(dedup))
+        out_distances, out_ids = _reference(_shard_list(distance_shards), _shard_list(id_shards), k, largest,
+                                            offsets, bool(dedup))
     if library == "numpy":
         return out_distances.numpy(), out_ids.numpy()
     return out_distances, out_ids

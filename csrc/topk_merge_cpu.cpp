@@ -144,7 +144,7 @@ class SortedMerge {
   static constexpr KeyBits kEnd = ~KeyBits{0};
 
  public:
-  // Loser-tree depths up to 4 (S <= 16) have an unrolled replay; deeper trees take a loop.
+  // Loser-tree depths up to 6 (S <= 64) have an unrolled replay; deeper trees take a loop.
   static constexpr int kRuntimeDepth = 0;
 
   SortedMerge(const std::vector<ShardRows<scalar_t>>& shards, int64_t total_width, int64_t k, bool dedup)
@@ -163,11 +163,16 @@ class SortedMerge {
     // The first block of a row: its share of k, m = ceil(k / S), plus about two standard deviations of the
     // share (~sqrt(m) for rows of similar distances), so that a refill (a cache miss on the critical path:
     // only first blocks are prefetched) stays rare: at S = 8, k = 100, 0.01 refills per query instead of 2.
+    // With more shards than k (share < 1), most rows give nothing or their head: two candidates each (the
+    // head and what follows it) keep the reads, and the lines touched, to what a heap merge reads.
     const int64_t share = (k + num_shards_ - 1) / num_shards_;
     int64_t spread = 1;
     while (spread * spread < share) ++spread;
-    first_block_ = std::min<int64_t>(kBlock - 1, share + 2 * spread + 1);
+    first_block_ = k < num_shards_ ? 2 : std::min<int64_t>(kBlock - 1, share + 2 * spread + 1);
+    // Prefetches: every prefetch_spacing_ outputs, the rows of prefetch_batch_ shards of the upcoming query,
+    // so that all S are asked for within the k outputs.
     prefetch_spacing_ = std::max<int64_t>(1, std::min<int64_t>(8, k / num_shards_));
+    prefetch_batch_ = std::max<int64_t>(1, (num_shards_ * prefetch_spacing_ + k - 1) / k);
   }
 
   int depth() const { return depth_; }
@@ -193,7 +198,7 @@ class SortedMerge {
     bool tied = false;
     bool exhausted = false;
     while (!exhausted && count < k) {
-      // Outputs in chunks, one shard of the upcoming query prefetched between two chunks.
+      // Outputs in chunks, shards of the upcoming query prefetched between two chunks.
       const int64_t chunk_end = prefetched_ < num_shards_ ? std::min(k, count + prefetch_spacing_) : k;
       while (count < chunk_end) {
         const KeyBits key = key_of(winner);
@@ -215,7 +220,7 @@ class SortedMerge {
         }
         winner = view.template advance<Depth>(slot, key, unsorted_shard_);
       }
-      if (prefetched_ < num_shards_) prefetch_shard(upcoming_, prefetched_++);
+      for (int64_t b = 0; b < prefetch_batch_ && prefetched_ < num_shards_; ++b) prefetch_shard(upcoming_, prefetched_++);
     }
     while (prefetched_ < num_shards_) prefetch_shard(upcoming_, prefetched_++);
     if (count == k) {
@@ -394,7 +399,7 @@ class SortedMerge {
     TreeKey replay(uint64_t slot, TreeKey candidate) {
       uint64_t node = slot >> (kBlockBits + 1);
       const int levels_below_root = (Depth == kRuntimeDepth ? depth : Depth) - 1;
-#pragma GCC unroll 4
+#pragma GCC unroll 6
       for (int level = 0; level < levels_below_root; ++level) {
         const TreeKey loser = losers[node];
         const bool swap = loser < candidate;
@@ -477,7 +482,8 @@ class SortedMerge {
   int64_t leaves_;
   int depth_;
   int64_t first_block_;
-  int64_t prefetch_spacing_;  // outputs between two shard prefetches
+  int64_t prefetch_spacing_;  // outputs between two rounds of shard prefetches
+  int64_t prefetch_batch_;    // shards per round
   std::vector<TreeKey> keys_;     // per shard: kBlock slots
   std::vector<int64_t> ids_;      // global ids, by slot
   std::vector<Row> rows_;
@@ -560,6 +566,8 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
           case 2: merge_rows(std::integral_constant<int, 2>{}, std::false_type{}); break;
           case 3: merge_rows(std::integral_constant<int, 3>{}, std::false_type{}); break;
           case 4: merge_rows(std::integral_constant<int, 4>{}, std::false_type{}); break;
+          case 5: merge_rows(std::integral_constant<int, 5>{}, std::false_type{}); break;
+          case 6: merge_rows(std::integral_constant<int, 6>{}, std::false_type{}); break;
           default: merge_rows(Runtime{}, std::false_type{}); break;
         }
       }

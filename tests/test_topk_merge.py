@@ -74,8 +74,9 @@ CASES = [  # num_shards, num_queries, widths, k
     (4, 33, [8, 0, 3, 12], 50),
     (7, 6, 13, 13),
     (16, 9, 10, 100),
-    (37, 5, [7, 0, 3] * 12 + [9], 30),  # two levels of the merge's 8-way tournament
-    (70, 3, [2, 0, 5, 1] * 17 + [3, 3], 40),  # three levels
+    (20, 4, [3, 0, 9, 1] * 5, 25),  # loser trees of every depth: 1 (S <= 2) ... 6 (S <= 64) unrolled, 7 a loop
+    (37, 5, [7, 0, 3] * 12 + [9], 30),
+    (70, 3, [2, 0, 5, 1] * 17 + [3, 3], 40),
     # The sorted merge reads rows in blocks of 15: rows that take several blocks, tie groups across blocks.
     (2, 7, [40, 33], 60),
     (5, 9, [16, 15, 31, 1, 47], 45),

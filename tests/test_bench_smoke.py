@@ -64,3 +64,18 @@ def test_report_writes_tables_and_plots(quick_bench_json, tmp_path):
         assert f"### {op}" in markdown, f"no table for {op}"
         png = out_dir / f"{op}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+
+
+def test_topk_merge_vs_faiss_script_runs_and_checks_its_arguments(capsys):
+    pytest.importorskip("faiss", reason="faiss is not installed (pip install faiss-cpu)")
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.topk_merge_vs_faiss import main
+    finally:
+        sys.path.remove(str(REPO))
+    main(["--shards", "3", "--queries", "40", "--k", "5", "--calls", "2", "--warmup", "1", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "S=3 Q=40 k=5, 1 thread(s), 2 alternating calls" in printed
+    assert "faiss / karma:" in printed and "(medians)" in printed
+    with pytest.raises(SystemExit):
+        main(["--k", "0"])

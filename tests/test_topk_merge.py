@@ -144,7 +144,8 @@ def test_numpy_in_numpy_out_torch_in_torch_out_and_list_equals_stacked():
     from_torch = topk_merge(torch.from_numpy(stacked_d), torch.from_numpy(stacked_i), 5)
     assert all(isinstance(x, torch.Tensor) for x in from_torch)
     from_list = topk_merge(distances, ids, 5)
-    for other in (from_torch, from_list):
+    from_reference = topk_merge(stacked_d, stacked_i, 5, backend="reference")
+    for other in (from_torch, from_list, from_reference):
         np.testing.assert_array_equal(np.asarray(other[0]), from_numpy[0])
         np.testing.assert_array_equal(np.asarray(other[1]), from_numpy[1])
     # Non-contiguous rows (a strided view) give the same result.

@@ -544,6 +544,9 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
   };
 
   if (sorted) {
+    // Slots are 32-bit: (leaves + s) * kBlock must fit (checked here: nothing may throw inside the parallel region).
+    TORCH_CHECK_VALUE(num_shards <= (int64_t{1} << 24), "topk_merge: sorted=True merges at most 2^24 shards per ",
+                      "call, got ", num_shards, "; merge them in groups or pass sorted=False");
     at::parallel_for(0, num_queries, grain, [&](int64_t begin, int64_t end) {
       SortedMerge<scalar_t, Largest> merge(shards, total_width, k, dedup);
       // The S-way merge, with the tree depth as a compile-time constant where it is small.

@@ -28,14 +28,12 @@ struct Candidate {
   int64_t id;
 };
 
-// Keys of NaN (after every number) and of an exhausted input (after everything), per distance precision. A NaN
-// key is the key a canonical NaN would get (0x7FC00000 / 0x7FF8000000000000 with the sign bit flipped), so the
+// Keys of NaN (after every number), per distance precision. A NaN key is the key a canonical NaN would get (0x7FC00000 / 0x7FF8000000000000 with the sign bit flipped), so the
 // inverse map needs no special case; it sits above the key of +inf. The all-ones key of each precision stays
 // free (the CPU merge marks the end of a shard's row with it), and no distance maps to key 0 (only a NaN with
 // every bit set would, and NaN is mapped first).
 constexpr uint64_t kNanKey32 = 0xFFC00000ull;             // above the key of +inf, 0xFF800000
 constexpr uint64_t kNanKey64 = 0xFFF8000000000000ull;     // above the key of +inf, 0xFFF0000000000000
-constexpr uint64_t kExhaustedKey = 0xFFFFFFFFFFFFFFFFull;
 
 // Reinterprets the bits of a value (memcpy compiles to a register move on host and device).
 template <typename To, typename From>

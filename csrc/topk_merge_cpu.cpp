@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
-#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -319,35 +318,36 @@ class SortedMerge {
     const uint64_t base = first_slot(s);
     TreeKey* keys = keys_.data() + base;
     int64_t* out_ids = ids_.data() + base;
-    // Ids that translate into [0, INT64_MAX]: [low, high] (see topk::translate_id).
+    // Ids that translate into [0, INT64_MAX]: [low, high] (see topk::translate_id). translate() adds the offset
+    // without a branch and notes an id outside them (reported after the block).
     const int64_t offset = shard.offset;
     const int64_t low = offset < 0 ? -offset : 0;
     const int64_t high = offset >= 0 ? std::numeric_limits<int64_t>::max() - offset
                                      : std::numeric_limits<int64_t>::max();
+    bool out_of_range = false;
+    const auto translate = [&](int64_t id) {
+      out_of_range |= (id < low) | (id > high);
+      return static_cast<int64_t>(static_cast<uint64_t>(id) + static_cast<uint64_t>(offset));
+    };
     // Copy the ids while looking for padding (a negative id): with none and offset 0, the copy is all.
     int64_t any_negative = 0;
     for (int64_t j = 0; j < n; ++j) {
       out_ids[j] = ids[j];
       any_negative |= ids[j];
     }
-    bool out_of_range = false;
     int64_t count = n;
     if (any_negative >= 0) {  // no padding: straight loops
       const int64_t done = tree_keys_simd(distances, keys, base, n);
       for (int64_t j = done; j < n; ++j) keys[j] = make_key(sort_key_of(distances[j]), base + j);
       if (offset != 0) {
-        for (int64_t j = 0; j < n; ++j) {
-          out_ids[j] = static_cast<int64_t>(static_cast<uint64_t>(ids[j]) + static_cast<uint64_t>(offset));
-          out_of_range |= (ids[j] < low) | (ids[j] > high);
-        }
+        for (int64_t j = 0; j < n; ++j) out_ids[j] = translate(ids[j]);
       }
     } else {
       count = 0;
       for (int64_t j = 0; j < n; ++j) {
         if (ids[j] < 0) continue;
         keys[count] = make_key(sort_key_of(distances[j]), base + count);
-        out_ids[count] = static_cast<int64_t>(static_cast<uint64_t>(ids[j]) + static_cast<uint64_t>(offset));
-        out_of_range |= (ids[j] < low) | (ids[j] > high);
+        out_ids[count] = translate(ids[j]);
         ++count;
       }
     }

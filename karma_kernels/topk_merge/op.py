@@ -111,6 +111,11 @@ def _shard_list(shards: Union[torch.Tensor, list[torch.Tensor]]) -> list[torch.T
     return list(shards.unbind(0)) if isinstance(shards, torch.Tensor) else shards
 
 
+def _op_list(shards: Union[torch.Tensor, list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The compiled op's Tensor[] argument: a stacked input goes whole, as a one-element list."""
+    return [shards] if isinstance(shards, torch.Tensor) else shards
+
+
 def _offsets_tensor(id_offsets, num_shards: int, device: torch.device) -> Optional[torch.Tensor]:
     if id_offsets is None:
         return None
@@ -239,12 +244,9 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
                if _extension_state.get("loaded") else f"the extension is not built ({BUILD_HINT})")
         raise ValueError(f"{OP}: backend='compiled' cannot run on {device}: {why}")
     if use_compiled:
-        # A stacked input goes to the op as one (S, Q, k_s) tensor in a one-element list.
-        as_list = [distance_shards] if isinstance(distance_shards, torch.Tensor) else distance_shards
-        as_list = [d.detach() if d.requires_grad else d for d in as_list]
-        id_list = [id_shards] if isinstance(id_shards, torch.Tensor) else id_shards
-        out_distances, out_ids = torch.ops.karma.topk_merge(as_list, id_list, k, largest, offsets, bool(sorted),
-                                                            bool(dedup))
+        out_distances, out_ids = torch.ops.karma.topk_merge(
+            [d.detach() if d.requires_grad else d for d in _op_list(distance_shards)], _op_list(id_shards), k,
+            largest, offsets, bool(sorted), bool(dedup))
     else:
         out_distances, out_ids = _reference(_shard_list(distance_shards), _shard_list(id_shards), k, largest,
                                             offsets, bool(dedup))

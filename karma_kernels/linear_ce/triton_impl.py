@@ -118,17 +118,23 @@ def _add_dot_into(out_ptrs, out_mask, lhs, rhs_ptrs, rhs_mask, UPCAST: tl.conste
 
 
 @triton.jit
+def _token_block(n_valid_ptr, BLOCK_N: tl.constexpr):
+    """This program's block of token slots: offsets, mask, and whether it holds any (slots past the valid count
+    are ignored tokens; their programs skip all work)."""
+    n_valid = tl.load(n_valid_ptr)
+    start = tl.program_id(0) * BLOCK_N
+    offs_n = start + tl.arange(0, BLOCK_N)
+    return offs_n, offs_n < n_valid, start < n_valid
+
+
+@triton.jit
 def _lce_forward_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot_target_ptr, n_valid_ptr,
                         loss_ptr, max_ptr, log_sum_ptr, V, D, stride_h, stride_w, smoothing, z_loss, softcap,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                         UPCAST: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    n_valid = tl.load(n_valid_ptr)
-    start = pid * BLOCK_N
-    if start < n_valid:
-        offs_n = start + tl.arange(0, BLOCK_N)
-        row_mask = offs_n < n_valid
+    offs_n, row_mask, active = _token_block(n_valid_ptr, BLOCK_N)
+    if active:
         rows = tl.load(slot_row_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
         target = tl.load(slot_target_ptr + offs_n, mask=row_mask, other=0)
         row_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -178,12 +184,8 @@ def _lce_grad_hidden_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, s
                             V, D, stride_h, stride_w, stride_gh, smoothing, z_loss, softcap,
                             HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    n_valid = tl.load(n_valid_ptr)
-    start = pid * BLOCK_N
-    if start < n_valid:
-        offs_n = start + tl.arange(0, BLOCK_N)
-        row_mask = offs_n < n_valid
+    offs_n, row_mask, active = _token_block(n_valid_ptr, BLOCK_N)
+    if active:
         rows, target, row_max, log_sum, grad_scale, z_factor = _load_grad_terms(
             offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride,
             max_ptr, log_sum_ptr, z_loss)

@@ -46,7 +46,7 @@ class KernelFacts:
     shared_bytes: int
     wgmma: int                  # wgmma.mma_async instructions in the PTX
     mma_sync: int               # pre-Hopper mma.sync instructions (tensor cores without wgmma)
-    async_copies: int           # cp.async + cp.async.bulk (TMA) instructions in the PTX
+    async_copies: int           # cp.async.ca/cg + cp.async.bulk (TMA) copy instructions in the PTX
     tma: bool
 
 
@@ -69,7 +69,7 @@ def scan_ptx(ptx: str) -> Dict[str, int]:
     bulk = len(re.findall(r"\bcp\.async\.bulk", ptx))
     return {"wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
             "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
-            "async_copies": len(re.findall(r"\bcp\.async\b", ptx)) + bulk,
+            "async_copies": len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)) + bulk,
             "tma": int(bulk > 0)}
 
 

@@ -30,7 +30,7 @@ def test_scan_ptx():
            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};\n"
            "cp.async.bulk.tensor.2d.shared::cluster.global [%r3], [%rd4, {%r5, %r6}];\n")
     facts = kernel_audit.scan_ptx(ptx)
-    assert facts == {"wgmma": 1, "mma_sync": 0, "async_copies": 3, "tma": 1}
+    assert facts == {"wgmma": 1, "mma_sync": 0, "async_copies": 2, "tma": 1}
 
 
 def _launch(**kw):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -167,7 +168,8 @@ class TrainStep:
         self.device = torch.device(device)
         self.model = KarmaStepModel(shape, seed).to(self.device)
         self.batch = make_batch(shape, self.device, seed + 1)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        # fused AdamW (one kernel over all parameters, no per-parameter temporaries), as training runs use it
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
 
@@ -190,9 +192,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compare(shape: StepShape, device, rounds: int = 3) -> Dict[str, dict]:
+def compare(shape: StepShape, device, rounds: int = 3, log=None) -> Dict[str, dict]:
     """Both variants side by side: one warm-up step each, then ``rounds`` rounds alternating (order flips every
-    round). Returns {variant: {"time_s": median, "peak_mem_bytes": median, "mem_method": ...}}."""
+    round). Returns {variant: {"time_s": median, "peak_mem_bytes": median, "mem_method": ...}}. ``log``: a
+    callable that gets one progress line per measured step."""
     from bench._mem import peak_memory
 
     trainer = TrainStep(shape, device)
@@ -214,6 +217,8 @@ def compare(shape: StepShape, device, rounds: int = 3) -> Dict[str, dict]:
             elapsed, peak, method = peak_memory(timed, trainer.device)
             times[variant].append(elapsed)
             peaks[variant].append(peak)
+            if log is not None:
+                log(f"{shape.describe()} round {round_index + 1}/{rounds} {variant}: {elapsed:.3f} s, {_mib(peak)}")
     return {v: {"time_s": statistics.median(times[v]),
                 "peak_mem_bytes": None if None in peaks[v] else int(statistics.median(peaks[v])),
                 "mem_method": method, "rounds": rounds} for v in VARIANTS}
@@ -271,7 +276,7 @@ def main(argv=None) -> str:
     results = {}
     for vocab in args.vocab:
         shape = replace(base, vocab=vocab)
-        results[shape] = compare(shape, device, args.rounds)
+        results[shape] = compare(shape, device, args.rounds, log=lambda line: print(line, file=sys.stderr, flush=True))
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     table = markdown_table(results, f"{device}: {where}")
     print(table)

@@ -205,11 +205,14 @@ class ShardedIndex:
               gpus: Optional[Sequence[int]] = None) -> "ShardedIndex":
         """Split ``vectors`` (N, D) into ``num_shards`` contiguous disjoint row slices, one faiss index each
         (``faiss.index_factory(D, factory, metric)``, trained on its own slice when ``train`` and untrained);
-        the global id of an item is its row index. ``device`` and ``gpus`` as in the constructor (the shards are
-        built on the CPU, then copied to the GPUs on the cuda path)."""
+        the global id of an item is its row index. ``vectors`` may be a numpy array or a torch tensor (any
+        device). ``device`` and ``gpus`` as in the constructor (the shards are built on the CPU, then copied to
+        the GPUs on the cuda path)."""
         faiss = _import_faiss()
         if metric not in METRICS:
             raise ValueError(f"ShardedIndex.build: metric must be one of {METRICS}, got {metric!r}")
+        if hasattr(vectors, "detach") and hasattr(vectors, "cpu"):  # a torch tensor: faiss builds from host memory
+            vectors = vectors.detach().cpu().numpy()
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] == 0:
             raise ValueError(f"ShardedIndex.build: vectors must be a non-empty 2-D (N, D) array, got shape "

@@ -182,6 +182,10 @@ def test_torch_queries_get_torch_results(data):
         index.search(torch.ones(24), 3)
     with pytest.raises(ValueError, match="device must be one of"):
         ShardedIndex.build(vectors, 2, device="tpu")
+    from_tensor = ShardedIndex.build(torch.from_numpy(vectors).to(torch.float64), 3, metric="ip", device="cpu")
+    np.testing.assert_array_equal(from_tensor.search(queries, 10)[1], want_ids)
+    with pytest.raises(TypeError, match="vectors must be floating"):
+        ShardedIndex.build(torch.ones(5, 2, dtype=torch.int32), 2)
 
 
 def require_cuda_path():
@@ -222,7 +226,8 @@ def test_cuda_path_equals_the_cpu_path(metric, num_shards):
     require_cuda_path()
     vectors, queries = integer_data(3001, 200)
     cpu = ShardedIndex.build(vectors, num_shards, metric=metric, device="cpu")
-    gpu = ShardedIndex.build(vectors, num_shards, metric=metric, device="cuda", gpus=[0])  # all on one device
+    # all shards on one device, built from a CUDA tensor
+    gpu = ShardedIndex.build(torch.from_numpy(vectors).cuda(), num_shards, metric=metric, device="cuda", gpus=[0])
     assert gpu.device == "cuda" and gpu.why_not_gpu is None and gpu.shard_devices == [0] * num_shards
     on_device = torch.from_numpy(queries).cuda()
     for k in (1, 10, 100):

@@ -307,13 +307,14 @@ class ShardedIndex:
                         continue
                     width = min(k, shard.ntotal)
                     if width == 0:  # an empty shard contributes nothing
-                        found.append((s, local.new_empty((local.shape[0], 0)),
-                                      torch.empty((local.shape[0], 0), dtype=torch.int64, device=device)))
+                        found.append((s, torch.empty((local.shape[0], 0), device=merge_device),
+                                      torch.empty((local.shape[0], 0), dtype=torch.int64, device=merge_device)))
                         continue
                     distances, ids = shard.search(local, width)
-                    # Global ids on the device; padding (-1) stays -1. Offsets were bounds-checked at build
-                    # time, so the merge need not read an overflow flag back (a host sync).
-                    ids = torch.where(ids >= 0, ids + self.id_offsets[s], ids)
+                    if self.id_offsets[s]:
+                        # Global ids on the device; padding (-1) stays -1. Offsets were bounds-checked when the
+                        # index was made, so the merge need not read an overflow flag back (a host sync).
+                        ids = torch.where(ids >= 0, ids + self.id_offsets[s], ids)
                     found.append((s, distances.to(merge_device, non_blocking=True),
                                   ids.to(merge_device, non_blocking=True)))
                 return found

@@ -88,7 +88,8 @@ class KarmaStepModel(nn.Module):
         torch.manual_seed(seed)
         config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                              num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                             num_key_value_heads=shape.heads, max_position_embeddings=shape.history + 2 * shape.text_len + 8,
+                             num_key_value_heads=shape.heads,
+                             max_position_embeddings=shape.history + 2 * shape.text_len + 8,
                              tie_word_embeddings=True, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
         self.shape = shape
         self.backbone = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")

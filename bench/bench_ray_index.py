@@ -109,7 +109,7 @@ def test_threads(benchmark, data, num_shards, batch):
     from karma_kernels import topk_merge
 
     vectors, queries = data
-    index = retrieval.ShardedIndex.build(vectors, num_shards, metric="l2")
+    index = retrieval.ShardedIndex.build(vectors, num_shards, metric="l2", device="cpu")
     run_case(benchmark, lambda: index.search(queries[:batch], K), op="sharded_search", impl="threads",
              shape=_shape(num_shards, batch), size=N * batch, dtype="float32", device="cpu", rounds=ROUNDS,
              warmup_rounds=1)

@@ -7,6 +7,9 @@ casts logits to float32, so its float64 model is not a float64 truth). Torch in 
 model's own loss in the dtype under test.
 """
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -160,6 +163,12 @@ def test_forward_contract(torch_one_thread):
     assert torch.equal(model.generate(input_ids[:, :5], **kwargs), plain.generate(input_ids[:, :5], **kwargs))
     with pytest.raises(ValueError, match="already patched"):
         patch(model)
+    # a deep copy (e.g. a reference model for distillation) is patched too, and runs its own weights
+    twin = copy.deepcopy(model)
+    assert is_patched(twin) and twin.forward.args[0] is twin
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2.0)
+    assert not torch.equal(twin(input_ids=input_ids, labels=labels).loss, model(input_ids=input_ids, labels=labels).loss)
     unpatch(model)
     with pytest.raises(ValueError, match="not patched"):
         unpatch(model)
@@ -180,6 +189,15 @@ def test_refuses_what_it_cannot_reproduce():
     input_ids, attention_mask, labels = _batch()
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(input_ids=input_ids, labels=labels, logits_to_keep=3)
+
+
+def test_importing_the_ops_imports_no_integration_library():
+    code = ("import sys, karma_kernels, karma_kernels.integrations; "
+            "print(sorted(m for m in ('transformers', 'sentence_transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 class _TokenDataset(torch.utils.data.Dataset):

@@ -142,3 +142,56 @@ def test_sentence_transformer_trainer_gives_the_same_loss_curve(torch_one_thread
     ours = _train(tiny_model, tmp_path, MultipleNegativesRankingLoss)
     assert len(ours) == len(theirs) == 3
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------------------------ gather_across_devices on 2 real gloo ranks
+
+WORLD = 2
+GATHER_CASES = {"pairs": (2, False), "hard_negatives": (3, False), "symmetric_pairs": (2, True),
+                "symmetric_hard_negatives": (3, True)}
+
+
+def _rank_embeddings(rank, columns):
+    generator = torch.Generator().manual_seed(50 + rank)
+    return [torch.randn(BATCH, 8, generator=generator, dtype=torch.float64).requires_grad_(True)
+            for _ in range(columns)]
+
+
+def _gather_worker(rank, port, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    results = {}
+    for case, (columns, symmetric) in GATHER_CASES.items():
+        for name, module in (("upstream", _upstream(None, symmetric, gather_across_devices=True)),
+                             ("ours", (MultipleNegativesSymmetricRankingLoss if symmetric else
+                                       MultipleNegativesRankingLoss)(None, gather_across_devices=True))):
+            embeddings = _rank_embeddings(rank, columns)
+            loss = module.compute_loss_from_embeddings(embeddings, None)
+            loss.backward()
+            results[(case, name)] = (loss.detach(), [e.grad for e in embeddings])
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_gather_across_devices_on_two_ranks_matches_sentence_transformers(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for case in GATHER_CASES:
+            truth_loss, truth_grads = results[(case, "upstream")]
+            our_loss, our_grads = results[(case, "ours")]
+            assert_close_to_truth(f"rank {rank} {case} loss", our_loss, truth_loss, truth_loss, torch.float64)
+            for column, (ours, truth) in enumerate(zip(our_grads, truth_grads)):
+                assert_close_to_truth(f"rank {rank} {case} d column {column}", ours, truth, truth, torch.float64)

@@ -50,6 +50,9 @@ def _model(name):
     model = cls(config)
     if name == "llama_tied_bias":  # a head with a bias as well as tied weights
         model.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB) * 0.5)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    # tied heads (GPT-2, Gemma, llama_tied_bias; the others are untied) really share the embedding parameter
+    assert tied == bool(config.tie_word_embeddings), f"{name}: tied={tied}"
     return model.train()
 
 

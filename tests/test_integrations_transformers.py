@@ -188,6 +188,8 @@ def test_refuses_what_it_cannot_reproduce():
         patch(granite)
     with pytest.raises(TypeError, match="return_logits"):
         patch(_model("llama"), return_logits="yes")
+    with pytest.raises(ValueError, match="backend"):
+        patch(_model("llama"), backend="cuda")
     model = patch(_model("llama"))
     input_ids, attention_mask, labels = _batch()
     with pytest.raises(ValueError, match="logits_to_keep"):

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._backend import BACKENDS
 from ..linear_ce.op import linear_cross_entropy
 
 _OP = "karma_kernels.integrations.transformers.patch"
@@ -175,6 +176,8 @@ def patch(model: nn.Module, *, return_logits: bool = False, backend: str = "auto
         raise TypeError(f"{_OP}: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(return_logits, bool):
         raise TypeError(f"{_OP}: return_logits must be a bool, got {return_logits!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{_OP}: backend must be one of {BACKENDS}, got {backend!r}")
     if getattr(model, _STATE, None) is not None:
         raise ValueError(f"{_OP}: {type(model).__name__} is already patched; call unpatch(model) first")
     config = _text_config(model)

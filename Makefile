@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.karma-installed
-EXTRAS ?= test,bench,hf,faiss,ray
+EXTRAS ?= test,bench,hf,st,faiss,ray
 
 .PHONY: setup run test bench bench-quick clean
 

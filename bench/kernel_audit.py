@@ -102,7 +102,11 @@ def compile_launch(launch, arch: int = 90) -> KernelFacts:
     if missing:
         raise ValueError(f"{launch.name}: the audit signature lacks {missing}")
     constants = {(names.index(k),): v for k, v in launch.constexprs.items()}
-    source = ASTSource(kernel, dict(launch.signature), constexprs=constants)
+    # what the runtime's specialisation tells the compiler: 16-byte aligned tensors, 16-divisible sizes/strides
+    # (without it loads are not vectorised and the PTX would not be the one that runs)
+    divisible = [n for n in names if launch.signature[n].startswith("*") or n in getattr(launch, "aligned", ())]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    source = ASTSource(kernel, dict(launch.signature), constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
     ptx = compiled.asm["ptx"]

@@ -84,8 +84,9 @@ def test_backward_schedule_follows_torch_determinism(deterministic, monkeypatch)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        query = torch.randn(9, 32, device=TRITON_DEVICE, requires_grad=True)
-        keys = torch.randn(11, 32, device=TRITON_DEVICE, requires_grad=True)
+        # bfloat16: float32 inputs always take the sliced deterministic schedule (see resident_limit)
+        query = torch.randn(9, 32, device=TRITON_DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        keys = torch.randn(11, 32, device=TRITON_DEVICE, dtype=torch.bfloat16, requires_grad=True)
         contrastive_loss(query, keys, backend="triton").backward()
     finally:
         torch.use_deterministic_algorithms(previous)
@@ -100,6 +101,9 @@ def test_d_tiling_keeps_small_d_resident_and_slices_large_d():
     atomic = triton_configs.backward_launches(4096, 4096, 512, torch.bfloat16, False, False, False, False, False,
                                               deterministic=False)
     assert [launch.name for launch in atomic] == ["grad_query", "grad_keys"]   # no atomic schedule for D > 256
+    fp32 = triton_configs.backward_launches(4096, 4096, 256, torch.float32, False, False, False, False, False,
+                                            deterministic=False)
+    assert [launch.name for launch in fp32] == ["grad_query", "grad_keys"]
 
 
 def test_autotune_prunes_configs_over_the_shared_memory_limit():

@@ -3,8 +3,8 @@
 Built from ``triton_configs.forward_launches`` / ``backward_launches``, the functions the launchers call, so the
 audit compiles exactly what runs. F = 2·B·M·D (one pass of logits); budgets: forward + backward <= 4F with the
 atomic backward (1F forward + 3F) and <= 5F with the deterministic one (1F + 4F); the symmetric mode's column
-pass adds 1F. With D > 256 the backward splits D into slices that each recompute the logits (budget grows by the
-recomputation).
+pass adds 1F. With D > 256 (float32: any D) the backward splits D into slices that each recompute the logits
+(the budget grows by that recomputation).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import triton
 
 from .._audit import TRITON_ELEMENT, AuditPlan, KernelLaunch, signature_for
-from .triton_configs import backward_launches, d_tiling, forward_launches
+from .triton_configs import backward_launches, resident_limit, d_tiling, forward_launches
 
 _TENSOR_ARGS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr")
 
@@ -39,9 +39,10 @@ def audit_plan(batch: int, dim: int, dtype: torch.dtype, mode: str = "softmax", 
             num_warps=launch.config.num_warps, num_stages=launch.config.num_stages, grid=launch.grid,
             matmul_flops=launch.matmul_flops, phase=launch.phase, aligned=aligned))
     unit = 2.0 * batch * batch * dim
-    budget = (5.0 if deterministic or not d_tiling(dim)["RESIDENT"] else 4.0) + (1.0 if symmetric else 0.0)
-    if not d_tiling(dim)["RESIDENT"]:    # each of the S output slices of both gradient kernels recomputes logits
-        budget += 2.0 * (triton.cdiv(dim, d_tiling(dim)["BLOCK_DV"]) - 1)
+    tiling = d_tiling(dim, resident_limit(dtype))
+    budget = (5.0 if deterministic or not tiling["RESIDENT"] else 4.0) + (1.0 if symmetric else 0.0)
+    if not tiling["RESIDENT"]:    # each of the S output slices of both gradient kernels recomputes the logits
+        budget += 2.0 * (triton.cdiv(dim, tiling["BLOCK_DV"]) - 1)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     case = (f"B=M={batch} D={dim} {name} {mode}{' symmetric' if symmetric else ''}"
             f"{' key_ids+logq' if with_ids_logq else ''} {'deterministic' if deterministic else 'atomic dq'}")

@@ -46,7 +46,7 @@ def _gpu_defaults(dtype: torch.dtype, pairwise: bool) -> Configs:
     if dtype == torch.float32:          # tf32x3 tiles: twice the bytes of half precision per element
         return Configs(Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(64, 32, 4, 2))
     forward = Config(128, 64, 8, 2) if pairwise else Config(128, 64, 8, 3)
-    return Configs(forward, Config(64, 64, 8, 2), Config(128, 64, 8, 2))
+    return Configs(forward, Config(64, 64, 8, 2), Config(64, 64, 8, 3))
 
 
 def default_configs(dtype: torch.dtype = torch.bfloat16, pairwise: bool = False) -> Configs:
@@ -64,9 +64,17 @@ def dot_mode(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "native"
 
 
-def d_tiling(dim: int) -> Dict[str, Any]:
+def resident_limit(dtype: torch.dtype) -> int:
+    """Largest D whose kernels keep whole rows resident. float32 (tf32x3 or FMA dots) needs more than 255 registers
+    per thread for the resident D = 256 gradient tiles in every config tried (docs/kernel_audit.md), so its
+    kernels always run over D chunks / slices (backward: the deterministic schedule); the forward follows, so that
+    the backward recomputes bitwise the forward's logits."""
+    return 0 if dtype == torch.float32 else MAX_RESIDENT_D
+
+
+def d_tiling(dim: int, resident_limit: int = MAX_RESIDENT_D) -> Dict[str, Any]:
     """BLOCK_D / BLOCK_DV / RESIDENT / EVEN_D for a given D."""
-    if dim <= MAX_RESIDENT_D:
+    if dim <= resident_limit:
         block = max(32, triton.next_power_of_2(dim))   # the dK kernel's halves: K >= 16 for tl.dot
         return dict(BLOCK_D=block, BLOCK_DV=block, RESIDENT=True, EVEN_D=block == dim)
     return dict(BLOCK_D=CHUNK_D, BLOCK_DV=SLICE_D, RESIDENT=False, EVEN_D=dim % SLICE_D == 0)
@@ -102,7 +110,7 @@ def forward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, pa
                      has_key_ids: bool, has_logq: bool, config: Optional[Config] = None) -> List[Launch]:
     """The row pass; for ``symmetric`` also the column pass (the same kernel on keys x queries: column lse)."""
     config = config or default_configs(dtype, pairwise).forward
-    tiling = d_tiling(dim)
+    tiling = d_tiling(dim, resident_limit(dtype))
     constexprs = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, RESIDENT=tiling["RESIDENT"],
                       EVEN_D=tiling["EVEN_D"] and tiling["RESIDENT"], BLOCK_B=config.block_b,
                       BLOCK_M=config.block_m, BLOCK_D=tiling["BLOCK_D"], DOT=dot_mode(dtype))
@@ -125,7 +133,7 @@ def backward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, p
                       configs: Optional[Configs] = None) -> List[Launch]:
     """Atomic schedule (one kernel) for D <= MAX_RESIDENT_D unless ``deterministic``; else dQ + dK kernels."""
     configs = configs or default_configs(dtype, pairwise)
-    tiling = d_tiling(dim)
+    tiling = d_tiling(dim, resident_limit(dtype))
     atomic = tiling["RESIDENT"] and not deterministic
     chunks = 1 if tiling["RESIDENT"] else triton.cdiv(dim, CHUNK_D)
     slices = triton.cdiv(dim, tiling["BLOCK_DV"])

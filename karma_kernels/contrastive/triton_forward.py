@@ -31,7 +31,8 @@ def _forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature
         q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
         q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
     else:
-        q0 = q1 = 0.0
+        q0 = 0.0
+        q1 = 0.0
 
     positive = tl.zeros((BLOCK_B,), dtype=tl.float32)
     if PAIRWISE:
@@ -59,7 +60,8 @@ def _forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature
             k0 = _load_rows(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D)
             k1 = _load_rows(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D)
         else:   # the logits come from D chunks
-            k0 = k1 = 0.0
+            k0 = 0.0
+            k1 = 0.0
         s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols, row_ok,
                                           col_ok, target, positive_id, inv_t, D, stride_q, stride_k, HAS_KEY_IDS,
                                           HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)

@@ -25,7 +25,7 @@ import torch
 import triton
 
 from .triton_audit import audit_plans  # noqa: F401  (read by python -m bench.kernel_audit)
-from .triton_configs import (Config, Configs, backward_launches, d_tiling, default_configs, forward_launches, run,
+from .triton_configs import (Config, Configs, backward_launches, default_configs, forward_launches, run,
                              use_autotune)
 
 # the gradient tile's largest entry is about 2**GRAD_SCALE_EXPONENT after scaling (float16 max: 65504)
@@ -112,7 +112,7 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
     sizes = (batch, num_keys, dim, query.stride(0), keys.stride(0))
     keys_launch = launches[-1]
     if keys_launch.constexprs["ATOMIC_DQ"]:
-        dq_acc = torch.zeros(batch, d_tiling(dim)["BLOCK_DV"], dtype=torch.float32, device=query.device)
+        dq_acc = torch.zeros(batch, keys_launch.constexprs["BLOCK_DV"], dtype=torch.float32, device=query.device)
         run(keys_launch, common + (dk, dlogq if dlogq is not None else row_coef, dq_acc) + sizes, tune, bucket)
         dq32 = dq_acc[:, :dim] * (unscale * inv_temperature)
         dq = dq32.to(query.dtype)

@@ -92,8 +92,8 @@ def _shift_logits(dots, inv_t, logq_ptr, cols, col_ok, HAS_LOGQ: tl.constexpr):
 @triton.jit
 def _valid_tile(rows, cols, row_ok, col_ok, target, positive_id, key_ids_ptr, HAS_KEY_IDS: tl.constexpr):
     """(valid, is_target) masks of a tile: key j is valid for row i unless it is a false negative."""
-    is_target = cols[None, :] == target[:, None]
     valid = row_ok[:, None] & col_ok[None, :]
+    is_target = (cols[None, :] == target[:, None]) & valid   # padding rows (target 0) have no positive
     if HAS_KEY_IDS:
         key_id = tl.load(key_ids_ptr + cols, mask=col_ok, other=0)
         valid = valid & ((key_id[None, :] != positive_id[:, None]) | is_target)
@@ -127,10 +127,11 @@ def _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, 
     else:
         # exp of masked entries is never formed (a false negative may sit far above the row's lse)
         g = tl.exp(tl.where(valid, s - row_stat0[:, None], float("-inf"))) * row_coef[:, None]
-        g -= tl.where(is_target, row_coef[:, None], 0.0)
-        if SYMMETRIC:
+        if SYMMETRIC:   # target = arange: the positive of row i is key i, and of column i query i
             g += tl.exp(tl.where(valid, s - col_lse[None, :], float("-inf"))) * col_coef[None, :]
-            g -= tl.where(rows[:, None] == cols[None, :], col_coef[None, :], 0.0)
+            g -= tl.where(is_target, row_coef[:, None] + col_coef[None, :], 0.0)
+        else:
+            g -= tl.where(is_target, row_coef[:, None], 0.0)
     return g
 
 

@@ -44,6 +44,7 @@ def audit_plan(batch: int, dim: int, dtype: torch.dtype, mode: str = "softmax", 
     if not tiling["RESIDENT"]:    # each of the S output slices of both gradient kernels recomputes the logits
         budget += 2.0 * (triton.cdiv(dim, tiling["BLOCK_DV"]) - 1)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    deterministic = not any(launch.constexprs.get("ATOMIC_DQ") for launch in launches)
     case = (f"B=M={batch} D={dim} {name} {mode}{' symmetric' if symmetric else ''}"
             f"{' key_ids+logq' if with_ids_logq else ''} {'deterministic' if deterministic else 'atomic dq'}")
     return AuditPlan("contrastive", case, unit, budget, tuple(audited))

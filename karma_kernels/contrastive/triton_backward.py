@@ -44,7 +44,7 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
                        HAS_KEY_IDS: tl.constexpr, HAS_LOGQ: tl.constexpr, PAIRWISE: tl.constexpr,
                        SYMMETRIC: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       DOT: tl.constexpr):
+                       DOT: tl.constexpr, GRAD_DOT: tl.constexpr):
     """dQ of a block of rows over the program's D slice (held as two halves, like every kernel here)."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -71,8 +71,8 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
         col_coef, col_lse = _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
         g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef,
                        col_lse, PAIRWISE, SYMMETRIC)
-        acc0 = _mma(g, k0, acc0, DOT)
-        acc1 = _mma(g, k1, acc1, DOT)
+        acc0 = _mma(g, k0, acc0, GRAD_DOT)
+        acc1 = _mma(g, k1, acc1, GRAD_DOT)
     out_scale = inv_t * tl.load(unscale_ptr)
     dq0 = acc0 * out_scale
     dq1 = acc1 * out_scale
@@ -89,7 +89,8 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
                       HAS_KEY_IDS: tl.constexpr, HAS_LOGQ: tl.constexpr, LOGQ_GRAD: tl.constexpr,
                       PAIRWISE: tl.constexpr, SYMMETRIC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                       RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT: tl.constexpr,
+                      GRAD_DOT: tl.constexpr):
     """dK (and with ATOMIC_DQ, RESIDENT only: G K added into the float32 [B, BLOCK_DV] buffer dq_acc, unscaled).
 
     The program's D slice is held as two halves (key tile, dK accumulator, query tile, dQ piece): the same dots
@@ -119,13 +120,13 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
                                           HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
         g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef,
                        col_lse, PAIRWISE, SYMMETRIC)
-        acc0 = _mma(tl.trans(g), q0, acc0, DOT)
-        acc1 = _mma(tl.trans(g), q1, acc1, DOT)
+        acc0 = _mma(tl.trans(g), q0, acc0, GRAD_DOT)
+        acc1 = _mma(tl.trans(g), q1, acc1, GRAD_DOT)
         if ATOMIC_DQ:
             row_offsets = rows.to(tl.int64)[:, None] * BLOCK_DV
-            part = _mma(g, k0, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), DOT)
+            part = _mma(g, k0, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
             tl.atomic_add(dq_acc_ptr + row_offsets + dims0[None, :], part, mask=row_ok[:, None], sem="relaxed")
-            part = _mma(g, k1, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), DOT)
+            part = _mma(g, k1, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
             tl.atomic_add(dq_acc_ptr + row_offsets + dims1[None, :], part, mask=row_ok[:, None], sem="relaxed")
         if LOGQ_GRAD:
             column_sum += tl.sum(g, axis=0)

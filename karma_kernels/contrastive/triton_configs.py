@@ -42,19 +42,20 @@ class Configs:
     grad_query: Config         # the deterministic schedule's dQ kernel
 
 
-def _gpu_defaults(dtype: torch.dtype, pairwise: bool) -> Configs:
-    if dtype == torch.float32:          # tf32x3 tiles: twice the bytes of half precision per element
-        return Configs(Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(64, 32, 4, 2))
+def _gpu_defaults(dtype: torch.dtype, pairwise: bool, symmetric: bool) -> Configs:
+    if dtype == torch.float32:          # D chunks / slices (see resident_limit)
+        return Configs(Config(128, 64, 8, 2), Config(64, 64, 8, 2), Config(64, 64, 8, 2))
     forward = Config(128, 64, 8, 2) if pairwise else Config(128, 64, 8, 3)
-    return Configs(forward, Config(64, 64, 8, 2), Config(64, 64, 8, 3))
+    # the symmetric tile's column terms need the registers of a third stage
+    return Configs(forward, Config(64, 64, 8, 2), Config(64, 64, 8, 2 if symmetric else 3))
 
 
-def default_configs(dtype: torch.dtype = torch.bfloat16, pairwise: bool = False) -> Configs:
+def default_configs(dtype: torch.dtype = torch.bfloat16, pairwise: bool = False, symmetric: bool = False) -> Configs:
     """Default tiles. Under the interpreter 16-wide tiles, so that tests cover several tiles per axis."""
     if interpreter_active():
         small = Config(16, 16, 1, 1)
         return Configs(small, small, small)
-    return _gpu_defaults(dtype, pairwise)
+    return _gpu_defaults(dtype, pairwise, symmetric)
 
 
 def dot_mode(dtype: torch.dtype) -> str:
@@ -62,6 +63,14 @@ def dot_mode(dtype: torch.dtype) -> str:
     if interpreter_active():
         return "ieee"
     return "tf32x3" if dtype == torch.float32 else "native"
+
+
+def grad_dot_mode(dtype: torch.dtype) -> str:
+    """``GRAD_DOT`` of the gradient kernels (G K, G^T Q): float32 FMA for float32 inputs on GPU, where the tf32x3
+    split of the gradient tiles spills registers in every config tried; the logits keep ``dot_mode`` (tf32x3), so
+    that the backward recomputes bitwise the forward's logits."""
+    mode = dot_mode(dtype)
+    return "ieee" if mode == "tf32x3" else mode
 
 
 def resident_limit(dtype: torch.dtype) -> int:
@@ -109,7 +118,7 @@ class Launch:
 def forward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, pairwise: bool, symmetric: bool,
                      has_key_ids: bool, has_logq: bool, config: Optional[Config] = None) -> List[Launch]:
     """The row pass; for ``symmetric`` also the column pass (the same kernel on keys x queries: column lse)."""
-    config = config or default_configs(dtype, pairwise).forward
+    config = config or default_configs(dtype, pairwise, symmetric).forward
     tiling = d_tiling(dim, resident_limit(dtype))
     constexprs = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, RESIDENT=tiling["RESIDENT"],
                       EVEN_D=tiling["EVEN_D"] and tiling["RESIDENT"], BLOCK_B=config.block_b,
@@ -132,13 +141,13 @@ def backward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, p
                       has_key_ids: bool, has_logq: bool, logq_grad: bool, deterministic: bool,
                       configs: Optional[Configs] = None) -> List[Launch]:
     """Atomic schedule (one kernel) for D <= MAX_RESIDENT_D unless ``deterministic``; else dQ + dK kernels."""
-    configs = configs or default_configs(dtype, pairwise)
+    configs = configs or default_configs(dtype, pairwise, symmetric)
     tiling = d_tiling(dim, resident_limit(dtype))
     atomic = tiling["RESIDENT"] and not deterministic
     chunks = 1 if tiling["RESIDENT"] else triton.cdiv(dim, CHUNK_D)
     slices = triton.cdiv(dim, tiling["BLOCK_DV"])
     base = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, SYMMETRIC=symmetric,
-                DOT=dot_mode(dtype), RESIDENT=tiling["RESIDENT"],
+                DOT=dot_mode(dtype), GRAD_DOT=grad_dot_mode(dtype), RESIDENT=tiling["RESIDENT"],
                 EVEN_D=tiling["EVEN_D"], BLOCK_D=tiling["BLOCK_D"], BLOCK_DV=tiling["BLOCK_DV"])
 
     def per_tile(config: Config, dots_with_dv: int) -> float:

@@ -95,8 +95,8 @@ def shared_memory_estimate(kind: str, config: Config, block_d: int, element_byte
     own, streamed = (config.block_b, config.block_m) if kind in ("forward", "grad_query") else \
         (config.block_m, config.block_b)
     staging = config.block_b * config.block_m * 4
-    if kind == "grad_keys":     # G^T and G pass through shared memory as dot operands
-        staging += 2 * config.block_b * config.block_m * element_bytes
+    if kind == "grad_keys":     # G^T and G as dot operands, a float32 dQ half-tile on its way to the atomics
+        staging += 2 * config.block_b * config.block_m * element_bytes + config.block_b * block_d // 2 * 4
     return (own + config.num_stages * streamed) * block_d * element_bytes + staging
 
 

@@ -20,15 +20,16 @@ _TENSOR_ARGS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr")
 
 
 def audit_plan(batch: int, dim: int, dtype: torch.dtype, mode: str = "softmax", symmetric: bool = False,
-               deterministic: bool = False, with_ids_logq: bool = False) -> AuditPlan:
-    """Forward + backward launches of one call at B = M = ``batch``, default configs."""
+               deterministic: bool = False, with_ids_logq: bool = False, logq_grad: bool = False) -> AuditPlan:
+    """Forward + backward launches of one call at B = M = ``batch``, default configs (``with_ids_logq``: false
+    negatives masked by key_ids and a logq correction; ``logq_grad``: logq requires grad)."""
     element = TRITON_ELEMENT[str(dtype).replace("torch.", "")]
     pointers = {name: "*" + element for name in _TENSOR_ARGS}
     pointers.update(target_ptr="*i64", key_ids_ptr="*i64")
     pairwise = mode == "pairwise"
     launches = forward_launches(batch, batch, dim, dtype, pairwise, symmetric, with_ids_logq, with_ids_logq)
     launches += backward_launches(batch, batch, dim, dtype, pairwise, symmetric, with_ids_logq, with_ids_logq,
-                                  with_ids_logq, deterministic)
+                                  logq_grad, deterministic)
     audited = []
     for launch in launches:
         # B, M, D and the row strides are multiples of 16 at the audited shapes: the runtime specialises them so
@@ -46,7 +47,8 @@ def audit_plan(batch: int, dim: int, dtype: torch.dtype, mode: str = "softmax", 
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     deterministic = not any(launch.constexprs.get("ATOMIC_DQ") for launch in launches)
     case = (f"B=M={batch} D={dim} {name} {mode}{' symmetric' if symmetric else ''}"
-            f"{' key_ids+logq' if with_ids_logq else ''} {'deterministic' if deterministic else 'atomic dq'}")
+            f"{' key_ids+logq' if with_ids_logq else ''}{' logq_grad' if logq_grad else ''} "
+            f"{'deterministic' if deterministic else 'atomic dq'}")
     return AuditPlan("contrastive", case, unit, budget, tuple(audited))
 
 
@@ -59,6 +61,7 @@ def audit_plans(quick: bool = False) -> List[AuditPlan]:
     plans += [audit_plan(big, 256, torch.float16), audit_plan(big, 256, torch.float32)]
     if not quick:
         plans += [audit_plan(big, 256, torch.bfloat16, with_ids_logq=True),
+                  audit_plan(big, 256, torch.bfloat16, with_ids_logq=True, logq_grad=True),
                   audit_plan(big, 256, torch.float16, "pairwise"),
                   audit_plan(big, 256, torch.float32, deterministic=True),
                   audit_plan(16384, 128, torch.bfloat16),

@@ -196,7 +196,7 @@ def _shared_memory_limit(device) -> int:
 def _prune(kind: str):
     def prune(configs, named_args, **kwargs):
         q = named_args["q_ptr"]
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        block_d = max(kwargs.get("BLOCK_D", 0), kwargs.get("BLOCK_DV", 0))   # resident block or D slice
         limit = _shared_memory_limit(q.device)
         fits = [c for c in configs if shared_memory_estimate(
             kind, Config(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages), block_d,

@@ -19,7 +19,7 @@ from .._backend import interpreter_active
 from .triton_backward import _grad_keys_kernel, _grad_query_kernel
 from .triton_forward import _forward_kernel
 
-MAX_RESIDENT_D = 256        # up to this D a program's own block is one resident tile (one dot with K = D)
+MAX_RESIDENT_D = 256        # up to this D a program's own block stays resident (its dots have K = D)
 CHUNK_D = 64                # D chunk of the logit dots beyond that
 SLICE_D = 128               # D slice of a gradient program's output beyond that
 SHARED_MEMORY_LIMIT = 227 * 1024
@@ -84,7 +84,7 @@ def resident_limit(dtype: torch.dtype) -> int:
 def d_tiling(dim: int, resident_limit: int = MAX_RESIDENT_D) -> Dict[str, Any]:
     """BLOCK_D / BLOCK_DV / RESIDENT / EVEN_D for a given D."""
     if dim <= resident_limit:
-        block = max(32, triton.next_power_of_2(dim))   # the dK kernel's halves: K >= 16 for tl.dot
+        block = max(32, triton.next_power_of_2(dim))   # tiles are held as two halves: K >= 16 for tl.dot
         return dict(BLOCK_D=block, BLOCK_DV=block, RESIDENT=True, EVEN_D=block == dim)
     return dict(BLOCK_D=CHUNK_D, BLOCK_DV=SLICE_D, RESIDENT=False, EVEN_D=dim % SLICE_D == 0)
 

@@ -58,10 +58,10 @@ def audit_plans(quick: bool = False) -> List[AuditPlan]:
     plans = [audit_plan(big, 256, torch.bfloat16, mode, symmetric, deterministic)
              for mode, symmetric in (("softmax", False), ("pairwise", False), ("softmax", True))
              for deterministic in (False, True)]
-    plans += [audit_plan(big, 256, torch.float16), audit_plan(big, 256, torch.float32)]
+    plans += [audit_plan(big, 256, torch.float16), audit_plan(big, 256, torch.float32),
+              audit_plan(big, 256, torch.bfloat16, with_ids_logq=True)]   # the masks and logq of KARMA training
     if not quick:
-        plans += [audit_plan(big, 256, torch.bfloat16, with_ids_logq=True),
-                  audit_plan(big, 256, torch.bfloat16, with_ids_logq=True, logq_grad=True),
+        plans += [audit_plan(big, 256, torch.bfloat16, with_ids_logq=True, logq_grad=True),
                   audit_plan(big, 256, torch.float16, "pairwise"),
                   audit_plan(big, 256, torch.float32, deterministic=True),
                   audit_plan(16384, 128, torch.bfloat16),

@@ -33,6 +33,8 @@ class KernelLaunch:
     pipelined: bool = True          # has a main loop whose operand loads should be asynchronous copies
     tensor_cores: bool = True       # its dots should run as wgmma (half-precision operands, or tf32)
     phase: str = "forward"          # "forward" or "backward": work is reported per phase
+    aligned: Tuple[str, ...] = ()   # integer arguments that are multiples of 16 at this shape (the runtime
+    #                                 specialises those, and every tensor pointer, as 16-divisible)
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,10 @@ def _contrastive_loss_backward_op(row_coef: Tensor, query: Tensor, keys: Tensor,
                                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of sum_i row_coef_i * loss_i, recomputing the logits from the saved per-row ``stats``."""
     if backend == "triton":
+        # like PyTorch's own kernels: the schedule without atomics when determinism is asked for
         dq, dk, dtemperature, dlogq = _triton().contrastive_backward(
-            row_coef, query, keys, target, temperature, key_ids, logq, mode, symmetric, stats, want_logq_grad=logq_grad)
+            row_coef, query, keys, target, temperature, key_ids, logq, mode, symmetric, stats, want_logq_grad=logq_grad,
+            deterministic=torch.are_deterministic_algorithms_enabled())
     else:
         dq, dk, dtemperature, dlogq = torch_impl.contrastive_backward(
             row_coef, query, keys, target, temperature, key_ids, logq, mode, symmetric, stats,

@@ -1,0 +1,138 @@
+"""Backward Triton kernels of ``contrastive_loss``: logit tiles are recomputed from the saved per-row statistics.
+
+Two schedules (the launcher picks one, like PyTorch: deterministic when
+``torch.are_deterministic_algorithms_enabled()``):
+
+* atomic (default, FlashAttention-2 style): ``_grad_keys_kernel`` with ``ATOMIC_DQ``, one program per block of keys
+  with the key block resident; for each block of query rows it forms the logit tile (1 dot), the gradient tile G,
+  dK += G^T Q in registers (1 dot) and adds G K (1 dot) into a float32 dQ buffer with atomics: 3F in all.
+* deterministic: ``_grad_query_kernel`` (programs own query rows: 2 dots per tile) + ``_grad_keys_kernel`` (programs
+  own keys: 2 dots per tile), no atomics: 4F.
+
+For D <= BLOCK_D (``RESIDENT``: every default config up to D = 256) the program's own block is loaded once and
+the loop's tiles are software-pipelined. Larger D splits the output's D over a second grid axis of BLOCK_DV slices
+(each slice recomputes the logits in BLOCK_D chunks; deterministic schedule only).
+
+G reaches ``tl.dot`` in the input's half precision: the upstream coefficients arrive multiplied by a power of two
+S (see ``triton_impl.grad_scale``) so that small entries of G do not flush to zero; ``unscale`` = 1/S is applied
+to the float32 accumulators.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_tiles import (_grad_tile, _load_rows, _logit_tile, _mma, _query_block, _row_grad_inputs,
+                           _store_rows)
+
+
+@triton.jit
+def _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """(col_coef, col_lse): in the symmetric mode (M == B) column j's coefficient and lse are row j's."""
+    if SYMMETRIC:
+        col_coef = tl.load(coef_ptr + cols, mask=col_ok, other=0.0)
+        col_lse = tl.load(stats_ptr + B + cols, mask=col_ok, other=0.0)
+    else:
+        col_coef = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        col_lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return col_coef, col_lse
+
+
+@triton.jit
+def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature_ptr, stats_ptr, coef_ptr,
+                       unscale_ptr, dq_ptr, dot_partial_ptr, B, M, D, stride_q, stride_k,
+                       HAS_KEY_IDS: tl.constexpr, HAS_LOGQ: tl.constexpr, PAIRWISE: tl.constexpr,
+                       SYMMETRIC: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       DOT: tl.constexpr, GRAD_DOT: tl.constexpr):
+    """dQ of a block of rows over the program's D slice (held as two halves, like every kernel here)."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    HALF: tl.constexpr = BLOCK_DV // 2
+    rows, row_ok, target, positive_id = _query_block(pid * BLOCK_B, B, target_ptr, key_ids_ptr, HAS_KEY_IDS,
+                                                     BLOCK_B)
+    dims0 = pid_d * BLOCK_DV + tl.arange(0, HALF)
+    dims1 = dims0 + HALF
+    inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
+    row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B)
+    q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
+    q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
+
+    acc0 = tl.zeros((BLOCK_B, HALF), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_B, HALF), dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_M):
+        cols = n0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        k0 = _load_rows(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D)
+        k1 = _load_rows(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D)
+        s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols, row_ok,
+                                          col_ok, target, positive_id, inv_t, D, stride_q, stride_k, HAS_KEY_IDS,
+                                          HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
+        col_coef, col_lse = _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
+        g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef,
+                       col_lse, PAIRWISE, SYMMETRIC)
+        acc0 = _mma(g, k0, acc0, GRAD_DOT)
+        acc1 = _mma(g, k1, acc1, GRAD_DOT)
+    out_scale = inv_t * tl.load(unscale_ptr)
+    dq0 = acc0 * out_scale
+    dq1 = acc1 * out_scale
+    _store_rows(dq_ptr, rows, row_ok, stride_q, dims0, D, dq0)
+    _store_rows(dq_ptr, rows, row_ok, stride_q, dims1, D, dq1)
+    # q_i . dq_i over this D slice, in float32 before rounding dq: the temperature gradient's pieces
+    q_dot_dq = tl.sum(q0.to(tl.float32) * dq0, axis=1) + tl.sum(q1.to(tl.float32) * dq1, axis=1)
+    tl.store(dot_partial_ptr + pid_d * B + rows, q_dot_dq, mask=row_ok)
+
+
+@triton.jit
+def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature_ptr, stats_ptr, coef_ptr,
+                      unscale_ptr, dk_ptr, dlogq_ptr, dq_acc_ptr, B, M, D, stride_q, stride_k,
+                      HAS_KEY_IDS: tl.constexpr, HAS_LOGQ: tl.constexpr, LOGQ_GRAD: tl.constexpr,
+                      PAIRWISE: tl.constexpr, SYMMETRIC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                      RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT: tl.constexpr,
+                      GRAD_DOT: tl.constexpr):
+    """dK (and with ATOMIC_DQ, RESIDENT only: G K added into the float32 [B, BLOCK_DV] buffer dq_acc, unscaled).
+
+    The program's D slice is held as two halves (key tile, dK accumulator, query tile, dQ piece): the same dots
+    with fewer live registers at a time, which keeps the D = 256 tiles free of spills."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    HALF: tl.constexpr = BLOCK_DV // 2
+    cols = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ok = cols < M
+    dims0 = pid_d * BLOCK_DV + tl.arange(0, HALF)
+    dims1 = dims0 + HALF
+    inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
+    col_coef, col_lse = _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
+    k0 = _load_rows(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D)
+    k1 = _load_rows(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D)
+
+    acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    column_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for r0 in range(0, B, BLOCK_B):
+        rows, row_ok, target, positive_id = _query_block(r0, B, target_ptr, key_ids_ptr, HAS_KEY_IDS, BLOCK_B)
+        row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B)
+        q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
+        q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
+        s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols, row_ok,
+                                          col_ok, target, positive_id, inv_t, D, stride_q, stride_k, HAS_KEY_IDS,
+                                          HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
+        g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef,
+                       col_lse, PAIRWISE, SYMMETRIC)
+        acc0 = _mma(tl.trans(g), q0, acc0, GRAD_DOT)
+        acc1 = _mma(tl.trans(g), q1, acc1, GRAD_DOT)
+        if ATOMIC_DQ:
+            row_offsets = rows.to(tl.int64)[:, None] * BLOCK_DV
+            part = _mma(g, k0, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
+            tl.atomic_add(dq_acc_ptr + row_offsets + dims0[None, :], part, mask=row_ok[:, None], sem="relaxed")
+            part = _mma(g, k1, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
+            tl.atomic_add(dq_acc_ptr + row_offsets + dims1[None, :], part, mask=row_ok[:, None], sem="relaxed")
+        if LOGQ_GRAD:
+            column_sum += tl.sum(g, axis=0)
+    unscale = tl.load(unscale_ptr)
+    _store_rows(dk_ptr, cols, col_ok, stride_k, dims0, D, acc0 * (inv_t * unscale))
+    _store_rows(dk_ptr, cols, col_ok, stride_k, dims1, D, acc1 * (inv_t * unscale))
+    if LOGQ_GRAD:
+        tl.store(dlogq_ptr + cols, -column_sum * unscale, mask=col_ok & (pid_d == 0))
+

@@ -1,0 +1,246 @@
+"""Which contrastive kernels run, with which tiles, grids and precision: one source for the launchers
+(``triton_impl``), the autotuner and the kernel audit (``audit_plans``, read by ``python -m bench.kernel_audit``).
+
+``forward_launches`` / ``backward_launches`` return :class:`Launch` records (kernel, compile-time constants, grid,
+warps, stages and the matmul work counted from the grid and tile loops); the launchers start exactly these.
+Default GPU configs were chosen with the sm_90 audit (``docs/kernel_audit.md``): no register spills, shared memory
+within 227 KiB, wgmma and cp.async in the PTX.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import triton
+
+from .._backend import interpreter_active
+from .triton_backward import _grad_keys_kernel, _grad_query_kernel
+from .triton_forward import _forward_kernel
+
+MAX_RESIDENT_D = 256        # up to this D a program's own block stays resident (its dots have K = D)
+CHUNK_D = 64                # D chunk of the logit dots beyond that
+SLICE_D = 128               # D slice of a gradient program's output beyond that
+SHARED_MEMORY_LIMIT = 227 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tiles of one kernel: query rows and keys per tile, warps, pipeline stages."""
+
+    block_b: int
+    block_m: int
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class Configs:
+    forward: Config
+    grad_keys: Config          # the atomic schedule's only kernel, the deterministic schedule's dK kernel
+    grad_query: Config         # the deterministic schedule's dQ kernel
+
+
+def _gpu_defaults(dtype: torch.dtype, pairwise: bool, symmetric: bool) -> Configs:
+    if dtype == torch.float32:          # D chunks / slices (see resident_limit)
+        return Configs(Config(128, 64, 8, 2), Config(64, 64, 8, 2), Config(64, 64, 8, 2))
+    forward = Config(128, 64, 8, 2) if pairwise else Config(128, 64, 8, 3)
+    # the symmetric tile's column terms need the registers of a third stage
+    return Configs(forward, Config(64, 64, 8, 2), Config(64, 64, 8, 2 if symmetric else 3))
+
+
+def default_configs(dtype: torch.dtype = torch.bfloat16, pairwise: bool = False, symmetric: bool = False) -> Configs:
+    """Default tiles. Under the interpreter 16-wide tiles, so that tests cover several tiles per axis."""
+    if interpreter_active():
+        small = Config(16, 16, 1, 1)
+        return Configs(small, small, small)
+    return _gpu_defaults(dtype, pairwise, symmetric)
+
+
+def dot_mode(dtype: torch.dtype) -> str:
+    """``DOT`` of the kernels (see triton_tiles): ieee under the interpreter, tf32x3 for float32 on GPU."""
+    if interpreter_active():
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "native"
+
+
+def grad_dot_mode(dtype: torch.dtype) -> str:
+    """``GRAD_DOT`` of the gradient kernels (G K, G^T Q): float32 FMA for float32 inputs on GPU, where the tf32x3
+    split of the gradient tiles spills registers in every config tried; the logits keep ``dot_mode`` (tf32x3), so
+    that the backward recomputes bitwise the forward's logits."""
+    mode = dot_mode(dtype)
+    return "ieee" if mode == "tf32x3" else mode
+
+
+def resident_limit(dtype: torch.dtype) -> int:
+    """Largest D whose kernels keep whole rows resident. float32 (tf32x3 or FMA dots) needs more than 255 registers
+    per thread for the resident D = 256 gradient tiles in every config tried (docs/kernel_audit.md), so its
+    kernels always run over D chunks / slices (backward: the deterministic schedule); the forward follows, so that
+    the backward recomputes bitwise the forward's logits."""
+    return 0 if dtype == torch.float32 else MAX_RESIDENT_D
+
+
+def d_tiling(dim: int, resident_limit: int = MAX_RESIDENT_D) -> Dict[str, Any]:
+    """BLOCK_D / BLOCK_DV / RESIDENT / EVEN_D for a given D."""
+    if dim <= resident_limit:
+        block = max(32, triton.next_power_of_2(dim))   # tiles are held as two halves: K >= 16 for tl.dot
+        return dict(BLOCK_D=block, BLOCK_DV=block, RESIDENT=True, EVEN_D=block == dim)
+    return dict(BLOCK_D=CHUNK_D, BLOCK_DV=SLICE_D, RESIDENT=False, EVEN_D=dim % SLICE_D == 0)
+
+
+def shared_memory_estimate(kind: str, config: Config, block_d: int, element_bytes: int) -> int:
+    """A static upper estimate of a resident-tile kernel's shared memory (for pruning autotune configs): the
+    resident block, ``num_stages`` buffers of the streamed tile and one float32 tile for layout conversions."""
+    own, streamed = (config.block_b, config.block_m) if kind in ("forward", "grad_query") else \
+        (config.block_m, config.block_b)
+    staging = config.block_b * config.block_m * 4
+    if kind == "grad_keys":     # G^T and G as dot operands, a float32 dQ half-tile on its way to the atomics
+        staging += 2 * config.block_b * config.block_m * element_bytes + config.block_b * block_d // 2 * 4
+    return (own + config.num_stages * streamed) * block_d * element_bytes + staging
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: what the launcher starts and the audit compiles."""
+
+    name: str
+    kind: str                           # "forward", "grad_query" or "grad_keys"
+    kernel: Any
+    constexprs: Dict[str, Any]
+    config: Config
+    grid: Tuple[int, ...]
+    matmul_flops: float                 # 2·m·n·k per tl.dot, over the grid and tile loops
+    phase: str = "forward"
+    grid_fn: Optional[Callable] = field(default=None, compare=False)   # grid of a config's meta-parameters
+
+
+def forward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, pairwise: bool, symmetric: bool,
+                     has_key_ids: bool, has_logq: bool, config: Optional[Config] = None) -> List[Launch]:
+    """The row pass; for ``symmetric`` also the column pass (the same kernel on keys x queries: column lse)."""
+    config = config or default_configs(dtype, pairwise, symmetric).forward
+    tiling = d_tiling(dim, resident_limit(dtype))
+    constexprs = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, RESIDENT=tiling["RESIDENT"],
+                      EVEN_D=tiling["EVEN_D"] and tiling["RESIDENT"], BLOCK_B=config.block_b,
+                      BLOCK_M=config.block_m, BLOCK_D=tiling["BLOCK_D"], DOT=dot_mode(dtype))
+    chunks = 1 if tiling["RESIDENT"] else triton.cdiv(dim, CHUNK_D)
+    launches = []
+    passes = (("forward", batch, num_keys, constexprs),)
+    if symmetric:   # column lse: rows are the keys, no logq (subtracted by the launcher), same masks
+        passes += (("column_lse", num_keys, batch, dict(constexprs, HAS_LOGQ=False)),)
+    for name, rows, keys, consts in passes:
+        programs = triton.cdiv(rows, config.block_b)
+        flops = programs * triton.cdiv(keys, config.block_m) * chunks * \
+            2.0 * config.block_b * config.block_m * tiling["BLOCK_D"]
+        launches.append(Launch(name, "forward", _forward_kernel, consts, config, (programs,), flops,
+                               grid_fn=lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_B"]),)))
+    return launches
+
+
+def backward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, pairwise: bool, symmetric: bool,
+                      has_key_ids: bool, has_logq: bool, logq_grad: bool, deterministic: bool,
+                      configs: Optional[Configs] = None) -> List[Launch]:
+    """Atomic schedule (one kernel) for D <= MAX_RESIDENT_D unless ``deterministic``; else dQ + dK kernels."""
+    configs = configs or default_configs(dtype, pairwise, symmetric)
+    tiling = d_tiling(dim, resident_limit(dtype))
+    atomic = tiling["RESIDENT"] and not deterministic
+    chunks = 1 if tiling["RESIDENT"] else triton.cdiv(dim, CHUNK_D)
+    slices = triton.cdiv(dim, tiling["BLOCK_DV"])
+    base = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, SYMMETRIC=symmetric,
+                DOT=dot_mode(dtype), GRAD_DOT=grad_dot_mode(dtype), RESIDENT=tiling["RESIDENT"],
+                EVEN_D=tiling["EVEN_D"], BLOCK_D=tiling["BLOCK_D"], BLOCK_DV=tiling["BLOCK_DV"])
+
+    def per_tile(config: Config, dots_with_dv: int) -> float:
+        logits = chunks * 2.0 * config.block_b * config.block_m * tiling["BLOCK_D"]
+        return logits + dots_with_dv * 2.0 * config.block_b * config.block_m * tiling["BLOCK_DV"]
+
+    launches = []
+    if not atomic:
+        config = configs.grad_query
+        programs = triton.cdiv(batch, config.block_b) * slices
+        launches.append(Launch(
+            "grad_query", "grad_query", _grad_query_kernel,
+            dict(base, BLOCK_B=config.block_b, BLOCK_M=config.block_m), config,
+            (triton.cdiv(batch, config.block_b), slices),
+            programs * triton.cdiv(num_keys, config.block_m) * per_tile(config, 1), phase="backward",
+            grid_fn=lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), slices)))
+    config = configs.grad_keys
+    programs = triton.cdiv(num_keys, config.block_m) * slices
+    launches.append(Launch(
+        "grad_keys_atomic_dq" if atomic else "grad_keys", "grad_keys", _grad_keys_kernel,
+        dict(base, LOGQ_GRAD=logq_grad, ATOMIC_DQ=atomic, BLOCK_B=config.block_b, BLOCK_M=config.block_m), config,
+        (triton.cdiv(num_keys, config.block_m), slices),
+        programs * triton.cdiv(batch, config.block_b) * per_tile(config, 2 if atomic else 1), phase="backward",
+        grid_fn=lambda meta: (triton.cdiv(num_keys, meta["BLOCK_M"]), slices)))
+    return launches
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# autotuning (KARMA_AUTOTUNE=1, GPU only): tiles, warps and stages of every kernel; one tuning per power-of-two
+# bucket of B and M (and per D, dtype and mode); configs whose shared memory cannot fit are never tried.
+
+TUNE_SPACE = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2))
+
+
+def use_autotune() -> bool:
+    return os.environ.get("KARMA_AUTOTUNE") == "1" and not interpreter_active()
+
+
+def _shared_memory_limit(device) -> int:
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"])
+    except Exception:   # no driver query available: the sm_90 limit
+        return SHARED_MEMORY_LIMIT
+
+
+def _prune(kind: str):
+    def prune(configs, named_args, **kwargs):
+        q = named_args["q_ptr"]
+        block_d = max(kwargs.get("BLOCK_D", 0), kwargs.get("BLOCK_DV", 0))   # resident block or D slice
+        limit = _shared_memory_limit(q.device)
+        fits = [c for c in configs if shared_memory_estimate(
+            kind, Config(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages), block_d,
+            q.element_size()) <= limit]
+        return fits or configs[:1]
+    return prune
+
+
+class _Tuned:
+    """triton.autotune around one kernel, remembering the winner per bucket so that a new batch size in the
+    same power-of-two bucket reuses it instead of tuning again."""
+
+    def __init__(self, kind: str, kernel, atomic: bool):
+        configs = [triton.Config({"BLOCK_B": b, "BLOCK_M": m}, num_warps=w, num_stages=s) for b, m, w, s in TUNE_SPACE]
+        key = ["B", "M", "D", "HAS_KEY_IDS", "HAS_LOGQ", "PAIRWISE", "SYMMETRIC", "DOT"]
+        self.kernel = kernel
+        self.tuner = triton.autotune(configs=configs, key=[k for k in key if k in kernel.arg_names],
+                                     prune_configs_by={"early_config_prune": _prune(kind)},
+                                     reset_to_zero=["dq_acc_ptr"] if atomic else None)(kernel)
+        self.winners: Dict[tuple, Any] = {}
+
+    def __call__(self, launch: Launch, args: tuple, bucket: tuple):
+        flags = {k: v for k, v in launch.constexprs.items() if k not in ("BLOCK_B", "BLOCK_M")}
+        key = bucket + tuple(sorted(flags.items())) + (str(args[0].dtype),)
+        winner = self.winners.get(key)
+        if winner is None:
+            self.tuner[launch.grid_fn](*args, **flags)
+            self.winners[key] = self.tuner.best_config
+        else:
+            self.kernel[launch.grid_fn(winner.kwargs)](*args, **flags, **winner.kwargs, num_warps=winner.num_warps,
+                                                       num_stages=winner.num_stages)
+
+
+_TUNED: Dict[tuple, _Tuned] = {}
+
+
+def run(launch: Launch, args: tuple, tune: bool, bucket: tuple = ()) -> None:
+    """Start ``launch`` with ``args`` (autotuned when ``tune``)."""
+    if tune:
+        atomic = bool(launch.constexprs.get("ATOMIC_DQ"))
+        tuned = _TUNED.get((launch.kind, atomic))
+        if tuned is None:
+            tuned = _TUNED[(launch.kind, atomic)] = _Tuned(launch.kind, launch.kernel, atomic)
+        tuned(launch, args, bucket)
+        return
+    launch.kernel[launch.grid](*args, **launch.constexprs, num_warps=launch.config.num_warps,
+                               num_stages=launch.config.num_stages)

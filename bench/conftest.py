@@ -16,7 +16,8 @@ one call of its own (bench/_mem.py), (3) times it with pytest-benchmark in pedan
 iteration; on GPU a synchronised wrapper plus a CUDA-event median, see bench/_timing.py), and (4) fills
 ``benchmark.extra_info`` with the keys bench/report.py reads: op, impl, shape, size, dtype, device,
 peak_mem_bytes, mem_method, time_s, time_method, and, when given, flops / bytes with the achieved rate
-(flop_per_s / bytes_per_s) and its fraction of the device's ceiling (GPU spec sheet; unknown on CPU, so omitted).
+(flop_per_s / bytes_per_s) and its fraction of the device's ceiling for the math the kernel runs
+(bench/_ceilings.py: spec sheet, dense; fp32 = IEEE FMA, not TF32; unknown on CPU, so omitted).
 
 ``impl`` names: "reference", "torch", "triton", "cuda", "cpp", and peers: "torch_native", "torch_compile",
 "liger", "cce", "inf_cl", "faiss", "torch_topk". Extra keyword arguments are stored as they are; two that
@@ -39,6 +40,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 
+from bench._ceilings import device_ceilings, flop_ceiling
 from bench._mem import peak_memory
 from bench._timing import synchronized, time_op
 
@@ -46,31 +48,13 @@ QUICK = os.environ.get("KARMA_BENCH_QUICK") == "1"
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-# Vendor spec sheets, dense (no sparsity): FLOP/s by compute dtype, HBM bytes/s. fp32 uses the TF32 tensor-core
-# figure, which is what Triton's tl.dot and cuBLAS (with TF32 allowed) reach for fp32 inputs. The first name
-# fragment contained in torch.cuda.get_device_name() wins, so more specific names come first.
-DEVICE_CEILINGS = [
-    ("H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12, "bytes_per_s": 4.8e12}),
-    ("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12, "bytes_per_s": 2.0e12}),
-    ("H100 NVL", {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12, "bytes_per_s": 3.9e12}),
-    ("H100", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12, "bytes_per_s": 3.35e12}),
-    ("A100-SXM4-40GB", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12, "bytes_per_s": 1.555e12}),
-    ("A100 80GB PCIe", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12, "bytes_per_s": 1.935e12}),
-    ("A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12, "bytes_per_s": 2.039e12}),
-    ("L40S", {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12, "bytes_per_s": 0.864e12}),
-]
-
-
-def device_ceilings(device) -> Optional[dict]:
-    """Spec-sheet ceilings of ``device``; None on CPU or an unknown GPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for fragment, ceilings in DEVICE_CEILINGS:
-        if fragment in name:
-            return ceilings
-    return None
+# KARMA_BENCH_GPU_ONLY=1 (bench/gpu_check.sh): on a GPU run only the GPU cases at the peers' shapes (ours, the
+# eager bf16 baselines, the peers), none of the slow CPU-side or fp32 reference cases; on a CPU every case skips.
+GPU_ONLY = os.environ.get("KARMA_BENCH_GPU_ONLY") == "1"
+# KARMA_BENCH_ROUNDS / KARMA_BENCH_REP: timed rounds per case and CUDA-event repetitions (sized to a budget)
+ROUNDS = int(os.environ["KARMA_BENCH_ROUNDS"]) if os.environ.get("KARMA_BENCH_ROUNDS") else None
+CUDA_EVENT_REP = int(os.environ.get("KARMA_BENCH_REP") or (5 if QUICK else 20))
+GPU_ONLY_SKIP = "KARMA_BENCH_GPU_ONLY=1 and no CUDA device: the GPU cases cannot run here"
 
 
 def dtype_name(dtype) -> str:
@@ -87,16 +71,18 @@ def shape_size(shape: str) -> int:
 
 def run_case(benchmark, fn: Callable[[], Any], *, op: str, impl: str, shape: str, dtype, device,
              flops: Optional[float] = None, bytes: Optional[float] = None, size: Optional[float] = None,
-             rounds: Optional[int] = None, warmup_rounds: Optional[int] = None, **extra) -> Any:
+             rounds: Optional[int] = None, warmup_rounds: Optional[int] = None, math: Optional[str] = None,
+             **extra) -> Any:
     """Warm up, measure peak memory, time ``fn()`` with pytest-benchmark and record the common extra_info.
 
     ``fn`` takes no arguments and does the whole measured step (e.g. forward + backward). ``flops`` / ``bytes``
-    are per call. ``extra`` keys (JSON-serialisable) are stored as they are. Returns ``fn``'s last result.
+    are per call. ``math`` names the ceiling when the arithmetic is not the dtype's default (e.g. "tf32"; see
+    bench/_ceilings.py). ``extra`` keys (JSON-serialisable) are stored as they are. Returns ``fn``'s last result.
     """
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     if rounds is None:
-        rounds = (3 if QUICK else 10) if on_gpu else (2 if QUICK else 3)
+        rounds = ROUNDS or ((3 if QUICK else 10) if on_gpu else (2 if QUICK else 3))
     if warmup_rounds is None:
         # GPU: CUDA context and Triton JIT; torch.compile: tracing and codegen, whose memory is not the op's.
         # A plain CPU op needs none: the memory call below doubles as the timing's warm-up.
@@ -111,7 +97,7 @@ def run_case(benchmark, fn: Callable[[], Any], *, op: str, impl: str, shape: str
 
     time_s, time_method = None, None
     if on_gpu:
-        time_s, time_method = time_op(fn, device, warmup=1, rep=5 if QUICK else 20), "cuda_events"
+        time_s, time_method = time_op(fn, device, warmup=1, rep=CUDA_EVENT_REP), "cuda_events"
     elif benchmark.stats is not None:  # None under --benchmark-disable
         time_s, time_method = benchmark.stats.stats.median, "wall_clock"
 
@@ -126,8 +112,9 @@ def run_case(benchmark, fn: Callable[[], Any], *, op: str, impl: str, shape: str
         info["flops"] = float(flops)
         if time_s:
             info["flop_per_s"] = flops / time_s
-            ceiling = ceilings.get(dtype_name(dtype)) if ceilings else None
+            ceiling = flop_ceiling(ceilings, dtype_name(dtype), math)
             if ceiling:
+                info["flop_ceiling"] = ceiling
                 info["flop_fraction_of_peak"] = flops / time_s / ceiling
     if bytes is not None:
         info["bytes"] = float(bytes)

@@ -1,0 +1,446 @@
+"""GPU probe: the few numbers that matter, first, in about 90 s on an H200, one JSON line each as it goes.
+
+    python -m bench.gpu_probe [--out probe.jsonl] [--budget 90] [--rep 10]
+    python -m bench.gpu_probe --summarize probe.jsonl        # the markdown tables of a finished (or cut) run
+
+Everything goes through the public API (``contrastive_loss``, ``linear_cross_entropy``, ``topk_merge`` with
+backend="triton" / "compiled"), so kernels can be rewritten without touching this file. Sections, in order;
+one that does not fit the remaining budget is skipped with the reason, one that raises is recorded and the next
+runs:
+  env          device, driver, torch / triton / CUDA versions (beside every figure, in the same file)
+  ceilings     the spec table (bench/_ceilings.py, with its source) and measured ceilings: a large bf16 matmul
+               and a device-to-device copy
+  contrastive  bf16 B=65536 D=256 (Inf-CL's shape): ours and eager bf16 torch; forward and backward timed
+               apart with CUDA events (fresh forward before each timed backward), TFLOP/s against the bf16
+               ceiling, peak memory, the time of each kernel (torch.profiler)
+  linear_ce    bf16 N=8192 D=2304 V=256000 (CCE's shape): the same
+  topk_merge   the CUDA merge, Q=10000 S=16 k=100, against torch.topk over the concatenation: time and GB/s
+  grad_check   fp16 gradients at B = N = 8192 against a float64 truth, beside eager fp16 torch's, with the test
+               tolerance rule (tests/tolerances.py: err <= K * err(torch fp16) + EPS)
+  autotune     a child process with KARMA_AUTOTUNE=1 runs each op at its headline shape and reports the config
+               every ``triton.autotune`` kernel settled on (and its timings when Triton keeps them); skipped
+               when no op module reads KARMA_AUTOTUNE
+Records: {"kind": "env" | "ceiling" | "op" | "kernel" | "grad_check" | "autotune" | "skip" | "error" | "done",
+"section": ..., "t": seconds since start, ...}. FLOPs are the model's (fwd 2MNK per matmul, bwd twice that);
+recomputation inside a kernel is not counted. Without CUDA the probe runs a rehearsal: the same code at tiny
+shapes on the CPU (torch / C++ backends, perf_counter timing), records marked "rehearsal": true.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench._ceilings import SOURCE, device_ceilings, flop_ceiling
+from bench._mem import peak_memory
+from bench._probe_summary import read_records, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPERATURE = 0.05
+# (section, seconds it needs on an H200, Triton compilation included): a section starts only if that much is left
+SECTION_COST_S = {"env": 0, "ceilings": 4, "contrastive": 15, "linear_ce": 20, "topk_merge": 4, "grad_check": 15,
+                  "autotune": 20}
+
+
+class Probe:
+    def __init__(self, out, budget_s: float, rep: int, rehearsal: bool):
+        self.out, self.rehearsal, self.start = out, rehearsal, time.perf_counter()
+        self.deadline = self.start + budget_s
+        self.device = torch.device("cpu" if rehearsal else "cuda")
+        self.rep, self.warmup = (2, 1) if rehearsal else (rep, 2)
+        self.ceilings = device_ceilings(self.device)
+
+    def emit(self, **record):
+        record = dict(record, t=round(time.perf_counter() - self.start, 2))
+        if self.rehearsal:
+            record["rehearsal"] = True
+        line = json.dumps(record, default=str)
+        self.out.write(line + "\n")
+        self.out.flush()
+        print(line, flush=True)
+
+    def remaining(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, name, fn):
+        need = 0 if self.rehearsal else SECTION_COST_S[name]
+        if self.remaining() < need:
+            self.emit(kind="skip", section=name, reason=f"probe budget: {self.remaining():.0f} s left, "
+                                                         f"the section needs about {need} s")
+            return
+        try:
+            fn(self)
+        except Exception as error:  # one broken op must not hide the others' numbers
+            self.emit(kind="error", section=name, error=f"{type(error).__name__}: {error}"[:2000],
+                      traceback=traceback.format_exc()[-3000:])
+        finally:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # --- timing -------------------------------------------------------------------------------------------------
+    def _stamp(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _elapsed(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.device.type == "cuda" else b - a
+
+    def time_fwd_bwd(self, forward, params):
+        """Median forward and backward seconds: events before the forward, between, after the backward."""
+        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=self.device) if self.device.type == "cuda" else None
+        stamps = []
+        for i in range(self.warmup + self.rep):
+            for p in params:
+                p.grad = None
+            if flush is not None:
+                flush.zero_()  # a cold L2 for every call
+            a = self._stamp()
+            loss = forward()
+            b = self._stamp()
+            loss.backward()
+            c = self._stamp()
+            if i >= self.warmup:
+                stamps.append((a, b, c))
+        self.sync()
+        fwd = statistics.median(self._elapsed(a, b) for a, b, _ in stamps)
+        bwd = statistics.median(self._elapsed(b, c) for _, b, c in stamps)
+        return fwd, bwd
+
+    def time_call(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        stamps = []
+        for _ in range(self.rep):
+            a = self._stamp()
+            fn()
+            stamps.append((a, self._stamp()))
+        self.sync()
+        return statistics.median(self._elapsed(a, b) for a, b in stamps)
+
+    def measure_op(self, op, impl, shape, dtype, forward, params, fwd_flops):
+        """Forward, backward and fwd+bwd records (time, TFLOP/s, fraction of the dtype's ceiling), the peak
+        memory of one step and the per-kernel times of one step."""
+        fwd, bwd = self.time_fwd_bwd(forward, params)
+
+        def step():
+            for p in params:
+                p.grad = None
+            forward().backward()
+
+        _, peak, mem_method = peak_memory(step, self.device)
+        dtype_name = str(dtype).removeprefix("torch.")
+        ceiling = flop_ceiling(self.ceilings, dtype_name)
+        for phase, seconds, flops in (("fwd", fwd, fwd_flops), ("bwd", bwd, 2 * fwd_flops),
+                                      ("fwd+bwd", fwd + bwd, 3 * fwd_flops)):
+            rate = flops / seconds if seconds > 0 else None
+            self.emit(kind="op", section=op, op=op, impl=impl, shape=shape, dtype=dtype_name, phase=phase,
+                      time_s=seconds, flops=flops, flop_per_s=rate, flop_ceiling=ceiling,
+                      fraction_of_ceiling=rate / ceiling if rate and ceiling else None,
+                      ceiling_source=SOURCE if ceiling else None, peak_mem_bytes=peak, mem_method=mem_method,
+                      time_method="cuda_events" if self.device.type == "cuda" else "perf_counter", rep=self.rep)
+        self.kernel_times(op, impl, step)
+
+    def kernel_times(self, op, impl, step):
+        """Device time of each kernel of one step (CPU ops' self time in a rehearsal), from torch.profiler."""
+        from torch.profiler import ProfilerActivity, profile
+
+        on_gpu = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with profile(activities=activities) as prof:
+            step()
+            self.sync()
+        rows = []
+        for event in prof.key_averages():
+            if on_gpu:
+                seconds = (getattr(event, "self_device_time_total", None)
+                           or getattr(event, "self_cuda_time_total", 0) or 0) / 1e6
+                if "CUDA" not in str(getattr(event, "device_type", "")):
+                    continue
+            else:
+                seconds = event.self_cpu_time_total / 1e6
+            if seconds > 0:
+                rows.append((seconds, event.key, event.count))
+        if not rows:
+            self.emit(kind="skip", section=op, op=op, impl=impl, reason="torch.profiler returned no kernel times")
+            return
+        total = sum(r[0] for r in rows)
+        for seconds, name, count in sorted(rows, reverse=True)[:8]:
+            self.emit(kind="kernel", section=op, op=op, impl=impl, name=name[:160], time_s=seconds, calls=count,
+                      share=seconds / total)
+
+
+# --- sections ----------------------------------------------------------------------------------------------------
+
+def section_env(p: Probe):
+    import platform
+
+    import triton
+
+    record = dict(kind="env", section="env", python=platform.python_version(), torch=torch.__version__,
+                  torch_cuda=torch.version.cuda, triton=triton.__version__, cuda_available=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        record.update(device=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
+                      sm_count=props.multi_processor_count, memory_bytes=props.total_memory)
+        try:
+            record["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                              capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as error:
+            record["driver"] = f"unknown ({type(error).__name__})"
+    p.emit(**record)
+
+
+def section_ceilings(p: Probe):
+    p.emit(kind="ceiling", section="ceilings", source=SOURCE, ceilings=p.ceilings,
+           note=None if p.ceilings else "no spec ceilings for this device: fractions are omitted")
+    n = 512 if p.rehearsal else 8192
+    dtype = torch.float32 if p.rehearsal else torch.bfloat16
+    a, b = (torch.randn(n, n, device=p.device).to(dtype) for _ in range(2))
+    seconds = p.time_call(lambda: a @ b)
+    p.emit(kind="ceiling", section="ceilings", what=f"matmul {n}^3 {str(dtype).removeprefix('torch.')}",
+           flop_per_s=2 * n**3 / seconds, time_s=seconds)
+    src = torch.randn((2**18 if p.rehearsal else 2**29) // 4, device=p.device)
+    dst = torch.empty_like(src)
+    seconds = p.time_call(lambda: dst.copy_(src))
+    p.emit(kind="ceiling", section="ceilings", what=f"device copy {src.numel() * 4 / 2**30:.3g} GiB",
+           bytes_per_s=2 * src.numel() * 4 / seconds, time_s=seconds)
+
+
+def _eager_contrastive(q, k):
+    return F.cross_entropy((q @ k.T).float() / TEMPERATURE, torch.arange(q.shape[0], device=q.device))
+
+
+def section_contrastive(p: Probe):
+    from karma_kernels import contrastive_loss
+
+    batch, dim = (256, 32) if p.rehearsal else (65536, 256)
+    dtype = torch.float32 if p.rehearsal else torch.bfloat16
+    backend = "torch" if p.rehearsal else "triton"
+    q = F.normalize(torch.randn(batch, dim, device=p.device), dim=1).to(dtype).requires_grad_()
+    k = F.normalize(torch.randn(batch, dim, device=p.device), dim=1).to(dtype).requires_grad_()
+    shape = f"B={batch},M={batch},D={dim},softmax"
+    for impl, loss in ((backend, lambda: contrastive_loss(q, k, temperature=TEMPERATURE, backend=backend)),
+                       ("torch_eager", lambda: _eager_contrastive(q, k))):
+        p.measure_op("contrastive", impl, shape, dtype, loss, (q, k), 2.0 * batch * batch * dim)
+
+
+def section_linear_ce(p: Probe):
+    from karma_kernels import linear_cross_entropy
+
+    n, d, v = (128, 32, 500) if p.rehearsal else (8192, 2304, 256000)
+    dtype = torch.float32 if p.rehearsal else torch.bfloat16
+    backend = "torch" if p.rehearsal else "triton"
+    h = torch.randn(n, d, device=p.device).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, device=p.device) / d**0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), device=p.device)
+    for impl, loss in ((backend, lambda: linear_cross_entropy(h, w, t, backend=backend)),
+                       ("torch_eager", lambda: F.cross_entropy(F.linear(h, w).float(), t))):
+        p.measure_op("linear_ce", impl, f"N={n},D={d},V={v}", dtype, loss, (h, w), 2.0 * n * d * v)
+
+
+def section_topk_merge(p: Probe):
+    from karma_kernels import topk_merge
+
+    shards, queries, k = (4, 100, 10) if p.rehearsal else (16, 10000, 100)
+    distances = torch.rand(shards, queries, k, device=p.device).sort(dim=2).values
+    ids = torch.randint(0, 2**40, (shards, queries, k), device=p.device)
+    flat_d = distances.permute(1, 0, 2).reshape(queries, shards * k)
+    flat_i = ids.permute(1, 0, 2).reshape(queries, shards * k)
+
+    def concat_topk():
+        values, positions = torch.topk(flat_d, k, dim=1, largest=False)
+        return values, flat_i.gather(1, positions)
+
+    backend = "auto" if p.rehearsal else "compiled"
+    merged_bytes = queries * (2 * k + shards) * 12  # read about k + S candidates per query, write k (fp32 + int64)
+    all_bytes = (shards + 1) * queries * k * 12  # read every candidate, write k
+    for impl, fn, moved in (("cuda" if not p.rehearsal else backend, lambda: topk_merge(distances, ids, k, backend=backend),
+                             merged_bytes), ("torch_topk", concat_topk, all_bytes)):
+        seconds = p.time_call(fn)
+        _, peak, mem_method = peak_memory(fn, p.device)
+        ceiling = p.ceilings["bytes_per_s"] if p.ceilings else None
+        p.emit(kind="op", section="topk_merge", op="topk_merge", impl=impl, shape=f"S={shards},Q={queries},k={k}",
+               dtype="float32", phase="merge", time_s=seconds, bytes=moved, bytes_per_s=moved / seconds,
+               bytes_ceiling=ceiling, fraction_of_ceiling=moved / seconds / ceiling if ceiling else None,
+               bytes_if_all_read_per_s=all_bytes / seconds, peak_mem_bytes=peak, mem_method=mem_method, rep=p.rep)
+
+
+def _tolerance(dtype):
+    try:
+        sys.path.insert(0, str(REPO))
+        from tests.tolerances import EPS, K, rel_err
+        return K[dtype], EPS[dtype], rel_err
+    except ImportError:
+        return None, None, lambda x, truth: float((x.double() - truth.double()).abs().max()
+                                                  / truth.double().abs().max().clamp_min(1e-30))
+    finally:
+        sys.path.remove(str(REPO))
+
+
+def _grads(loss_fn, tensors, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
+    loss = loss_fn(*leaves)
+    loss.backward()
+    return [loss.detach()] + [leaf.grad for leaf in leaves]
+
+
+def section_grad_check(p: Probe):
+    from karma_kernels import contrastive_loss, linear_cross_entropy
+    from karma_kernels.contrastive.reference import contrastive_loss_reference
+    from karma_kernels.linear_ce.reference import linear_cross_entropy_reference
+
+    k_mult, eps, rel_err = _tolerance(torch.float16)
+    backend = "torch" if p.rehearsal else "triton"
+    b, dim = (64, 32) if p.rehearsal else (8192, 256)
+    n, d, v = (64, 32, 300) if p.rehearsal else (8192, 1024, 32000)
+    q, k = (F.normalize(torch.randn(b, dim, device=p.device, dtype=torch.float64), dim=1) for _ in range(2))
+    h = torch.randn(n, d, device=p.device, dtype=torch.float64)
+    w = torch.randn(v, d, device=p.device, dtype=torch.float64) / d**0.5
+    t = torch.randint(0, v, (n,), device=p.device)
+    checks = (
+        ("contrastive", f"B={b},M={b},D={dim}", ("loss", "d_query", "d_keys"), (q, k),
+         lambda x, y: contrastive_loss(x, y, temperature=TEMPERATURE, backend=backend),
+         lambda x, y: contrastive_loss_reference(x, y, None, TEMPERATURE), _eager_contrastive),
+        ("linear_ce", f"N={n},D={d},V={v}", ("loss", "d_hidden", "d_weight"), (h, w),
+         lambda x, y: linear_cross_entropy(x, y, t, backend=backend),
+         lambda x, y: linear_cross_entropy_reference(x, y, t),
+         lambda x, y: F.cross_entropy(F.linear(x, y).float(), t)),
+    )
+    for op, shape, names, inputs, ours, reference, eager in checks:
+        truth = _grads(reference, inputs, torch.float64)
+        kernel = _grads(ours, inputs, torch.float16)
+        torch_fp16 = _grads(eager, inputs, torch.float16)
+        for name, ours_value, true_value, torch_value in zip(names, kernel, truth, torch_fp16):
+            err, base = rel_err(ours_value, true_value), rel_err(torch_value, true_value)
+            bound = k_mult * base + eps if k_mult is not None else None
+            p.emit(kind="grad_check", section="grad_check", op=op, impl=backend, shape=shape, dtype="float16",
+                   tensor=name, err=err, err_torch_fp16=base, bound=bound,
+                   ok=(err <= bound) if bound is not None else None, rule="err <= K * err_torch_fp16 + EPS "
+                   "(tests/tolerances.py); err = max |x - truth| / max |truth|, truth = reference in float64")
+        del truth, kernel, torch_fp16
+
+
+def _autotune_modules():
+    """Op modules whose source reads KARMA_AUTOTUNE (discovered, not assumed: the kernels are being rewritten)."""
+    found = []
+    for path in sorted((REPO / "karma_kernels").glob("*/triton_impl.py")):
+        if "KARMA_AUTOTUNE" in path.read_text():
+            found.append(path.parent.name)
+    return found
+
+
+def section_autotune(p: Probe):
+    ops = [op for op in _autotune_modules() if op in ("contrastive", "linear_ce")]
+    if not ops:
+        p.emit(kind="skip", section="autotune", reason="no op module reads KARMA_AUTOTUNE")
+        return
+    if p.rehearsal:
+        p.emit(kind="skip", section="autotune", ops=ops, reason="no CUDA device: Triton's autotuner needs a GPU "
+                                                                 "(found KARMA_AUTOTUNE in these op modules)")
+        return
+    env = dict(os.environ, KARMA_AUTOTUNE="1", PYTHONPATH=str(REPO))
+    limit = max(p.remaining() - 3, 1)
+    try:
+        run = subprocess.run([sys.executable, "-m", "bench.gpu_probe", "--autotune-child", ",".join(ops)],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
+        lines, tail = run.stdout.splitlines(), run.stderr[-1500:]
+    except subprocess.TimeoutExpired as expired:
+        out = expired.stdout or b""
+        lines = (out.decode() if isinstance(out, bytes) else out).splitlines()
+        tail = f"timed out after {limit:.0f} s (probe budget)"
+    for line in lines:
+        if line.startswith("{"):
+            p.emit(**dict(json.loads(line), section="autotune"))
+    if not any(line.startswith('{"kind": "autotune"') for line in lines):
+        p.emit(kind="skip", section="autotune", reason=f"no tuned config came back: {tail}")
+
+
+def autotune_child(ops):
+    """Run in a fresh process with KARMA_AUTOTUNE=1: call each op, then read every triton.autotune kernel."""
+    from triton.runtime.autotuner import Autotuner
+
+    from karma_kernels import contrastive_loss, linear_cross_entropy
+
+    def emit(**record):
+        print(json.dumps(record, default=str), flush=True)
+
+    for op in ops:
+        start = time.perf_counter()
+        if op == "contrastive":
+            shape = "B=65536,M=65536,D=256,softmax"
+            q, k = (torch.randn(65536, 256, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+            fn = lambda: contrastive_loss(q, k, temperature=TEMPERATURE, backend="triton").backward()  # noqa: E731
+        else:
+            shape = "N=8192,D=2304,V=256000"
+            h = torch.randn(8192, 2304, device="cuda", dtype=torch.bfloat16).requires_grad_()
+            w = (torch.randn(256000, 2304, device="cuda") / 48).to(torch.bfloat16).requires_grad_()
+            t = torch.randint(0, 256000, (8192,), device="cuda")
+            fn = lambda: linear_cross_entropy(h, w, t, backend="triton").backward()  # noqa: E731
+        fn()  # the autotuner benchmarks its configs here
+        torch.cuda.synchronize()
+        tuned_s = time.perf_counter() - start
+        import triton.testing
+        emit(kind="op", op=op, impl="triton_autotuned", shape=shape, dtype="bfloat16", phase="fwd+bwd",
+             tuning_s=tuned_s,
+             time_s=triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median") / 1e3)
+        del fn
+        gc.collect()
+    for tuner in (o for o in gc.get_objects() if isinstance(o, Autotuner)):
+        name = getattr(getattr(tuner, "fn", None), "__name__", "?")
+        for key, config in getattr(tuner, "cache", {}).items():
+            timings = getattr(tuner, "configs_timings", None) or {}
+            emit(kind="autotune", kernel=name, key=str(key), best=str(config), configs=len(tuner.configs),
+                 timings_ms={str(c): t for c, t in timings.items()} or None)
+
+
+SECTIONS = (("env", section_env), ("ceilings", section_ceilings), ("contrastive", section_contrastive),
+            ("linear_ce", section_linear_ce), ("topk_merge", section_topk_merge), ("grad_check", section_grad_check),
+            ("autotune", section_autotune))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("probe.jsonl"), help="JSON lines, appended as they come")
+    parser.add_argument("--budget", type=float, default=90.0, help="seconds; sections that no longer fit skip")
+    parser.add_argument("--rep", type=int, default=10, help="timed repetitions per measurement (GPU)")
+    parser.add_argument("--summarize", type=Path, default=None, help="print the tables of a probe.jsonl and exit")
+    parser.add_argument("--autotune-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.autotune_child:
+        autotune_child(args.autotune_child.split(","))
+        return 0
+    if args.summarize:
+        print(summarize(read_records(args.summarize)))
+        return 0
+    rehearsal = not torch.cuda.is_available()
+    with open(args.out, "a") as out:
+        probe = Probe(out, args.budget, args.rep, rehearsal)
+        if rehearsal:
+            probe.emit(kind="skip", section="gpu", reason="no CUDA device (torch.cuda.is_available() is False): "
+                                                          "rehearsal at tiny shapes on the CPU, no GPU figures")
+        for name, fn in SECTIONS:
+            probe.run(name, fn)
+        probe.emit(kind="done", section="done", elapsed_s=round(time.perf_counter() - probe.start, 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,15 @@ import: a probe file can be read anywhere."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
+
+
+def _si(value: float, unit: str) -> str:
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
 
 
 def read_records(path) -> list:
@@ -25,20 +33,24 @@ def summarize(records) -> str:
              f"torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda')}) · triton {env.get('triton', '?')}", "",
              "| op | impl | shape | dtype | phase | time | rate | of ceiling | peak mem |", "|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in records if r["kind"] == "op" and "time_s" in r):
-        rate = (f"{r['flop_per_s'] / 1e12:.3g} TFLOP/s" if r.get("flop_per_s")
-                else f"{r['bytes_per_s'] / 1e9:.3g} GB/s" if r.get("bytes_per_s") else "-")
+        rate = (_si(r["flop_per_s"], "FLOP/s") if r.get("flop_per_s")
+                else _si(r["bytes_per_s"], "B/s") if r.get("bytes_per_s") else "-")
         frac = f"{100 * r['fraction_of_ceiling']:.0f}%" if r.get("fraction_of_ceiling") else "-"
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f} MiB" if r.get("peak_mem_bytes") is not None else "-"
         lines.append(f"| {r.get('op')} | {r.get('impl')} | {r.get('shape', '-')} | {r.get('dtype', '-')} | "
                      f"{r.get('phase', '-')} | {r['time_s'] * 1e3:.3g} ms | {rate} | {frac} | {mem} |")
     for r in (r for r in records if r["kind"] == "ceiling" and r.get("what")):
-        rate = f"{r['flop_per_s'] / 1e12:.3g} TFLOP/s" if r.get("flop_per_s") else f"{r['bytes_per_s'] / 1e9:.3g} GB/s"
-        lines.append(f"- measured ceiling: {r['what']}: {rate}")
+        rate = _si(r["flop_per_s"], "FLOP/s") if r.get("flop_per_s") else _si(r["bytes_per_s"], "B/s")
+        lines += ["", f"- measured ceiling: {r['what']}: {rate}"]
     kernels = [r for r in records if r["kind"] == "kernel"]
     if kernels:
-        lines += ["", "| kernels of one fwd+bwd | impl | kernel | time | share |", "|---|---|---|---|---|"]
-        lines += [f"| {r['op']} | {r['impl']} | `{r['name'][:70]}` | {r['time_s'] * 1e3:.3g} ms | "
-                  f"{100 * r['share']:.0f}% |" for r in kernels]
+        lines += ["", "| kernels of one fwd+bwd | impl | kernel (top 4) | time | share |", "|---|---|---|---|---|"]
+        shown = Counter()
+        for r in kernels:  # the probe writes them longest first
+            shown[r["op"], r["impl"]] += 1
+            if shown[r["op"], r["impl"]] <= 4:
+                lines.append(f"| {r['op']} | {r['impl']} | `{r['name'][:70]}` | {r['time_s'] * 1e3:.3g} ms | "
+                             f"{100 * r['share']:.0f}% |")
     checks = [r for r in records if r["kind"] == "grad_check"]
     if checks:
         lines += ["", "| grad check | tensor | err | err torch fp16 | bound | ok |", "|---|---|---|---|---|---|"]

@@ -31,7 +31,7 @@ WHEEL_DIR=${WHEEL_DIR:-.whl}
 KILL_AFTER=3             # seconds between a stage's SIGINT and its SIGKILL
 TOTAL_BUDGET_S=360       # the worst case, everything included
 # stage limits in seconds: the one place they are set (LIMIT_<NAME> overrides one)
-STAGES=(env:8 wheels:12 install:55 install_cpu:35 probe:80 tests:55 bench_contrastive:20 bench_linear_ce:30
+STAGES=(env:20 wheels:10 install:55 install_cpu:30 probe:80 tests:50 bench_contrastive:18 bench_linear_ce:30
         bench_topk_merge:12 report:10)
 # the GPU test selection, in one place: the CUDA top-K parity and the bf16 Triton parity tests, top-K first
 GPU_TEST_FILES=(tests/test_topk_merge.py tests/test_contrastive.py tests/test_linear_ce.py)

@@ -31,7 +31,7 @@ def summarize(records) -> str:
     env = next((r for r in records if r["kind"] == "env"), {})
     lines = ["## GPU probe", "", f"device {env.get('device', 'cpu (rehearsal)')} · driver {env.get('driver', '-')} · "
              f"torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda')}) · triton {env.get('triton', '?')}", "",
-             "| op | impl | shape | dtype | phase | time | rate | of ceiling | peak mem |", "|---|---|---|---|---|---|---|---|---|"]
+             "| op | impl | shape | dtype | phase | time | rate | of ceiling | peak mem |", "|---" * 9 + "|"]
     for r in (r for r in records if r["kind"] == "op" and "time_s" in r):
         rate = (_si(r["flop_per_s"], "FLOP/s") if r.get("flop_per_s")
                 else _si(r["bytes_per_s"], "B/s") if r.get("bytes_per_s") else "-")

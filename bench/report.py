@@ -221,7 +221,11 @@ def op_table(op: str, cases: list[dict], baseline: str | None = None) -> str:
     mem_methods = sorted({str(c["extra"].get("mem_method", "n/a")) for c in cases})
     lines += ["", f"Cells: median time · peak memory; ratios are against "
                   f"{' / '.join(sorted(baselines_used)) or 'no baseline (none present)'} in the same row "
-                  f"(< 1× is better); ours also against the fastest peer in the row. Timing: {', '.join(methods)}; memory: {', '.join(mem_methods)}.", ""]
+                  f"(< 1× is better); ours also against the fastest other peer in the row. "
+                  f"Timing: {', '.join(methods)}; memory: {', '.join(mem_methods)}."
+                  + (" % of peak: against the ceiling of the math the kernel runs (bench/_ceilings.py: vendor "
+                     "datasheet, dense; bf16/fp16 tensor cores, fp32 = IEEE FMA, not TF32)."
+                     if any(c["flop_fraction"] or c["bytes_fraction"] for c in cases) else ""), ""]
     return "\n".join(lines)
 
 

@@ -19,10 +19,11 @@ peak_mem_bytes, mem_method, time_s, time_method, and, when given, flops / bytes 
 (flop_per_s / bytes_per_s) and its fraction of the device's ceiling for the math the kernel runs
 (bench/_ceilings.py: spec sheet, dense; fp32 = IEEE FMA, not TF32; unknown on CPU, so omitted).
 
-``impl`` names: "reference", "torch", "triton", "cuda", "cpp", and peers: "torch_native", "torch_compile",
+``impl`` names: "reference", "torch", "triton", "cuda", "cpp", and peers: "torch_eager", "torch_native", "torch_compile",
 "liger", "cce", "inf_cl", "faiss", "torch_topk". Extra keyword arguments are stored as they are; two that
 bench/report.py reads: ``mode`` (separates rows, e.g. "softmax" / "pairwise") and ``baseline`` (the impl the
-row's ratios are against; default "reference", else the first of torch_native / faiss / ... present). ``size``
+row's ratios are against; default "reference", else the first of torch_native / torch_eager / faiss / ...
+present; on a GPU the loss benches name torch_eager). ``size``
 (the plots' x axis) defaults to the product of the numbers in ``shape``. Skipped cases and their reasons are
 saved in the JSON ("karma_skipped") and listed under each table.
 

@@ -86,9 +86,9 @@ def test_contrastive_fwd_bwd(benchmark, impl, batch, dim, dtype, mode):
     if impl in CUDA_ONLY_IMPLS and not HAS_CUDA:
         pytest.skip(f"{impl} runs on CUDA only (the Triton interpreter is for tests)")
     loss_fn = _loss_fn(impl, mode)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    query = F.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device=DEVICE, dtype=dtype)
-    keys = F.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device=DEVICE, dtype=dtype)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    query = F.normalize(torch.randn(batch, dim, generator=gen, device=DEVICE), dim=1).to(dtype)
+    keys = F.normalize(torch.randn(batch, dim, generator=gen, device=DEVICE), dim=1).to(dtype)
     query.requires_grad_()
     keys.requires_grad_()
 

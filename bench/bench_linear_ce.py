@@ -79,10 +79,11 @@ def test_linear_ce_fwd_bwd(benchmark, impl, n, d, v, dtype):
     if impl in GPU_ONLY_IMPLS and not HAS_CUDA:
         pytest.skip(f"{impl} runs on CUDA only (the Triton interpreter is for tests)")
     loss_fn = _loss_fn(impl)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(n, d, generator=gen).to(device=DEVICE, dtype=dtype).requires_grad_()
-    weight = (torch.randn(v, d, generator=gen) / d ** 0.5).to(device=DEVICE, dtype=dtype).requires_grad_()
-    target = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+    # drawn on the device: a CPU draw of the V x D weight takes seconds per case at the GPU shapes
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    hidden = torch.randn(n, d, generator=gen, device=DEVICE).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=gen, device=DEVICE) / d ** 0.5).to(dtype).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=gen, device=DEVICE)
 
     def step():
         hidden.grad = None

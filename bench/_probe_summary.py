@@ -44,13 +44,17 @@ def summarize(records) -> str:
         lines += ["", f"- measured ceiling: {r['what']}: {rate}"]
     kernels = [r for r in records if r["kind"] == "kernel"]
     if kernels:
-        lines += ["", "| kernels of one fwd+bwd | impl | kernel (top 4) | time | share |", "|---|---|---|---|---|"]
+        lines += ["", "| kernels per step | impl | kernel (top 4) | time | share | rate (assumed FLOPs) | of ceiling |",
+                  "|---" * 7 + "|"]
         shown = Counter()
         for r in kernels:  # the probe writes them longest first
             shown[r["op"], r["impl"]] += 1
             if shown[r["op"], r["impl"]] <= 4:
+                rate = (_si(r["flop_per_s"], "FLOP/s") if r.get("flop_per_s")
+                        else _si(r["bytes_per_s"], "B/s") if r.get("bytes_per_s") else "-")
+                frac = f"{100 * r['fraction_of_ceiling']:.0f}%" if r.get("fraction_of_ceiling") else "-"
                 lines.append(f"| {r['op']} | {r['impl']} | `{r['name'][:70]}` | {r['time_s'] * 1e3:.3g} ms | "
-                             f"{100 * r['share']:.0f}% |")
+                             f"{100 * r['share']:.0f}% | {rate} | {frac} |")
     checks = [r for r in records if r["kind"] == "grad_check"]
     if checks:
         lines += ["", "| grad check | tensor | err | err torch fp16 | bound | ok |", "|---|---|---|---|---|---|"]

@@ -158,21 +158,27 @@ class Probe:
                       fraction_of_ceiling=rate / ceiling if rate and ceiling else None,
                       ceiling_source=SOURCE if ceiling else None, peak_mem_bytes=peak, mem_method=mem_method,
                       time_method="cuda_events" if self.device.type == "cuda" else "perf_counter", rep=self.rep)
-        try:
-            self.kernel_times(op, impl, step)
-        except Exception as error:  # the profiler is a bonus: the op's figures above stand without it
-            self.emit(kind="skip", section=op, op=op, impl=impl,
-                      reason=f"per-kernel times unavailable: torch.profiler raised {type(error).__name__}: {error}")
+        self.kernel_times(op, impl, step, dtype, gemm_flops=fwd_flops)
 
-    def kernel_times(self, op, impl, step):
-        """Device time of each kernel of one step (CPU ops' self time in a rehearsal), from torch.profiler."""
+    def kernel_times(self, op, impl, step, dtype=None, gemm_flops=None, step_bytes=None, steps=3):
+        """Device time of each kernel per step, averaged over ``steps`` profiled steps (torch.profiler / CUPTI;
+        CPU ops' self time in a rehearsal). ``gemm_flops``: 2MNK of one logits-sized matmul; a kernel named like a
+        forward kernel is credited one, a gradient kernel two (it recomputes the logits tile, then multiplies by
+        it): the executed FLOPs of a recomputing kernel, labelled as assumed. ``step_bytes``: bytes a step must
+        move (the merge): GB/s of the kernel named like a merge."""
         from torch.profiler import ProfilerActivity, profile
 
         on_gpu = self.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-        with profile(activities=activities) as prof:
-            step()
-            self.sync()
+        try:
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    step()
+                self.sync()
+        except Exception as error:  # the profiler is a bonus: the op's own figures stand without it
+            self.emit(kind="skip", section=op, op=op, impl=impl,
+                      reason=f"per-kernel times unavailable: torch.profiler raised {type(error).__name__}: {error}")
+            return
         rows = []
         for event in prof.key_averages():
             if on_gpu:
@@ -183,14 +189,26 @@ class Probe:
             else:
                 seconds = event.self_cpu_time_total / 1e6
             if seconds > 0:
-                rows.append((seconds, event.key, event.count))
+                rows.append((seconds / steps, event.key, event.count / steps))
         if not rows:
             self.emit(kind="skip", section=op, op=op, impl=impl, reason="torch.profiler returned no kernel times")
             return
         total = sum(r[0] for r in rows)
-        for seconds, name, count in sorted(rows, reverse=True)[:8]:
-            self.emit(kind="kernel", section=op, op=op, impl=impl, name=name[:160], time_s=seconds, calls=count,
-                      share=seconds / total)
+        ceiling = flop_ceiling(self.ceilings, str(dtype).removeprefix("torch.")) if dtype is not None else None
+        for seconds, name, calls in sorted(rows, reverse=True)[:8]:
+            record = dict(kind="kernel", section=op, op=op, impl=impl, name=name[:160], time_s=seconds,
+                          calls_per_step=calls, share=seconds / total, time_method=f"profiler, mean of {steps} steps")
+            lowered = name.lower()
+            gemms = 2 if "grad" in lowered or "backward" in lowered or "bwd" in lowered else (
+                1 if "forward" in lowered or "fwd" in lowered else 0)
+            if gemm_flops and gemms and impl in ("triton", "cuda"):
+                flops = gemms * gemm_flops
+                record.update(flops_assumed=flops, gemms_assumed=gemms, flop_per_s=flops / seconds,
+                              fraction_of_ceiling=flops / seconds / ceiling if ceiling else None)
+            if step_bytes and impl in ("cuda", "cpp") and "merge" in lowered:  # the merge kernel, not a memset
+                record.update(bytes_per_s=step_bytes / seconds, fraction_of_ceiling=(
+                    step_bytes / seconds / self.ceilings["bytes_per_s"] if self.ceilings else None))
+            self.emit(**record)
 
 
 # --- sections ----------------------------------------------------------------------------------------------------
@@ -292,6 +310,7 @@ def section_topk_merge(p: Probe):
                dtype="float32", phase="merge", time_s=seconds, bytes=moved, bytes_per_s=moved / seconds,
                bytes_ceiling=ceiling, fraction_of_ceiling=moved / seconds / ceiling if ceiling else None,
                bytes_if_all_read_per_s=all_bytes / seconds, peak_mem_bytes=peak, mem_method=mem_method, rep=p.rep)
+        p.kernel_times("topk_merge", impl, fn, step_bytes=moved)
 
 
 def _tolerance(dtype):

@@ -135,7 +135,9 @@ FAILED=0
 # a rehearsal on a CPU machine checks the flow, not the timing: a loaded CI machine gets 3x the limits
 LIMIT_SCALE=1
 [ "$QUICK" = 1 ] && ! nvidia-smi -L >/dev/null 2>&1 && LIMIT_SCALE=3
-echo "gpu_check: worst case $(worst_case_s) s (budget $TOTAL_BUDGET_S s), quick=$QUICK, out $OUT_DIR" | tee -a "$LOG"
+WORST=$(worst_case_s)
+echo "gpu_check: worst case $WORST s (budget $TOTAL_BUDGET_S s$([ "$WORST" -gt "$TOTAL_BUDGET_S" ] && echo ', OVER BUDGET:'\
+' LIMIT_* overrides')), quick=$QUICK, out $OUT_DIR" | tee -a "$LOG"
 
 record() {  # record NAME STATUS RC SECONDS [NOTE]
     printf '%-18s %-8s rc=%-3s %4ss  %s\n' "$1" "$2" "$3" "$4" "${5:-}" | tee -a "$SUMMARY" "$LOG"

@@ -36,14 +36,20 @@ IMPL_ORDER = ("reference", "torch", "triton", "cuda", "cpp", "cpp_select", "thre
 
 def merge_json(json_paths) -> dict:
     """One pytest-benchmark document from several: run metadata of the first, every file's benchmarks."""
-    merged = None
+    merged, unreadable = None, []
     for path in json_paths:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except ValueError as error:  # a bench run killed while writing: report the others, and say so
+            unreadable.append({"nodeid": Path(path).name, "reason": f"unreadable JSON ({error})"})
+            continue
         if merged is None:
             merged = dict(data, benchmarks=[], karma_skipped=[])
         merged["benchmarks"].extend(data.get("benchmarks", []))
         merged["karma_skipped"].extend(data.get("karma_skipped", []))
-    return merged or {"benchmarks": [], "karma_skipped": []}
+    merged = merged or {"benchmarks": [], "karma_skipped": []}
+    merged["karma_skipped"].extend(unreadable)
+    return merged
 
 
 def _bench_file(nodeid: str) -> str:

@@ -144,3 +144,15 @@ def test_report_ratios_against_eager_baseline_and_best_peer(tmp_path, monkeypatc
     triton_cell = next(line for line in markdown.splitlines() if line.startswith("| N=8192")).split(" | ")[3]
     assert "0.50× time · 0.12× mem" in triton_cell  # against torch_eager
     assert "vs best peer liger: 0.75× time · 0.33× mem" in triton_cell
+
+
+def test_report_survives_a_bench_json_cut_off_by_a_kill(tmp_path, monkeypatch):
+    from bench import report
+
+    good, cut = tmp_path / "bench_linear_ce.json", tmp_path / "bench_topk_merge.json"
+    good.write_text(json.dumps({"benchmarks": [_bench("triton", 0.030, 100)]}))
+    cut.write_text('{"benchmarks": [{"name": "test_topk')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    markdown, _ = report.build_report([good, cut], tmp_path)
+    assert "### linear_ce" in markdown
+    assert "### bench_topk_merge.json" in markdown and "unreadable JSON" in markdown

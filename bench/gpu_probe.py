@@ -1,4 +1,4 @@
-"""GPU probe: the few numbers that matter, first, in about 90 s on an H200, one JSON line each as it goes.
+"""GPU probe: the few numbers that matter, first, in about a minute on an H200, one JSON line each as it goes.
 
     python -m bench.gpu_probe [--out probe.jsonl] [--budget 90] [--rep 10]
     python -m bench.gpu_probe --summarize probe.jsonl        # the markdown tables of a finished (or cut) run

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # One GPU check that fits a short lease: at most 6 minutes in the worst case, everything included (each stage's
-# limit plus its kill-after; `--plan` prints the sum). Stages, in order, each under its own time limit, each
-# appending its result line to summary.txt the moment it ends, a failed stage never stopping the next:
+# limit plus its kill-after, the two lanes that run side by side counted by the longer; `--plan` prints it).
+# Stages, each under its own time limit, each appending its result line to summary.txt the moment it ends, a
+# failed stage never stopping the next:
 #   env          nvidia-smi, nvcc / CUDA_HOME, torch / CUDA / Triton, ninja / setuptools / wheel / pytest /
 #                pytest-benchmark / py-cpuinfo / matplotlib and the peers' versions
 #   wheels       .whl/*.whl installed offline into a private folder put on PYTHONPATH (bench/WHEELS.md)
-#   install      the C++/CUDA extension built in place (setup.py build_ext --inplace, MAX_JOBS = all cores);
-#                nvcc's CUDA major must match torch's, else the CUDA build is not tried:
-#   install_cpu  KARMA_NO_CUDA=1 retry (CPU merge only) when the CUDA build failed or could not match
-#   probe        python -m bench.gpu_probe: the key numbers first, one JSON line each (probe.jsonl)
-#   tests        the GPU parity tests first and only: CUDA top-K, bf16 Triton (GPU_TESTS_* below)
+#   lane "build", in the background:
+#     install      the C++/CUDA extension built in place (setup.py build_ext --inplace, MAX_JOBS = all cores);
+#                  nvcc's CUDA major must match torch's, else the CUDA build is not tried:
+#     install_cpu  KARMA_NO_CUDA=1 retry (CPU merge only) when the CUDA build failed or could not match
+#   lane "probe", meanwhile (the Triton kernels need no build):
+#     probe        python -m bench.gpu_probe: the key numbers first, one JSON line each (probe.jsonl)
+#   probe_topk   once the build lane is done: the probe's CUDA-merge section
+#   tests        the GPU parity tests first and only: CUDA top-K, bf16 Triton (GPU_TEST_* below)
 #   bench_<op>   the GPU cases at the peers' shapes, ours first (KARMA_BENCH_GPU_ONLY=1), rounds sized to fit
 #   report       report.md (+ <op>.png) from the bench JSON and the probe
 # Output folder (at most 8 files: what the device tool brings back): gpu_check.log (every stage's output),
@@ -32,8 +36,10 @@ WHEEL_DIR=${WHEEL_DIR:-.whl}
 KILL_AFTER=3             # seconds between a stage's SIGINT and its SIGKILL
 TOTAL_BUDGET_S=360       # the worst case, everything included
 # stage limits in seconds: the one place they are set (LIMIT_<NAME> overrides one)
-STAGES=(env:20 wheels:10 install:55 install_cpu:30 probe:75 tests:45 bench_contrastive:20 bench_linear_ce:35
-        bench_topk_merge:15 report:10)
+STAGES=(env:15 wheels:8 install:90 install_cpu:45 probe:75 probe_topk:15 tests:50 bench_contrastive:20
+        bench_linear_ce:45 bench_topk_merge:15 report:10)
+# stages that run side by side: "lane=stage,stage" (the worst case counts the longer lane)
+LANES=(build=install,install_cpu probe=probe)
 # the GPU test selection, in one place: the CUDA top-K parity and the bf16 Triton parity tests, top-K first
 GPU_TEST_FILES=(tests/test_topk_merge.py tests/test_contrastive.py tests/test_linear_ce.py)
 GPU_TEST_SELECT="cuda_matches_reference or (test_triton_path and (B33-M40 or B24-M24))"
@@ -56,10 +62,25 @@ limit_of() {  # limit_of NAME: the stage's limit, LIMIT_<NAME> (upper case) firs
     exit 2
 }
 
-worst_case_s() {
-    local entry total=0
-    for entry in "${STAGES[@]}"; do total=$((total + $(limit_of "${entry%%:*}") + KILL_AFTER)); done
-    echo "$total"
+lane_of() {  # lane_of STAGE: the lane the stage runs in, or nothing
+    local lane
+    for lane in "${LANES[@]}"; do
+        case ",${lane#*=}," in *",$1,"*) echo "${lane%%=*}"; return ;; esac
+    done
+}
+
+worst_case_s() {  # serial stages' limits + kill-afters, plus the longest lane's
+    local entry name total=0 lane lane_total longest=0
+    for entry in "${STAGES[@]}"; do
+        name=${entry%%:*}
+        [ -z "$(lane_of "$name")" ] && total=$((total + $(limit_of "$name") + KILL_AFTER))
+    done
+    for lane in "${LANES[@]}"; do
+        lane_total=0
+        for name in $(echo "${lane#*=}" | tr ',' ' '); do lane_total=$((lane_total + $(limit_of "$name") + KILL_AFTER)); done
+        [ "$lane_total" -gt "$longest" ] && longest=$lane_total
+    done
+    echo $((total + longest))
 }
 
 versions_py() {  # versions_py [FACTS_FILE]: each package's version (or MISSING); with a file, torch's too,
@@ -107,7 +128,9 @@ done
 
 if [ "$PLAN" = 1 ]; then
     for entry in "${STAGES[@]}"; do
-        printf 'stage %-18s limit=%s kill_after=%s\n' "${entry%%:*}" "$(limit_of "${entry%%:*}")" "$KILL_AFTER"
+        lane=$(lane_of "${entry%%:*}")
+        printf 'stage %-18s limit=%s kill_after=%s%s\n' "${entry%%:*}" "$(limit_of "${entry%%:*}")" "$KILL_AFTER" \
+            "${lane:+ lane=$lane}"
     done
     total=$(worst_case_s)
     echo "worst_case_s=$total budget_s=$TOTAL_BUDGET_S$([ "$total" -gt "$TOTAL_BUDGET_S" ] && echo ' OVER BUDGET')"
@@ -140,7 +163,7 @@ echo "gpu_check: worst case $WORST s (budget $TOTAL_BUDGET_S s$([ "$WORST" -gt "
 ' LIMIT_* overrides')), quick=$QUICK, out $OUT_DIR" | tee -a "$LOG"
 
 record() {  # record NAME STATUS RC SECONDS [NOTE]
-    printf '%-18s %-8s rc=%-3s %4ss  %s\n' "$1" "$2" "$3" "$4" "${5:-}" | tee -a "$SUMMARY" "$LOG"
+    printf '%-18s %-8s rc=%-3s %4ss  %s\n' "$1" "$2" "$3" "$4" "${5:-}" | tee -a "$SUMMARY" "${STAGE_LOG:-$LOG}"
 }
 
 skip() { record "$1" SKIPPED - 0 "$2"; }
@@ -151,10 +174,10 @@ stage() {
     local name=$1 limit
     shift
     limit=$(($(limit_of "$name") * LIMIT_SCALE))
-    printf '\n===== %s (limit %ss): %s\n' "$name" "$limit" "$*" >>"$LOG"
+    printf '\n===== %s (limit %ss): %s\n' "$name" "$limit" "$*" >>"${STAGE_LOG:-$LOG}"
     echo "== $name (limit ${limit}s)"
     local start=$SECONDS
-    timeout --signal=INT --kill-after="$KILL_AFTER" "$limit" "$@" >>"$LOG" 2>&1
+    timeout --signal=INT --kill-after="$KILL_AFTER" "$limit" "$@" >>"${STAGE_LOG:-$LOG}" 2>&1
     local rc=$?
     local status=ok
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status=TIMEOUT; elif [ "$rc" -ne 0 ]; then status=FAILED; fi
@@ -185,11 +208,13 @@ else
 fi
 
 build() { stage "$1" env MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${@:2}" "$PYTHON" setup.py -q build_ext --inplace; }
-if [ "$QUICK" = 1 ] || [ "${GPU_CHECK_SKIP_INSTALL:-0}" = 1 ]; then
-    skip install "quick rehearsal / GPU_CHECK_SKIP_INSTALL=1: the tree as it is"
-    skip install_cpu "no build attempted"
-else
-    if [ -z "$TORCH_CUDA_MAJOR" ] || [ -z "$NVCC_MAJOR" ] || [ "$TORCH_CUDA_MAJOR" != "$NVCC_MAJOR" ]; then
+build_lane() {  # in the background, beside the probe; its log goes to its own file until it ends
+    STAGE_LOG=$BUILD_LOG
+    FAILED=0
+    if [ "$QUICK" = 1 ] || [ "${GPU_CHECK_SKIP_INSTALL:-0}" = 1 ]; then
+        skip install "quick rehearsal / GPU_CHECK_SKIP_INSTALL=1: the tree as it is"
+        skip install_cpu "no build attempted"
+    elif [ -z "$TORCH_CUDA_MAJOR" ] || [ -z "$NVCC_MAJOR" ] || [ "$TORCH_CUDA_MAJOR" != "$NVCC_MAJOR" ]; then
         skip install "CUDA build not tried: torch CUDA '${TORCH_CUDA_MAJOR:-none}' vs nvcc '${NVCC_MAJOR:-none}'"
         build install_cpu KARMA_NO_CUDA=1
     elif build install; then
@@ -197,11 +222,19 @@ else
     else
         build install_cpu KARMA_NO_CUDA=1
     fi
-fi
+    return "$FAILED"
+}
+BUILD_LOG=$(mktemp "${TMPDIR:-/tmp}/karma_gpu_check_build.XXXXXX")
+build_lane &
+BUILD_PID=$!
 
 PROBE_BUDGET=$(($(limit_of probe) * LIMIT_SCALE - 8))  # the probe stops starting sections in time to exit on its own
 [ "$QUICK" = 1 ] && PROBE_BUDGET=$((PROBE_BUDGET < 40 ? PROBE_BUDGET : 40))
-stage probe "$PYTHON" -m bench.gpu_probe --out "$OUT_DIR/probe.jsonl" --budget "$PROBE_BUDGET"
+stage probe "$PYTHON" -m bench.gpu_probe --out "$OUT_DIR/probe.jsonl" --budget "$PROBE_BUDGET" --skip topk_merge
+wait "$BUILD_PID" || FAILED=1
+cat "$BUILD_LOG" >>"$LOG"
+rm -f "$BUILD_LOG"
+stage probe_topk "$PYTHON" -m bench.gpu_probe --out "$OUT_DIR/probe.jsonl" --budget 8 --only topk_merge
 
 if [ "$HAS_CUDA" = 1 ]; then
     stage tests "$PYTHON" -m pytest "${GPU_TEST_FILES[@]}" -k "$GPU_TEST_SELECT" -q -rs --maxfail=10 \

@@ -1,6 +1,6 @@
 """GPU probe: the few numbers that matter, first, in about a minute on an H200, one JSON line each as it goes.
 
-    python -m bench.gpu_probe [--out probe.jsonl] [--budget 90] [--rep 10]
+    python -m bench.gpu_probe [--out probe.jsonl] [--budget 90] [--rep 10] [--only S,..] [--skip S,..]
     python -m bench.gpu_probe --summarize probe.jsonl        # the markdown tables of a finished (or cut) run
 
 Everything goes through the public API (``contrastive_loss``, ``linear_cross_entropy``, ``topk_merge`` with
@@ -381,6 +381,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("probe.jsonl"), help="JSON lines, appended as they come")
     parser.add_argument("--budget", type=float, default=90.0, help="seconds; sections that no longer fit skip")
     parser.add_argument("--rep", type=int, default=10, help="timed repetitions per measurement (GPU)")
+    parser.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
+    parser.add_argument("--skip", default="", help="comma-separated sections not to run (gpu_check.sh runs "
+                                                   "topk_merge apart, once the extension is built)")
     parser.add_argument("--summarize", type=Path, default=None, help="print the tables of a probe.jsonl and exit")
     parser.add_argument("--autotune-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -390,14 +393,19 @@ def main(argv=None) -> int:
     if args.summarize:
         print(summarize(read_records(args.summarize)))
         return 0
+    names = [name for name, _ in SECTIONS]
+    only, skip = (set(filter(None, value.split(","))) for value in (args.only, args.skip))
+    if only - set(names) or skip - set(names):
+        parser.error(f"unknown section in {sorted((only | skip) - set(names))}: the sections are {names}")
     rehearsal = not torch.cuda.is_available()
     with open(args.out, "a") as out:
         probe = Probe(out, args.budget, args.rep, rehearsal)
-        if rehearsal:
+        if rehearsal and not only:
             probe.emit(kind="skip", section="gpu", reason="no CUDA device (torch.cuda.is_available() is False): "
                                                           "rehearsal at tiny shapes on the CPU, no GPU figures")
         for name, fn in SECTIONS:
-            probe.run(name, fn)
+            if (not only or name in only) and name not in skip:
+                probe.run(name, fn)
         probe.emit(kind="done", section="done", elapsed_s=round(time.perf_counter() - probe.start, 2))
     return 0
 

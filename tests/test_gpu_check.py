@@ -16,8 +16,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 BUDGET_S = 360
-STAGE_ORDER = ["env", "wheels", "install", "install_cpu", "probe", "tests", "bench_contrastive", "bench_linear_ce",
-               "bench_topk_merge", "report"]
+STAGE_ORDER = ["env", "wheels", "install", "install_cpu", "probe", "probe_topk", "tests", "bench_contrastive",
+               "bench_linear_ce", "bench_topk_merge", "report"]
+LANES = {"install": "build", "install_cpu": "build", "probe": "probe"}  # run side by side
 
 
 def _env(**extra):
@@ -30,16 +31,22 @@ def _plan(**extra):
     run = subprocess.run(["bash", str(SCRIPT), "--plan"], cwd=REPO, env=_env(**extra), capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    stages = [(m[0], int(m[1]), int(m[2]))
-              for m in re.findall(r"^stage (\S+)\s+limit=(\d+) kill_after=(\d+)$", run.stdout, re.MULTILINE)]
+    stages = [(m[0], int(m[1]), int(m[2]), m[3] or None) for m in
+              re.findall(r"^stage (\S+)\s+limit=(\d+) kill_after=(\d+)(?: lane=(\w+))?$", run.stdout, re.MULTILINE)]
     worst = int(re.search(r"^worst_case_s=(\d+) budget_s=(\d+)", run.stdout, re.MULTILINE).group(1))
     return stages, worst, run.stdout
 
 
 def test_plan_budget_fits_six_minutes_and_orders_the_stages():
     stages, worst, text = _plan()
-    assert [name for name, _, _ in stages] == STAGE_ORDER
-    assert worst == sum(limit + kill for _, limit, kill in stages)
+    assert [name for name, *_ in stages] == STAGE_ORDER
+    assert {name: lane for name, _, _, lane in stages if lane} == LANES
+    serial = sum(limit + kill for _, limit, kill, lane in stages if lane is None)
+    lanes = {}
+    for _, limit, kill, lane in stages:
+        if lane:
+            lanes[lane] = lanes.get(lane, 0) + limit + kill
+    assert worst == serial + max(lanes.values())
     assert worst <= BUDGET_S, text
     assert "OVER BUDGET" not in text
     assert 'tests/test_topk_merge.py' in text.split("gpu tests:")[1].split("\n")[0]  # the CUDA top-K first
@@ -48,10 +55,14 @@ def test_plan_budget_fits_six_minutes_and_orders_the_stages():
 
 def test_plan_counts_an_overridden_limit_and_flags_an_overrun():
     stages, worst, _ = _plan()
-    probe = dict((name, limit) for name, limit, _ in stages)["probe"]
-    _, raised, text = _plan(LIMIT_PROBE=str(probe + BUDGET_S))
+    limits = {name: limit for name, limit, *_ in stages}
+    _, raised, text = _plan(LIMIT_TESTS=str(limits["tests"] + BUDGET_S))
     assert raised == worst + BUDGET_S
     assert "OVER BUDGET" in text
+    # a lane counts by its longest: the probe lane takes over once it is longer than the build lane
+    build_lane = limits["install"] + limits["install_cpu"] + 3
+    _, probe_longest, _ = _plan(LIMIT_PROBE=str(build_lane + 100))
+    assert probe_longest == worst + 100
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +80,10 @@ def test_quick_rehearsal_runs_every_stage_on_cpu(rehearsal):
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n{log[-4000:]}"
     lines = (out / "summary.txt").read_text().splitlines()
-    assert [line.split()[0] for line in lines] == STAGE_ORDER
+    names = [line.split()[0] for line in lines]
+    assert sorted(names) == sorted(STAGE_ORDER)  # the build lane's lines land while the probe runs
+    serial = [name for name in names if name not in LANES]
+    assert serial == [name for name in STAGE_ORDER if name not in LANES]
     for line in lines:
         name, status = line.split()[:2]
         assert status in ("ok", "SKIPPED"), line

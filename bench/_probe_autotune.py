@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from bench._baselines import CONTRASTIVE_SHAPE, LINEAR_CE_SHAPES, TEMPERATURE
+
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("contrastive", "linear_ce")  # cheaper first
 
@@ -79,7 +81,6 @@ def autotune_child(ops) -> None:
     then the tuned op's median fwd+bwd time, then the configs chosen."""
     import triton.testing
 
-    from bench.gpu_probe import CONTRASTIVE_SHAPE, LINEAR_CE_SHAPE, TEMPERATURE
     from karma_kernels import contrastive_loss, linear_cross_entropy
 
     seen = set()
@@ -91,7 +92,7 @@ def autotune_child(ops) -> None:
             q, k = (torch.randn(batch, dim, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(2))
             step = lambda: contrastive_loss(q, k, temperature=TEMPERATURE, backend="triton").backward()  # noqa: E731
         else:
-            n, d, v = LINEAR_CE_SHAPE
+            n, d, v = LINEAR_CE_SHAPES[0]
             shape = f"N={n},D={d},V={v}"
             h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
             w = (torch.randn(v, d, device="cuda") / d**0.5).to(torch.bfloat16).requires_grad_()

@@ -21,23 +21,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench._baselines import CONTRASTIVE_SHAPE, TEMPERATURE, eager_contrastive
 from bench.conftest import DEVICE, GPU_ONLY, GPU_ONLY_SKIP, HAS_CUDA, QUICK, dtype_name, run_case
 from karma_kernels import contrastive_loss
 from karma_kernels.contrastive.reference import contrastive_loss_reference
 
-TEMPERATURE = 0.05
 MODES = ("softmax", "symmetric", "pairwise")
 CUDA_ONLY_IMPLS = ("triton", "inf_cl")
 
 if QUICK and not GPU_ONLY:
     CASES = [(512, 64, torch.float32, mode) for mode in MODES]
 elif GPU_ONLY:
-    CASES = [(65536, 256, torch.bfloat16, "softmax")]
+    CASES = [(*CONTRASTIVE_SHAPE, torch.bfloat16, "softmax")]
 elif HAS_CUDA:
-    CASES = ([(65536, 256, torch.bfloat16, "softmax"), (16384, 256, torch.bfloat16, "softmax")]
+    CASES = ([(*CONTRASTIVE_SHAPE, torch.bfloat16, "softmax"), (16384, 256, torch.bfloat16, "softmax")]
              + [(16384, 256, torch.bfloat16, mode) for mode in ("symmetric", "pairwise")])
 else:
-    CASES = [(16384, 256, torch.float32, "softmax")] + [(4096, 256, torch.float32, m) for m in ("symmetric", "pairwise")]
+    CASES = [(16384, 256, torch.float32, "softmax")] + [(4096, 256, torch.float32, m)
+                                                         for m in ("symmetric", "pairwise")]
 
 
 def _params():
@@ -49,25 +50,13 @@ def _params():
             for case in CASES for impl in impls]
 
 
-def _native(query, keys, mode):
-    logits = (query @ keys.T).float() / TEMPERATURE
-    target = torch.arange(query.shape[0], device=query.device)
-    if mode == "softmax":
-        return F.cross_entropy(logits, target)
-    if mode == "symmetric":
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-    positive = logits.diagonal()
-    off_diagonal = ~torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-    return (F.softplus(logits - positive[:, None]) * off_diagonal).sum(1).div(logits.shape[0] - 1).mean()
-
-
 def _loss_fn(impl, mode, dim):
     symmetric = mode == "symmetric"
     loss_mode = "pairwise" if mode == "pairwise" else "softmax"
     if impl == "reference":
         return lambda q, k: contrastive_loss_reference(q, k, None, TEMPERATURE, mode=loss_mode, symmetric=symmetric)
     if impl == "torch_eager":
-        return lambda q, k: _native(q, k, mode)
+        return lambda q, k: eager_contrastive(q, k, mode)
     if impl in ("torch", "triton"):
         return lambda q, k: contrastive_loss(q, k, temperature=TEMPERATURE, mode=loss_mode, symmetric=symmetric,
                                              backend=impl)

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench._baselines import LINEAR_CE_SHAPES, eager_linear_ce
 from bench.conftest import DEVICE, GPU_ONLY, GPU_ONLY_SKIP, HAS_CUDA, QUICK, dtype_name, run_case
 from karma_kernels import linear_cross_entropy
 from karma_kernels.linear_ce.reference import linear_cross_entropy_reference
@@ -36,7 +37,7 @@ if QUICK and not GPU_ONLY:
     CASES = [(512, 128, 4000, torch.float32)]
 elif HAS_CUDA or GPU_ONLY:
     # the peers' own shapes: CCE's (Gemma 2, N=8192 D=2304 V=256000) and Liger's (Llama 3, D=4096 V=128256)
-    CASES = [(8192, 2304, 256000, torch.bfloat16), (16384, 4096, 128256, torch.bfloat16)]
+    CASES = [(*shape, torch.bfloat16) for shape in LINEAR_CE_SHAPES]
     if not GPU_ONLY:
         CASES.append((4096, 512, 32000, torch.float32))
 else:
@@ -54,7 +55,7 @@ def _loss_fn(impl):
     if impl == "reference":
         return lambda h, w, t: linear_cross_entropy_reference(h, w, t)
     if impl == "torch_eager":  # what users write: the logits in the input dtype, the loss in fp32
-        return lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t)
+        return eager_linear_ce
     if impl == "torch_native":
         if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
             pytest.skip("torch.nn.LinearCrossEntropyOptions needs torch >= 2.13")

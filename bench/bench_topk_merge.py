@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench._baselines import TOPK_SHAPE
 from bench.conftest import GPU_ONLY, GPU_ONLY_SKIP, HAS_CUDA, QUICK, run_case
 from karma_kernels import topk_merge
 from karma_kernels.topk_merge import topk_merge_reference
@@ -39,7 +40,7 @@ elif QUICK:
     CASES = [(4, 1000, 10), (8, 2000, 100)]
 else:
     CASES = [(8, 20000, 100)] + [(s, q, k) for s in (4, 16, 64) for q in (1000, 20000) for k in (10, 100)]
-GPU_CASES = [(16, 10000, 100)]  # first in the file: pytest runs it before the CPU cases
+GPU_CASES = [TOPK_SHAPE]  # first in the file: pytest runs it before the CPU cases
 CPU_IMPLS = ("cpp", "cpp_select", "faiss", "torch_topk", "reference")
 WARMUP_ROUNDS, ROUNDS = (1, 2) if QUICK else (3, 10)  # the reference keeps run_case's defaults: it is slow
 

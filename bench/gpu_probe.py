@@ -40,15 +40,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench._baselines import (CONTRASTIVE_SHAPE, LINEAR_CE_SHAPES, TEMPERATURE, TOPK_SHAPE, eager_contrastive,
+                              eager_linear_ce)
 from bench._ceilings import SOURCE, device_ceilings, flop_ceiling
 from bench._mem import peak_memory
 from bench._probe_autotune import autotune_child, section_autotune
+from bench._probe_gradcheck import section_grad_check
 from bench._probe_summary import read_records, summarize
 
-REPO = Path(__file__).resolve().parents[1]
-TEMPERATURE = 0.05  # the headline shapes' loss settings, shared with bench/_probe_autotune.py
-CONTRASTIVE_SHAPE = (65536, 256)  # B, D: Inf-CL's
-LINEAR_CE_SHAPE = (8192, 2304, 256000)  # N, D, V: CCE's (Gemma 2)
 # (section, seconds it needs on an H200, Triton compilation included): a section starts only if that much is left
 SECTION_COST_S = {"env": 0, "ceilings": 4, "contrastive": 15, "linear_ce": 20, "topk_merge": 4, "grad_check": 15,
                   "autotune": 20}
@@ -248,10 +247,6 @@ def section_ceilings(p: Probe):
            bytes_per_s=2 * src.numel() * 4 / seconds, time_s=seconds)
 
 
-def _eager_contrastive(q, k):
-    return F.cross_entropy((q @ k.T).float() / TEMPERATURE, torch.arange(q.shape[0], device=q.device))
-
-
 def section_contrastive(p: Probe):
     from karma_kernels import contrastive_loss
 
@@ -262,28 +257,28 @@ def section_contrastive(p: Probe):
     k = F.normalize(torch.randn(batch, dim, device=p.device), dim=1).to(dtype).requires_grad_()
     shape = f"B={batch},M={batch},D={dim},softmax"
     for impl, loss in ((backend, lambda: contrastive_loss(q, k, temperature=TEMPERATURE, backend=backend)),
-                       ("torch_eager", lambda: _eager_contrastive(q, k))):
+                       ("torch_eager", lambda: eager_contrastive(q, k))):
         p.measure_op("contrastive", impl, shape, dtype, loss, (q, k), 2.0 * batch * batch * dim)
 
 
 def section_linear_ce(p: Probe):
     from karma_kernels import linear_cross_entropy
 
-    n, d, v = (128, 32, 500) if p.rehearsal else LINEAR_CE_SHAPE
+    n, d, v = (128, 32, 500) if p.rehearsal else LINEAR_CE_SHAPES[0]
     dtype = torch.float32 if p.rehearsal else torch.bfloat16
     backend = "torch" if p.rehearsal else "triton"
     h = torch.randn(n, d, device=p.device).to(dtype).requires_grad_()
     w = (torch.randn(v, d, device=p.device) / d**0.5).to(dtype).requires_grad_()
     t = torch.randint(0, v, (n,), device=p.device)
     for impl, loss in ((backend, lambda: linear_cross_entropy(h, w, t, backend=backend)),
-                       ("torch_eager", lambda: F.cross_entropy(F.linear(h, w).float(), t))):
+                       ("torch_eager", lambda: eager_linear_ce(h, w, t))):
         p.measure_op("linear_ce", impl, f"N={n},D={d},V={v}", dtype, loss, (h, w), 2.0 * n * d * v)
 
 
 def section_topk_merge(p: Probe):
     from karma_kernels import topk_merge
 
-    shards, queries, k = (4, 100, 10) if p.rehearsal else (16, 10000, 100)
+    shards, queries, k = (4, 100, 10) if p.rehearsal else TOPK_SHAPE
     distances = torch.rand(shards, queries, k, device=p.device).sort(dim=2).values
     ids = torch.randint(0, 2**40, (shards, queries, k), device=p.device)
     flat_d = distances.permute(1, 0, 2).reshape(queries, shards * k)
@@ -311,64 +306,6 @@ def section_topk_merge(p: Probe):
                bytes_ceiling=ceiling, fraction_of_ceiling=moved / seconds / ceiling if ceiling else None,
                bytes_if_all_read_per_s=all_bytes / seconds, peak_mem_bytes=peak, mem_method=mem_method, rep=p.rep)
         p.kernel_times("topk_merge", impl, fn, step_bytes=moved)
-
-
-def _tolerance(dtype):
-    """The test suite's rule (K, EPS, rel_err of tests/tolerances.py), loaded from its file: a ``tests`` package
-    some other distribution installed must not shadow it."""
-    import importlib.util
-
-    path = REPO / "tests" / "tolerances.py"
-    if not path.is_file():
-        return None, None, lambda x, truth: float((x.double() - truth.double()).abs().max()
-                                                  / truth.double().abs().max().clamp_min(1e-30))
-    spec = importlib.util.spec_from_file_location("karma_test_tolerances", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.K[dtype], module.EPS[dtype], module.rel_err
-
-
-def _grads(loss_fn, tensors, dtype):
-    leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
-    loss = loss_fn(*leaves)
-    loss.backward()
-    return [loss.detach()] + [leaf.grad for leaf in leaves]
-
-
-def section_grad_check(p: Probe):
-    from karma_kernels import contrastive_loss, linear_cross_entropy
-    from karma_kernels.contrastive.reference import contrastive_loss_reference
-    from karma_kernels.linear_ce.reference import linear_cross_entropy_reference
-
-    k_mult, eps, rel_err = _tolerance(torch.float16)
-    backend = "torch" if p.rehearsal else "triton"
-    b, dim = (64, 32) if p.rehearsal else (8192, 256)
-    n, d, v = (64, 32, 300) if p.rehearsal else (8192, 1024, 32000)
-    q, k = (F.normalize(torch.randn(b, dim, device=p.device, dtype=torch.float64), dim=1) for _ in range(2))
-    h = torch.randn(n, d, device=p.device, dtype=torch.float64)
-    w = torch.randn(v, d, device=p.device, dtype=torch.float64) / d**0.5
-    t = torch.randint(0, v, (n,), device=p.device)
-    checks = (
-        ("contrastive", f"B={b},M={b},D={dim}", ("loss", "d_query", "d_keys"), (q, k),
-         lambda x, y: contrastive_loss(x, y, temperature=TEMPERATURE, backend=backend),
-         lambda x, y: contrastive_loss_reference(x, y, None, TEMPERATURE), _eager_contrastive),
-        ("linear_ce", f"N={n},D={d},V={v}", ("loss", "d_hidden", "d_weight"), (h, w),
-         lambda x, y: linear_cross_entropy(x, y, t, backend=backend),
-         lambda x, y: linear_cross_entropy_reference(x, y, t),
-         lambda x, y: F.cross_entropy(F.linear(x, y).float(), t)),
-    )
-    for op, shape, names, inputs, ours, reference, eager in checks:
-        truth = _grads(reference, inputs, torch.float64)
-        kernel = _grads(ours, inputs, torch.float16)
-        torch_fp16 = _grads(eager, inputs, torch.float16)
-        for name, ours_value, true_value, torch_value in zip(names, kernel, truth, torch_fp16):
-            err, base = rel_err(ours_value, true_value), rel_err(torch_value, true_value)
-            bound = k_mult * base + eps if k_mult is not None else None
-            p.emit(kind="grad_check", section="grad_check", op=op, impl=backend, shape=shape, dtype="float16",
-                   tensor=name, err=err, err_torch_fp16=base, bound=bound,
-                   ok=(err <= bound) if bound is not None else None, rule="err <= K * err_torch_fp16 + EPS "
-                   "(tests/tolerances.py); err = max |x - truth| / max |truth|, truth = reference in float64")
-        del truth, kernel, torch_fp16
 
 
 SECTIONS = (("env", section_env), ("ceilings", section_ceilings), ("contrastive", section_contrastive),

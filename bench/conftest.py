@@ -178,6 +178,25 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["karma_device"] = torch.cuda.get_device_name(0) if HAS_CUDA else "cpu"
     machine_info["karma_quick"] = QUICK
     machine_info["torch_version"] = torch.__version__
+    machine_info["karma_versions"] = _versions()
+
+
+def _versions() -> str:
+    """Triton, CUDA and driver versions, recorded beside every figure of the run."""
+    import subprocess
+
+    import triton
+
+    text = f"triton {triton.__version__}"
+    if HAS_CUDA:
+        text += f", CUDA {torch.version.cuda}"
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+            text += f", driver {driver or '?'}"
+        except (OSError, subprocess.SubprocessError):
+            text += ", driver ?"
+    return text
 
 
 @pytest.hookimpl(trylast=True)

@@ -328,7 +328,9 @@ def build_report(json_paths, out_dir: Path, prefix: str = "", baselines=(), prob
     quick = " (quick mode: small shapes)" if machine.get("karma_quick") else ""
     parts = ["# karma benchmark report", "",
              f"Run {data.get('datetime', '?')} · device: {device}{f' · CPU: {cpu}' if cpu else ''}"
-             f" · torch {machine.get('torch_version', '?')}{f' · commit {commit[:10]}' if commit else ''}{quick}", ""]
+             f" · torch {machine.get('torch_version', '?')}"
+             f"{f' · ' + machine['karma_versions'] if machine.get('karma_versions') else ''}"
+             f"{f' · commit {commit[:10]}' if commit else ''}{quick}", ""]
     by_op = defaultdict(list)
     for case in cases:
         by_op[case["op"]].append(case)

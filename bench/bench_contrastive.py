@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench._baselines import CONTRASTIVE_SHAPE, TEMPERATURE, eager_contrastive
-from bench.conftest import DEVICE, GPU_ONLY, GPU_ONLY_SKIP, HAS_CUDA, QUICK, dtype_name, run_case
+from bench.conftest import DEVICE, GPU_ONLY, GPU_ONLY_SKIP, HAS_CUDA, QUICK, dtype_name, import_peer, run_case
 from karma_kernels import contrastive_loss
 from karma_kernels.contrastive.reference import contrastive_loss_reference
 
@@ -60,7 +60,7 @@ def _loss_fn(impl, mode, dim):
     if impl in ("torch", "triton"):
         return lambda q, k: contrastive_loss(q, k, temperature=TEMPERATURE, mode=loss_mode, symmetric=symmetric,
                                              backend=impl)
-    inf_cl = pytest.importorskip("inf_cl", reason="Inf-CL is not installed (pip install inf-cl)")
+    inf_cl = import_peer("inf_cl", "inf-cl")
     if mode != "softmax":
         pytest.skip("Inf-CL computes one softmax direction only")
     if dim not in (16, 32, 64, 128, 256):

@@ -8,7 +8,8 @@ impls:
   torch         our chunked path (what CPU users get)
   triton        our Triton kernels (CUDA only)
   liger         Liger-Kernel's LigerFusedLinearCrossEntropyLoss (CUDA only, where installed)
-  cce           Apple's Cut Cross-Entropy ``linear_cross_entropy`` (CUDA only, where installed)
+  cce           Apple's Cut Cross-Entropy ``linear_cross_entropy`` with its defaults (gradient filtering on; CUDA
+                only, where installed)
 
 Targets (read off the report, never asserted): CPU N=4096, D=512, V=32000, fp32: torch <= 0.9x torch_native's
 time at <= its peak memory. GPU N=8192, D=2304, V=256000, bf16: triton at least cce's speed at no more than its
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench._baselines import LINEAR_CE_SHAPES, eager_linear_ce
-from bench.conftest import DEVICE, GPU_ONLY, GPU_ONLY_SKIP, HAS_CUDA, QUICK, dtype_name, run_case
+from bench.conftest import DEVICE, GPU_ONLY, GPU_ONLY_SKIP, HAS_CUDA, QUICK, dtype_name, import_peer, run_case
 from karma_kernels import linear_cross_entropy
 from karma_kernels.linear_ce.reference import linear_cross_entropy_reference
 
@@ -64,13 +65,10 @@ def _loss_fn(impl):
     if impl in ("torch", "triton"):
         return lambda h, w, t: linear_cross_entropy(h, w, t, backend=impl)
     if impl == "liger":
-        liger = pytest.importorskip("liger_kernel.transformers",
-                                    reason="Liger-Kernel is not installed (pip install liger-kernel)")
-        loss_module = liger.LigerFusedLinearCrossEntropyLoss()
+        loss_module = import_peer("liger_kernel.transformers", "liger-kernel").LigerFusedLinearCrossEntropyLoss()
         return lambda h, w, t: loss_module(w, h, t)
-    cce = pytest.importorskip("cut_cross_entropy",
-                              reason="Cut Cross-Entropy is not installed (pip install cut-cross-entropy)")
-    return lambda h, w, t: cce.linear_cross_entropy(h, w, t)
+    cce = import_peer("cut_cross_entropy", "cut-cross-entropy")
+    return lambda h, w, t: cce.linear_cross_entropy(h, w, t)  # its defaults: gradient filtering on
 
 
 @pytest.mark.parametrize("impl,n,d,v,dtype", _params())

@@ -7,7 +7,7 @@
     @pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
     def test_contrastive_fwd_bwd(benchmark, impl):
         ...build inputs on DEVICE, skip what cannot run here (triton on CPU) with pytest.skip(reason)...
-        peer = pytest.importorskip("inf_cl")          # a peer that is absent is skipped, never faked
+        peer = import_peer("inf_cl", "inf-cl")        # a peer absent or broken is skipped, never faked
         run_case(benchmark, step, op="contrastive", impl=impl, shape=f"B={B},D={D}", dtype=dtype,
                  device=DEVICE, flops=6 * B * B * D)
 
@@ -125,6 +125,19 @@ def run_case(benchmark, fn: Callable[[], Any], *, op: str, impl: str, shape: str
                 info["bytes_fraction_of_peak"] = bytes / time_s / ceilings["bytes_per_s"]
     info.update(extra)
     return result
+
+
+def import_peer(module: str, package: str):
+    """``module`` of a peer, or a skip with the reason: not installed (``pip install package``), or installed but
+    broken here (an import that raises something else, e.g. against this torch / Triton: skipped, not an error)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        pytest.skip(f"{package} is not installed (pip install {package}): {error}")
+    except Exception as error:  # noqa: BLE001 - a peer's own import failure is reported, never hidden
+        pytest.skip(f"{package} is installed but fails to import here: {type(error).__name__}: {error}")
 
 
 def pytest_collect_file(file_path: Path, parent):

@@ -216,14 +216,20 @@ def _versions() -> str:
 def pytest_sessionfinish(session, exitstatus):
     """pytest-benchmark writes no JSON when no case ran (every one skipped: a GPU-only run on a CPU, a peer-only
     file without the peers); write one holding the skipped cases and their reasons, so the report can say why."""
-    path = session.config.getoption("benchmark_json", None)
-    if path is None or Path(path).exists():
+    target = session.config.getoption("benchmark_json", None)
+    # pytest-benchmark >= 5.2 gives the path; older versions an open file (argparse.FileType), closed once written
+    written = target is None or (target.closed if hasattr(target, "write") else Path(target).exists())
+    if written:
         return
     import datetime
     import json
 
     machine_info = {}
     pytest_benchmark_update_machine_info(session.config, machine_info)
-    Path(path).write_text(json.dumps({"machine_info": machine_info, "benchmarks": [], "karma_skipped": _SKIPPED,
-                                      "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat()},
-                                     indent=1))
+    document = json.dumps({"machine_info": machine_info, "benchmarks": [], "karma_skipped": _SKIPPED,
+                           "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat()}, indent=1)
+    if hasattr(target, "write"):
+        with target:
+            target.write(document.encode())
+    else:
+        Path(target).write_text(document)

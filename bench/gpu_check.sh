@@ -46,8 +46,7 @@ GPU_TEST_SELECT="cuda_matches_reference or (test_triton_path and (B33-M40 or B24
 GPU_TEST_SELECT+=" or (triton_path_options and bfloat16 and (plain or all_mean or all_none))"
 # the versions the env stage prints and --plan checks (import name=distribution name)
 PACKAGES="ninja=ninja setuptools=setuptools wheel=wheel pytest=pytest pytest_benchmark=pytest-benchmark \
-cpuinfo=py-cpuinfo matplotlib=matplotlib liger_kernel=liger-kernel cut_cross_entropy=cut-cross-entropy inf_cl=inf-cl \
-faiss=faiss-cpu"
+cpuinfo=py-cpuinfo matplotlib=matplotlib liger_kernel=liger-kernel cut_cross_entropy=cut-cross-entropy inf_cl=inf-cl"
 
 limit_of() {  # limit_of NAME: the stage's limit, LIMIT_<NAME> (upper case) first
     local entry var
@@ -139,7 +138,13 @@ if [ "$PLAN" = 1 ]; then
     command -v nvidia-smi >/dev/null || echo "missing: nvidia-smi (no NVIDIA driver: GPU stages will skip)"
     command -v nvcc >/dev/null || echo "missing: nvcc (the CUDA merge will not be built)"
     [ -n "${CUDA_HOME:-}" ] || echo "note: CUDA_HOME unset (torch looks for nvcc on PATH)"
-    versions_py | awk '$2 == "MISSING" {print "missing: " $1}'
+    for dist in $(versions_py | awk '$2 == "MISSING" {print $1}'); do
+        if compgen -G "$WHEEL_DIR/${dist//-/_}-*.whl" >/dev/null; then
+            echo "missing: $dist (its wheel is in $WHEEL_DIR: the wheels stage installs it)"
+        else
+            echo "missing: $dist (no wheel in $WHEEL_DIR; bench/WHEELS.md)"
+        fi
+    done
     exit 0
 fi
 

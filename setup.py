@@ -1,7 +1,7 @@
 """Build script for the optional compiled extension ``karma_kernels._C``.
 
 The CPU part (OpenMP) is always built when a C++ compiler is present. The CUDA part is built only when the
-installed torch has CUDA and nvcc is found, or when ``KARMA_FORCE_CUDA=1``. Install with
+installed torch has CUDA and nvcc is found, or when ``KARMA_FORCE_CUDA=1``; ``KARMA_NO_CUDA=1`` builds the CPU part alone. Install with
 ``pip install --no-build-isolation -e .`` so the extension is compiled against the torch already installed.
 """
 import glob
@@ -21,6 +21,8 @@ def _extensions():
 
     force_cuda = os.environ.get("KARMA_FORCE_CUDA") == "1"
     use_cuda = force_cuda or (torch.cuda.is_available() or torch.version.cuda is not None) and CUDA_HOME is not None
+    if os.environ.get("KARMA_NO_CUDA") == "1":  # CPU-only build, e.g. when nvcc does not match torch's CUDA
+        use_cuda = False
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     openmp = ["-fopenmp"]
     # torch 2.13 headers are C++20 (bit-field initialisers); the plain .cu needs only C++17.

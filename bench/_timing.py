@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-# Larger than the L2 of any current GPU (H100/H200: 50 MB), so each timed call starts with a cold cache.
+# Larger than the L2 of any current GPU (H100: 50 MB, H200: 60 MB), so each timed call starts with a cold cache.
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
 
 

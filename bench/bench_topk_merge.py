@@ -26,18 +26,21 @@ import numpy as np
 import pytest
 import torch
 
-from bench.conftest import HAS_CUDA, QUICK, run_case
+from bench._baselines import TOPK_SHAPE
+from bench.conftest import GPU_ONLY, GPU_ONLY_SKIP, HAS_CUDA, QUICK, run_case
 from karma_kernels import topk_merge
 from karma_kernels.topk_merge import topk_merge_reference
 
 CANDIDATE_BYTES = 12  # float32 distance + int64 id
 REFERENCE_MAX_CANDIDATES = 4_000_000
 
-if QUICK:
+if GPU_ONLY:  # the GPU case alone: the CPU cases (CI's and docs/bench_cpu.md's) skip, saying so
+    CASES = [(8, 20000, 100)]
+elif QUICK:
     CASES = [(4, 1000, 10), (8, 2000, 100)]
 else:
     CASES = [(8, 20000, 100)] + [(s, q, k) for s in (4, 16, 64) for q in (1000, 20000) for k in (10, 100)]
-GPU_CASES = [(16, 10000, 100)] if HAS_CUDA else []
+GPU_CASES = [TOPK_SHAPE]  # first in the file: pytest runs it before the CPU cases
 CPU_IMPLS = ("cpp", "cpp_select", "faiss", "torch_topk", "reference")
 WARMUP_ROUNDS, ROUNDS = (1, 2) if QUICK else (3, 10)  # the reference keeps run_case's defaults: it is slow
 
@@ -70,9 +73,31 @@ def _case_id(case):
     return f"S{case[0]}-Q{case[1]}-k{case[2]}"
 
 
+@pytest.mark.parametrize("impl", ("cuda", "torch_topk"))
+@pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
+def test_topk_merge_gpu(benchmark, impl, case):
+    if not HAS_CUDA:
+        pytest.skip(GPU_ONLY_SKIP if GPU_ONLY else "the CUDA merge runs on CUDA only")
+    num_shards, num_queries, k = case
+    candidates = num_shards * num_queries * k
+    distances, ids = shard_results(num_shards, num_queries, k)
+    distances_t, ids_t = torch.from_numpy(distances).cuda(), torch.from_numpy(ids).cuda()
+    if impl == "cuda":
+        fn = lambda: topk_merge(distances_t, ids_t, k, backend="compiled")  # noqa: E731
+        bytes_moved = num_queries * (k + num_shards + k) * CANDIDATE_BYTES
+    else:
+        fn = lambda: _topk_of_concatenation(distances_t, ids_t, k)  # noqa: E731
+        bytes_moved = (candidates + num_queries * k) * CANDIDATE_BYTES
+    run_case(benchmark, fn, op="topk_merge", impl=impl, shape=f"S={num_shards},Q={num_queries},k={k}",
+             dtype=torch.float32, device="cuda", bytes=bytes_moved, size=candidates, baseline="torch_topk")
+    _record_candidate_rate(benchmark, candidates)
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_topk_merge_cpu(benchmark, impl, case):
+    if GPU_ONLY:
+        pytest.skip("KARMA_BENCH_GPU_ONLY=1: the CPU merge cases are not run (docs/bench_cpu.md has them)")
     num_shards, num_queries, k = case
     candidates = num_shards * num_queries * k
     distances, ids = shard_results(num_shards, num_queries, k)
@@ -95,22 +120,4 @@ def test_topk_merge_cpu(benchmark, impl, case):
     rounds = {} if impl == "reference" else dict(rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     run_case(benchmark, fn, op="topk_merge", impl=impl, shape=f"S={num_shards},Q={num_queries},k={k}",
              dtype=torch.float32, device="cpu", bytes=bytes_moved, size=candidates, **rounds)
-    _record_candidate_rate(benchmark, candidates)
-
-
-@pytest.mark.parametrize("impl", ("cuda", "torch_topk"))
-@pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(c) for c in GPU_CASES])
-def test_topk_merge_gpu(benchmark, impl, case):
-    num_shards, num_queries, k = case
-    candidates = num_shards * num_queries * k
-    distances, ids = shard_results(num_shards, num_queries, k)
-    distances_t, ids_t = torch.from_numpy(distances).cuda(), torch.from_numpy(ids).cuda()
-    if impl == "cuda":
-        fn = lambda: topk_merge(distances_t, ids_t, k, backend="compiled")  # noqa: E731
-        bytes_moved = num_queries * (k + num_shards + k) * CANDIDATE_BYTES
-    else:
-        fn = lambda: _topk_of_concatenation(distances_t, ids_t, k)  # noqa: E731
-        bytes_moved = (candidates + num_queries * k) * CANDIDATE_BYTES
-    run_case(benchmark, fn, op="topk_merge", impl=impl, shape=f"S={num_shards},Q={num_queries},k={k}",
-             dtype=torch.float32, device="cuda", bytes=bytes_moved, size=candidates)
     _record_candidate_rate(benchmark, candidates)

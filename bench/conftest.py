@@ -7,7 +7,7 @@
     @pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
     def test_contrastive_fwd_bwd(benchmark, impl):
         ...build inputs on DEVICE, skip what cannot run here (triton on CPU) with pytest.skip(reason)...
-        peer = pytest.importorskip("inf_cl")          # a peer that is absent is skipped, never faked
+        peer = import_peer("inf_cl", "inf-cl")        # a peer absent or broken is skipped, never faked
         run_case(benchmark, step, op="contrastive", impl=impl, shape=f"B={B},D={D}", dtype=dtype,
                  device=DEVICE, flops=6 * B * B * D)
 
@@ -16,12 +16,14 @@ one call of its own (bench/_mem.py), (3) times it with pytest-benchmark in pedan
 iteration; on GPU a synchronised wrapper plus a CUDA-event median, see bench/_timing.py), and (4) fills
 ``benchmark.extra_info`` with the keys bench/report.py reads: op, impl, shape, size, dtype, device,
 peak_mem_bytes, mem_method, time_s, time_method, and, when given, flops / bytes with the achieved rate
-(flop_per_s / bytes_per_s) and its fraction of the device's ceiling (GPU spec sheet; unknown on CPU, so omitted).
+(flop_per_s / bytes_per_s) and its fraction of the device's ceiling for the math the kernel runs
+(bench/_ceilings.py: spec sheet, dense; fp32 = IEEE FMA, not TF32; unknown on CPU, so omitted).
 
-``impl`` names: "reference", "torch", "triton", "cuda", "cpp", and peers: "torch_native", "torch_compile",
+``impl`` names: "reference", "torch", "triton", "cuda", "cpp", and peers: "torch_eager", "torch_native", "torch_compile",
 "liger", "cce", "inf_cl", "faiss", "torch_topk". Extra keyword arguments are stored as they are; two that
 bench/report.py reads: ``mode`` (separates rows, e.g. "softmax" / "pairwise") and ``baseline`` (the impl the
-row's ratios are against; default "reference", else the first of torch_native / faiss / ... present). ``size``
+row's ratios are against; default "reference", else the first of torch_native / torch_eager / faiss / ...
+present; on a GPU the loss benches name torch_eager). ``size``
 (the plots' x axis) defaults to the product of the numbers in ``shape``. Skipped cases and their reasons are
 saved in the JSON ("karma_skipped") and listed under each table.
 
@@ -39,6 +41,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 
+from bench._ceilings import device_ceilings, flop_ceiling
 from bench._mem import peak_memory
 from bench._timing import synchronized, time_op
 
@@ -46,31 +49,13 @@ QUICK = os.environ.get("KARMA_BENCH_QUICK") == "1"
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-# Vendor spec sheets, dense (no sparsity): FLOP/s by compute dtype, HBM bytes/s. fp32 uses the TF32 tensor-core
-# figure, which is what Triton's tl.dot and cuBLAS (with TF32 allowed) reach for fp32 inputs. The first name
-# fragment contained in torch.cuda.get_device_name() wins, so more specific names come first.
-DEVICE_CEILINGS = [
-    ("H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12, "bytes_per_s": 4.8e12}),
-    ("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12, "bytes_per_s": 2.0e12}),
-    ("H100 NVL", {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12, "bytes_per_s": 3.9e12}),
-    ("H100", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12, "bytes_per_s": 3.35e12}),
-    ("A100-SXM4-40GB", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12, "bytes_per_s": 1.555e12}),
-    ("A100 80GB PCIe", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12, "bytes_per_s": 1.935e12}),
-    ("A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12, "bytes_per_s": 2.039e12}),
-    ("L40S", {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12, "bytes_per_s": 0.864e12}),
-]
-
-
-def device_ceilings(device) -> Optional[dict]:
-    """Spec-sheet ceilings of ``device``; None on CPU or an unknown GPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for fragment, ceilings in DEVICE_CEILINGS:
-        if fragment in name:
-            return ceilings
-    return None
+# KARMA_BENCH_GPU_ONLY=1 (bench/gpu_check.sh): on a GPU run only the GPU cases at the peers' shapes (ours, the
+# eager bf16 baselines, the peers), none of the slow CPU-side or fp32 reference cases; on a CPU every case skips.
+GPU_ONLY = os.environ.get("KARMA_BENCH_GPU_ONLY") == "1"
+# KARMA_BENCH_ROUNDS / KARMA_BENCH_REP: timed rounds per case and CUDA-event repetitions (sized to a budget)
+ROUNDS = int(os.environ["KARMA_BENCH_ROUNDS"]) if os.environ.get("KARMA_BENCH_ROUNDS") else None
+CUDA_EVENT_REP = int(os.environ.get("KARMA_BENCH_REP") or (5 if QUICK else 20))
+GPU_ONLY_SKIP = "KARMA_BENCH_GPU_ONLY=1 and no CUDA device: the GPU cases cannot run here"
 
 
 def dtype_name(dtype) -> str:
@@ -87,16 +72,18 @@ def shape_size(shape: str) -> int:
 
 def run_case(benchmark, fn: Callable[[], Any], *, op: str, impl: str, shape: str, dtype, device,
              flops: Optional[float] = None, bytes: Optional[float] = None, size: Optional[float] = None,
-             rounds: Optional[int] = None, warmup_rounds: Optional[int] = None, **extra) -> Any:
+             rounds: Optional[int] = None, warmup_rounds: Optional[int] = None, math: Optional[str] = None,
+             **extra) -> Any:
     """Warm up, measure peak memory, time ``fn()`` with pytest-benchmark and record the common extra_info.
 
     ``fn`` takes no arguments and does the whole measured step (e.g. forward + backward). ``flops`` / ``bytes``
-    are per call. ``extra`` keys (JSON-serialisable) are stored as they are. Returns ``fn``'s last result.
+    are per call. ``math`` names the ceiling when the arithmetic is not the dtype's default (e.g. "tf32"; see
+    bench/_ceilings.py). ``extra`` keys (JSON-serialisable) are stored as they are. Returns ``fn``'s last result.
     """
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     if rounds is None:
-        rounds = (3 if QUICK else 10) if on_gpu else (2 if QUICK else 3)
+        rounds = ROUNDS or ((3 if QUICK else 10) if on_gpu else (2 if QUICK else 3))
     if warmup_rounds is None:
         # GPU: CUDA context and Triton JIT; torch.compile: tracing and codegen, whose memory is not the op's.
         # A plain CPU op needs none: the memory call below doubles as the timing's warm-up.
@@ -111,7 +98,7 @@ def run_case(benchmark, fn: Callable[[], Any], *, op: str, impl: str, shape: str
 
     time_s, time_method = None, None
     if on_gpu:
-        time_s, time_method = time_op(fn, device, warmup=1, rep=5 if QUICK else 20), "cuda_events"
+        time_s, time_method = time_op(fn, device, warmup=1, rep=CUDA_EVENT_REP), "cuda_events"
     elif benchmark.stats is not None:  # None under --benchmark-disable
         time_s, time_method = benchmark.stats.stats.median, "wall_clock"
 
@@ -126,8 +113,9 @@ def run_case(benchmark, fn: Callable[[], Any], *, op: str, impl: str, shape: str
         info["flops"] = float(flops)
         if time_s:
             info["flop_per_s"] = flops / time_s
-            ceiling = ceilings.get(dtype_name(dtype)) if ceilings else None
+            ceiling = flop_ceiling(ceilings, dtype_name(dtype), math)
             if ceiling:
+                info["flop_ceiling"] = ceiling
                 info["flop_fraction_of_peak"] = flops / time_s / ceiling
     if bytes is not None:
         info["bytes"] = float(bytes)
@@ -137,6 +125,19 @@ def run_case(benchmark, fn: Callable[[], Any], *, op: str, impl: str, shape: str
                 info["bytes_fraction_of_peak"] = bytes / time_s / ceilings["bytes_per_s"]
     info.update(extra)
     return result
+
+
+def import_peer(module: str, package: str):
+    """``module`` of a peer, or a skip with the reason: not installed (``pip install package``), or installed but
+    broken here (an import that raises something else, e.g. against this torch / Triton: skipped, not an error)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        pytest.skip(f"{package} is not installed (pip install {package}): {error}")
+    except Exception as error:  # noqa: BLE001 - a peer's own import failure is reported, never hidden
+        pytest.skip(f"{package} is installed but fails to import here: {type(error).__name__}: {error}")
 
 
 def pytest_collect_file(file_path: Path, parent):
@@ -190,3 +191,45 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["karma_device"] = torch.cuda.get_device_name(0) if HAS_CUDA else "cpu"
     machine_info["karma_quick"] = QUICK
     machine_info["torch_version"] = torch.__version__
+    machine_info["karma_versions"] = _versions()
+
+
+def _versions() -> str:
+    """Triton, CUDA and driver versions, recorded beside every figure of the run."""
+    import subprocess
+
+    import triton
+
+    text = f"triton {triton.__version__}"
+    if HAS_CUDA:
+        text += f", CUDA {torch.version.cuda}"
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+            text += f", driver {driver or '?'}"
+        except (OSError, subprocess.SubprocessError):
+            text += ", driver ?"
+    return text
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """pytest-benchmark writes no JSON when no case ran (every one skipped: a GPU-only run on a CPU, a peer-only
+    file without the peers); write one holding the skipped cases and their reasons, so the report can say why."""
+    target = session.config.getoption("benchmark_json", None)
+    # pytest-benchmark >= 5.2 gives the path; older versions an open file (argparse.FileType), closed once written
+    written = target is None or (target.closed if hasattr(target, "write") else Path(target).exists())
+    if written:
+        return
+    import datetime
+    import json
+
+    machine_info = {}
+    pytest_benchmark_update_machine_info(session.config, machine_info)
+    document = json.dumps({"machine_info": machine_info, "benchmarks": [], "karma_skipped": _SKIPPED,
+                           "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat()}, indent=1)
+    if hasattr(target, "write"):
+        with target:
+            target.write(document.encode())
+    else:
+        Path(target).write_text(document)

@@ -25,6 +25,10 @@ from pathlib import Path
 # What bench.conftest.run_case records in every case's extra_info (the suite's contract, checked by CI).
 REQUIRED_EXTRA_INFO = ("op", "impl", "shape", "dtype", "device", "peak_mem_bytes", "mem_method", "time_s")
 BASELINE_PREFERENCE = ("reference", "torch_native", "torch_eager", "faiss", "torch_topk")
+# our implementations, and the peers a user could pick instead (each of our cells also shows its ratio to the
+# fastest peer present in the row)
+OURS = ("torch", "triton", "cuda", "cpp", "cpp_select", "threads", "ray")
+PEERS = ("torch_native", "torch_eager", "torch_compile", "liger", "cce", "inf_cl", "faiss", "torch_topk")
 # Our implementations first, then peers, in a stable order; unknown names go last alphabetically.
 IMPL_ORDER = ("reference", "torch", "triton", "cuda", "cpp", "cpp_select", "threads", "ray", "torch_native",
               "torch_eager", "torch_compile", "liger", "cce", "inf_cl", "faiss", "torch_topk")
@@ -32,14 +36,20 @@ IMPL_ORDER = ("reference", "torch", "triton", "cuda", "cpp", "cpp_select", "thre
 
 def merge_json(json_paths) -> dict:
     """One pytest-benchmark document from several: run metadata of the first, every file's benchmarks."""
-    merged = None
+    merged, unreadable = None, []
     for path in json_paths:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except ValueError as error:  # a bench run killed while writing: report the others, and say so
+            unreadable.append({"nodeid": Path(path).name, "reason": f"unreadable JSON ({error})"})
+            continue
         if merged is None:
             merged = dict(data, benchmarks=[], karma_skipped=[])
         merged["benchmarks"].extend(data.get("benchmarks", []))
         merged["karma_skipped"].extend(data.get("karma_skipped", []))
-    return merged or {"benchmarks": [], "karma_skipped": []}
+    merged = merged or {"benchmarks": [], "karma_skipped": []}
+    merged["karma_skipped"].extend(unreadable)
+    return merged
 
 
 def _bench_file(nodeid: str) -> str:
@@ -189,6 +199,8 @@ def op_table(op: str, cases: list[dict], baseline: str | None = None) -> str:
         row_baseline = next((impl for impl in preference if impl in row), None)
         if row_baseline:
             baselines_used.add(row_baseline)
+        peers = [impl for impl in PEERS if impl in row and impl != row_baseline]
+        best_peer = min(peers, key=lambda impl: row[impl]["time_s"]) if peers else None
         cells = [shape, dtype, device] + ([mode or "-"] if show_mode else [])
         for impl in impls:
             case = row.get(impl)
@@ -202,6 +214,10 @@ def op_table(op: str, cases: list[dict], baseline: str | None = None) -> str:
                 base = row[row_baseline]
                 cell += (f"<br>{_ratio(case['time_s'], base['time_s'])} time · "
                          f"{_ratio(case['peak_mem_bytes'], base['peak_mem_bytes'])} mem")
+            if best_peer and impl in OURS:
+                peer = row[best_peer]
+                cell += (f"<br>vs best peer {best_peer}: {_ratio(case['time_s'], peer['time_s'])} time · "
+                         f"{_ratio(case['peak_mem_bytes'], peer['peak_mem_bytes'])} mem")
             rate = format_rate(case)
             if rate:
                 cell += f"<br>{rate}"
@@ -211,7 +227,11 @@ def op_table(op: str, cases: list[dict], baseline: str | None = None) -> str:
     mem_methods = sorted({str(c["extra"].get("mem_method", "n/a")) for c in cases})
     lines += ["", f"Cells: median time · peak memory; ratios are against "
                   f"{' / '.join(sorted(baselines_used)) or 'no baseline (none present)'} in the same row "
-                  f"(< 1× is better). Timing: {', '.join(methods)}; memory: {', '.join(mem_methods)}.", ""]
+                  f"(< 1× is better); ours also against the fastest other peer in the row. "
+                  f"Timing: {', '.join(methods)}; memory: {', '.join(mem_methods)}."
+                  + (" % of peak: against the ceiling of the math the kernel runs (bench/_ceilings.py: vendor "
+                     "datasheet, dense; bf16/fp16 tensor cores, fp32 = IEEE FMA, not TF32)."
+                     if any(c["flop_fraction"] or c["bytes_fraction"] for c in cases) else ""), ""]
     return "\n".join(lines)
 
 
@@ -239,8 +259,12 @@ def _shape_keys_outside_size(cases: list[dict]) -> list[str]:
     return outside
 
 
-def plot_op(op: str, cases: list[dict], path: Path) -> None:
-    import matplotlib
+def plot_op(op: str, cases: list[dict], path: Path) -> bool:
+    """Write the op's plot; False (and no file) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -289,10 +313,12 @@ def plot_op(op: str, cases: list[dict], path: Path) -> None:
         fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
-def build_report(json_paths, out_dir: Path, prefix: str = "", baselines=()) -> tuple[str, list[Path]]:
-    """``baselines``: "IMPL" (every op) or "OP=IMPL" entries; the last that applies to an op wins."""
+def build_report(json_paths, out_dir: Path, prefix: str = "", baselines=(), probe=None) -> tuple[str, list[Path]]:
+    """``baselines``: "IMPL" (every op) or "OP=IMPL" entries; the last that applies to an op wins. ``probe``: a
+    bench/gpu_probe.py JSON-lines file whose tables go first."""
     cases, data = load_cases(json_paths)
     _disambiguate_modes(cases)
     machine = data.get("machine_info") or {}
@@ -302,26 +328,34 @@ def build_report(json_paths, out_dir: Path, prefix: str = "", baselines=()) -> t
     quick = " (quick mode: small shapes)" if machine.get("karma_quick") else ""
     parts = ["# karma benchmark report", "",
              f"Run {data.get('datetime', '?')} · device: {device}{f' · CPU: {cpu}' if cpu else ''}"
-             f" · torch {machine.get('torch_version', '?')}{f' · commit {commit[:10]}' if commit else ''}{quick}", ""]
+             f" · torch {machine.get('torch_version', '?')}"
+             f"{f' · ' + machine['karma_versions'] if machine.get('karma_versions') else ''}"
+             f"{f' · commit {commit[:10]}' if commit else ''}{quick}", ""]
     by_op = defaultdict(list)
     for case in cases:
         by_op[case["op"]].append(case)
     if not by_op:
         parts.append("No benchmark results in this file.")
+    if probe is not None:
+        from bench._probe_summary import read_records, summarize
+
+        parts[4:4] = [summarize(read_records(probe)) if Path(probe).is_file() else f"## GPU probe\n\nno {probe}\n", ""]
     skipped = skipped_by_op(data, cases)
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = []
     for op in sorted(by_op):
         png = out_dir / f"{prefix}{op}.png"
-        plot_op(op, by_op[op], png)
-        pngs.append(png)
+        plotted = plot_op(op, by_op[op], png)
+        if plotted:
+            pngs.append(png)
         baseline = None
         for entry in baselines:
             target_op, _, impl = entry.rpartition("=")
             if target_op in ("", op):
                 baseline = impl
         parts += [op_table(op, by_op[op], baseline)] + skip_lines(skipped.pop(op, {}))
-        parts += ["", f"![{op}: time and memory against size]({png.name})", ""]
+        parts += ["", f"![{op}: time and memory against size]({png.name})" if plotted
+                  else "(no plot: matplotlib is not installed)", ""]
     for name, reasons in sorted(skipped.items()):  # bench files of which nothing ran
         parts += [f"### {name}", ""] + skip_lines(reasons) + [""]
     markdown = "\n".join(parts)
@@ -331,20 +365,23 @@ def build_report(json_paths, out_dir: Path, prefix: str = "", baselines=()) -> t
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("json_paths", type=Path, nargs="+", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("json_paths", type=Path, nargs="*", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: beside the JSON)")
     parser.add_argument("--prefix", default="", help="prefix of the PNG file names")
     parser.add_argument("--baseline", action="append", default=[], metavar="[OP=]IMPL",
                         help="implementation the ratios are against where present (repeatable; OP= for one op)")
     parser.add_argument("--merged-json", type=Path, default=None, help="also save the inputs combined here")
+    parser.add_argument("--probe", type=Path, default=None, help="bench.gpu_probe JSON lines: tables at the top")
     args = parser.parse_args(argv)
+    if not args.json_paths and args.probe is None:
+        parser.error("give a benchmark JSON, a --probe file, or both")
     for path in args.json_paths:
         if not path.is_file():
             parser.error(f"no such file: {path}")
-    out_dir = args.out if args.out is not None else args.json_paths[0].parent
+    out_dir = args.out if args.out is not None else (args.json_paths or [args.probe])[0].parent
     if args.merged_json is not None:
         args.merged_json.write_text(json.dumps(merge_json(args.json_paths), indent=1))
-    markdown, pngs = build_report(args.json_paths, out_dir, args.prefix, args.baseline)
+    markdown, pngs = build_report(args.json_paths, out_dir, args.prefix, args.baseline, args.probe)
     print(markdown)
     print(f"\nwrote {out_dir / 'report.md'} and {len(pngs)} plot(s)", file=sys.stderr)
     return 0

@@ -23,6 +23,7 @@
 #endif
 
 #include "topk_merge.h"
+#include "topk_merge_errors.h"
 
 namespace karma {
 namespace {
@@ -37,36 +38,6 @@ struct ShardRows {
   int64_t id_row_stride;
   int64_t width;
   int64_t offset;
-};
-
-// The first bad input seen by any thread, reported after the parallel region (no throwing inside it): an id
-// translation out of the int64 range, or (sorted=True) a row whose distances are not sorted best-first.
-struct InputErrorReport {
-  enum Kind { kOverflow, kUnsorted };
-  std::atomic<bool> failed{false};
-  Kind kind = kOverflow;
-  int64_t shard = 0;
-  int64_t query = 0;
-  int64_t local_id = 0;
-  int64_t offset = 0;
-
-  void record_overflow(int64_t s, int64_t local, int64_t off) {
-    bool expected = false;
-    if (failed.compare_exchange_strong(expected, true)) {
-      kind = kOverflow;
-      shard = s;
-      local_id = local;
-      offset = off;
-    }
-  }
-  void record_unsorted(int64_t s, int64_t q) {
-    bool expected = false;
-    if (failed.compare_exchange_strong(expected, true)) {
-      kind = kUnsorted;
-      shard = s;
-      query = q;
-    }
-  }
 };
 
 // Open-addressing set of ids for dedup, cleared in O(1) per query by a stamp.
@@ -714,14 +685,7 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(at::TensorList distances, at::
                                  out_ids.mutable_data_ptr<int64_t>(), errors);
     }
   });
-  if (errors.failed.load()) {
-    TORCH_CHECK_VALUE(errors.kind != InputErrorReport::kUnsorted, "topk_merge: row ", errors.query,
-                      " of distances[", errors.shard, "] is not sorted best-first (",
-                      largest ? "descending" : "ascending", ", NaN last); pass sorted=False for unsorted rows");
-    TORCH_CHECK_VALUE(false, "topk_merge: id_offsets[", errors.shard, "] = ", errors.offset,
-                      " translates local id ", errors.local_id,
-                      " out of the int64 range [0, 2^63-1] (an error, never a wrap)");
-  }
+  raise_input_error(errors, largest);
   return {out_distances, out_ids};
 }
 

@@ -21,7 +21,7 @@ from .reference import topk_merge_reference
 
 OP = "topk_merge"
 METRICS = ("l2", "ip")
-BACKENDS = ("auto", "compiled", "reference")
+BACKENDS = ("auto", "compiled", "reference", "device_emulation")
 DISTANCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BUILD_HINT = "pip install --no-build-isolation -e ."
 
@@ -32,12 +32,14 @@ _extension_state: dict = {}  # "loaded": bool, set once by _extension_loaded()
 
 
 def _register_fake() -> None:
-    @torch.library.register_fake("karma::topk_merge")
-    def _(distances, ids, k, largest, id_offsets, sorted, dedup):
+    def fake(distances, ids, k, largest, id_offsets, sorted, dedup):
         stacked = len(distances) == 1 and distances[0].dim() == 3  # one (S, Q, k_s) tensor
         num_queries = distances[0].shape[1 if stacked else 0]
         return (distances[0].new_empty((num_queries, k)),
                 ids[0].new_empty((num_queries, k)))
+
+    for name in ("karma::topk_merge", "karma::topk_merge_warp_emulated"):
+        torch.library.register_fake(name)(fake)
 
 
 def _extension_loaded() -> bool:
@@ -209,7 +211,9 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
             order; padding may sit anywhere): a k-way merge reads about k+S candidates per query, and a row
             found out of order among the candidates it reads raises ValueError (CPU). False accepts any order.
         dedup: keep only the best occurrence of each global id (replicated shards).
-        backend: "auto" (the compiled op, else the reference with a warning), "compiled", or "reference".
+        backend: "auto" (the compiled op, else the reference with a warning), "compiled", "reference", or
+            "device_emulation": the CUDA kernel's warp algorithm run on the CPU, 32 lanes in lockstep (the op
+            karma::topk_merge_warp_emulated; slow, for tests of the GPU path where there is no GPU).
 
     Returns:
         (distances, ids) of shape (Q, k), same library and device as the inputs; distances keep the input
@@ -238,6 +242,14 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     offsets = _offsets_tensor(id_offsets, num_shards, device)
     largest = metric == "ip"
 
+    if backend == "device_emulation":
+        if not _extension_loaded() or device.type != "cpu":
+            raise ValueError(f"{OP}: backend='device_emulation' needs the built extension and CPU inputs, got "
+                             f"{device} (extension built: {bool(_extension_state.get('loaded'))})")
+        out_distances, out_ids = torch.ops.karma.topk_merge_warp_emulated(
+            [d.detach() for d in _op_list(distance_shards)], _op_list(id_shards), k, largest, offsets,
+            bool(sorted), bool(dedup))
+        return (out_distances.numpy(), out_ids.numpy()) if library == "numpy" else (out_distances, out_ids)
     use_compiled = backend != "reference" and _extension_loaded() and _compiled_supports(device.type)
     if backend == "compiled" and not use_compiled:
         why = (f"the extension has no {device.type} kernel (was it built with CUDA?)"

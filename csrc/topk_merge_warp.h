@@ -1,0 +1,420 @@
+// The GPU merge of one query by one warp, written against warp_collectives.h so that the same source is the
+// CUDA kernel (topk_merge_cuda.cu, nvcc) and a host build that runs the 32 lanes in lockstep
+// (topk_merge_warp_host.cpp, g++, exercised by CI as the op karma::topk_merge_warp_emulated).
+//
+// Per query the warp
+//  1. reads the S x k_s distances once, coalesced (consecutive lanes, consecutive positions of a row), and
+//     stages their sort keys in shared memory (one integer per candidate, order as in topk_merge.h);
+//  2. finds the k-th key T by a radix select: 8-bit digits, a 256-bin histogram in shared memory per pass
+//     (lanes with equal digits add once, via match_any), the crossing bin found by a warp scan;
+//  3. reads the ids of the candidates with key <= T only: padding (negative id) found there is marked in
+//     the staged keys and the select repeats (rare: faiss pads at the end of a row, with the worst distance);
+//  4. when more candidates tie at T than the result has room for, selects the smallest ids among them the
+//     same way (a radix select over the ids of that tie group);
+//  5. compacts the <= k survivors into shared memory (ballot + popc gives each lane its slot), and bitonic-
+//     sorts them by (key, id). dedup: sorted by id first; a repeated id marks its worse occurrences and the
+//     select repeats;
+//  6. sorted=True: checks each survivor against the real candidates before and after it in its row (a row out
+//     of order where the result comes from raises, as in the CPU merge; a disorder elsewhere cannot change the
+//     result and is not looked for), then writes the k results.
+// Rows need not be sorted (no pre-sort for sorted=False). Memory read per query: the distances once, the ids of
+// about k candidates, and (sorted=True) the next candidate of each survivor; see docs/topk_merge_gpu.md.
+#pragma once
+
+#include <stdint.h>
+
+#include "topk_merge.h"
+#include "topk_merge_cuda.h"
+#include "warp_collectives.h"
+
+namespace karma {
+namespace topk {
+namespace warp_merge {
+
+using warp::kLanes;
+using warp::Lanes;
+
+// IEEE formats by their bits: the sort key is computed on the stored bits, so fp16/bf16 need no conversion
+// and come back exactly. Sign bit = every bit outside exponent and mantissa.
+template <typename B, uint64_t Exponent, uint64_t Mantissa>
+struct Format {
+  using Bits = B;
+  static constexpr B kExponent = static_cast<B>(Exponent);
+  static constexpr B kMantissa = static_cast<B>(Mantissa);
+  static constexpr B kSign = static_cast<B>(~(Exponent | Mantissa));
+  static constexpr B kAllOnes = static_cast<B>(~B{0});
+  static constexpr B kCanonicalNan = static_cast<B>(Exponent | ((Mantissa >> 1) + 1));
+  static constexpr B kNanKey = static_cast<B>(kCanonicalNan | kSign);  // above +inf's key
+  // Staged keys of removed candidates, above every distance's key: padding, and (dedup) a worse occurrence.
+  static constexpr B kPaddingKey = kAllOnes;
+  static constexpr B kDroppedKey = static_cast<B>(kAllOnes - 1);
+};
+using Float32 = Format<uint32_t, 0x7F800000u, 0x007FFFFFu>;
+using Float64 = Format<uint64_t, 0x7FF0000000000000ull, 0x000FFFFFFFFFFFFFull>;
+using Float16 = Format<uint16_t, 0x7C00u, 0x03FFu>;
+using BFloat16 = Format<uint16_t, 0x7F80u, 0x007Fu>;
+
+// Distance bits -> key ascending in rank (as topk::sort_key: NaN after every number, -0 ties +0, "ip" ranks
+// the negated score).
+template <typename F, bool Largest>
+KARMA_WARP typename F::Bits sort_key(typename F::Bits bits) {
+  using B = typename F::Bits;
+  const B b = Largest ? static_cast<B>(bits ^ F::kSign) : bits;
+  const B magnitude = static_cast<B>(b & static_cast<B>(~F::kSign));
+  const B key = static_cast<B>(b ^ ((b & F::kSign) ? F::kAllOnes : F::kSign));
+  return magnitude > F::kExponent ? F::kNanKey : (magnitude == 0 ? F::kSign : key);
+}
+
+// Key -> the distance's bits (NaN as the canonical NaN, zero as +0), as the CPU op writes them.
+template <typename F, bool Largest>
+KARMA_WARP typename F::Bits distance_bits(typename F::Bits key) {
+  using B = typename F::Bits;
+  B b = (key & F::kSign) ? static_cast<B>(key ^ F::kSign) : static_cast<B>(~key);
+  if (Largest) b = static_cast<B>(b ^ F::kSign);
+  if ((b & static_cast<B>(~F::kSign)) == 0) b = 0;
+  return key == F::kNanKey ? F::kCanonicalNan : b;
+}
+
+template <typename F, bool Largest>
+KARMA_WARP typename F::Bits padding_bits() {  // +inf ("l2") / -inf ("ip")
+  return static_cast<typename F::Bits>(F::kExponent | (Largest ? F::kSign : 0));
+}
+
+// A survivor: sort key, global id, and where it came from (for dedup marks and the sortedness check).
+struct Entry {
+  uint64_t key;
+  int64_t id;
+  int32_t shard;
+  int32_t pos;
+};
+
+constexpr int kRadixBits = 8;
+constexpr int kBins = 1 << kRadixBits;
+
+// A warp's shared memory: staged keys, the select's histogram, the survivors (a power of two for the sort).
+struct Layout {
+  int64_t histogram_offset;
+  int64_t entries_offset;
+  int64_t bytes;
+  int32_t sort_size;
+
+  KARMA_WARP Layout(int32_t total_width, int32_t k, int key_bytes) {
+    histogram_offset = (static_cast<int64_t>(total_width) * key_bytes + 15) / 16 * 16;
+    entries_offset = histogram_offset + kBins * static_cast<int64_t>(sizeof(uint32_t));
+    const int32_t most = total_width < k ? total_width : k;
+    sort_size = 1;
+    while (sort_size < most) sort_size *= 2;
+    bytes = entries_offset + static_cast<int64_t>(sort_size) * static_cast<int64_t>(sizeof(Entry));
+  }
+};
+
+// Shared memory a warp may use (an sm_90 block's opt-in maximum, 227 KiB).
+constexpr int64_t kMaxSharedBytesPerWarp = 227 * 1024;
+
+template <typename Value>
+struct Selection {
+  Value value;     // the rank-th smallest value
+  uint32_t need;   // how many of the values equal to it are within the rank
+  uint32_t equal;  // how many offered values equal it
+};
+
+// Adds the digit (value >> shift) & 0xFF of each offering lane whose value matches prefix under mask; lanes
+// with the same digit add once (their leader adds their count).
+template <typename Value>
+KARMA_WARP void count_digits(const Lanes<bool>& offered, const Lanes<Value>& value, Value prefix, Value mask,
+                             int shift, uint32_t* histogram) {
+  Lanes<uint32_t> digit;
+  KARMA_EACH_LANE(lane) {
+    const bool counted = offered[lane] && static_cast<Value>(value[lane] & mask) == prefix;
+    digit[lane] = counted ? static_cast<uint32_t>((value[lane] >> shift) & (kBins - 1)) : kBins + lane;
+  }
+  const Lanes<uint32_t> peers = warp::match_any(digit);
+  KARMA_EACH_LANE(lane) {
+    if (digit[lane] < kBins && warp::lowest_lane(peers[lane]) == lane) {
+      warp::shared_add(histogram + digit[lane], warp::popc(peers[lane]));
+    }
+  }
+}
+
+// The rank-th smallest (1-based) of the values offer(prefix, mask, shift) counts with count_digits; rank must
+// not exceed how many it offers. One pass per 8-bit digit, most significant first.
+template <typename Value, typename Offer>
+KARMA_WARP Selection<Value> radix_select(uint32_t rank, uint32_t* histogram, Offer&& offer) {
+  Value prefix = 0;
+  Value mask = 0;
+  uint32_t remaining = rank;
+  uint32_t equal = 0;
+  for (int shift = 8 * static_cast<int>(sizeof(Value)) - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    KARMA_EACH_LANE(lane) {
+      for (int b = 0; b < kBins / kLanes; ++b) histogram[lane * (kBins / kLanes) + b] = 0;
+    }
+    warp::sync_warp();
+    offer(prefix, mask, shift);
+    warp::sync_warp();
+    // Lane l owns bins [8 l, 8 l + 8): the lane whose running total crosses `remaining` owns the digit.
+    Lanes<uint32_t> sums;
+    KARMA_EACH_LANE(lane) {
+      uint32_t sum = 0;
+      for (int b = 0; b < kBins / kLanes; ++b) sum += histogram[lane * (kBins / kLanes) + b];
+      sums[lane] = sum;
+    }
+    const Lanes<uint32_t> totals = warp::inclusive_scan(sums);
+    Lanes<bool> crosses;
+    KARMA_EACH_LANE(lane) { crosses[lane] = totals[lane] >= remaining && totals[lane] - sums[lane] < remaining; }
+    const int owner = warp::lowest_lane(warp::ballot(crosses));
+    uint32_t before = warp::broadcast(totals, owner) - warp::broadcast(sums, owner);
+    int digit = owner * (kBins / kLanes);
+    while (before + histogram[digit] < remaining) before += histogram[digit++];
+    equal = histogram[digit];
+    remaining -= before;
+    prefix = static_cast<Value>(prefix | (static_cast<Value>(digit) << shift));
+    mask = static_cast<Value>(mask | (static_cast<Value>(kBins - 1) << shift));
+    warp::sync_warp();  // every lane has read the histogram before the next pass clears it
+  }
+  return {prefix, remaining, equal};
+}
+
+template <bool ById>
+KARMA_WARP bool entry_before(const Entry& a, const Entry& b) {
+  if (ById) return a.id < b.id || (a.id == b.id && a.key < b.key);
+  return a.key < b.key || (a.key == b.key && a.id < b.id);
+}
+
+// Bitonic sort of entries[0, size), size a power of two; each lane runs size / 64 compare-exchanges a step.
+template <bool ById>
+KARMA_WARP void bitonic_sort(Entry* entries, int32_t size) {
+  for (int32_t span = 2; span <= size; span *= 2) {
+    for (int32_t stride = span / 2; stride > 0; stride /= 2) {
+      for (int32_t base = 0; base < size / 2; base += kLanes) {
+        KARMA_EACH_LANE(lane) {
+          const int32_t t = base + lane;
+          if (t >= size / 2) continue;
+          const int32_t i = 2 * t - (t & (stride - 1));
+          const int32_t j = i + stride;
+          const Entry a = entries[i];
+          const Entry b = entries[j];
+          if (entry_before<ById>(b, a) == ((i & span) == 0)) {
+            entries[i] = b;
+            entries[j] = a;
+          }
+        }
+      }
+      warp::sync_warp();
+    }
+  }
+}
+
+// Merges query q. Errors (a translated id out of int64, a row out of order with check_sorted) go to `errors`:
+// errors.record_overflow(shard, local_id, offset), errors.record_unsorted(shard, query).
+template <typename F, bool Largest, typename Errors>
+KARMA_WARP void merge_query(const KarmaTopkParams& p, int64_t q, char* shared, Errors& errors) {
+  using Bits = typename F::Bits;
+  const int32_t n = p.total_width;
+  const Layout layout(n, p.k, sizeof(Bits));
+  Bits* keys = reinterpret_cast<Bits*>(shared);
+  uint32_t* histogram = reinterpret_cast<uint32_t*>(shared + layout.histogram_offset);
+  Entry* entries = reinterpret_cast<Entry*>(shared + layout.entries_offset);
+  const auto distance_row = [&](int32_t s) {
+    return static_cast<const Bits*>(p.shards[s].distances) + q * p.shards[s].distance_row_stride;
+  };
+  const auto id_row = [&](int32_t s) { return p.shards[s].ids + q * p.shards[s].id_row_stride; };
+  const auto offset_of = [&](int32_t s) { return p.id_offsets != nullptr ? p.id_offsets[s] : int64_t{0}; };
+
+  // 1. Stage the keys.
+  for (int32_t s = 0; s < p.num_shards; ++s) {
+    const Bits* row = distance_row(s);
+    for (int32_t base = 0; base < p.shards[s].width; base += kLanes) {
+      KARMA_EACH_LANE(lane) {
+        const int32_t j = base + lane;
+        if (j >= p.shards[s].width) continue;
+        keys[p.shards[s].begin + j] = sort_key<F, Largest>(row[j]);
+      }
+    }
+  }
+  warp::sync_warp();
+
+  int32_t live = n;  // candidates not removed (padding, a worse occurrence of an id under dedup)
+  uint32_t count = 0;
+  while (live > 0) {
+    count = static_cast<uint32_t>(live < p.k ? live : p.k);
+    // 2. The count-th key.
+    const Selection<Bits> threshold = radix_select<Bits>(count, histogram, [&](Bits prefix, Bits mask, int shift) {
+      for (int32_t base = 0; base < n; base += kLanes) {
+        Lanes<bool> offered;
+        Lanes<Bits> key;
+        KARMA_EACH_LANE(lane) {
+          offered[lane] = base + lane < n;
+          key[lane] = offered[lane] ? keys[base + lane] : Bits{0};
+        }
+        count_digits(offered, key, prefix, mask, shift, histogram);
+      }
+    });
+    const Bits last_key = threshold.value;
+    // 3. The ids of every candidate up to the threshold: padding there is removed and the select repeats.
+    int32_t removed = 0;
+    for (int32_t s = 0; s < p.num_shards; ++s) {
+      const int64_t* ids = id_row(s);
+      for (int32_t base = 0; base < p.shards[s].width; base += kLanes) {
+        Lanes<bool> drop;
+        KARMA_EACH_LANE(lane) {
+          drop[lane] = false;
+          const int32_t j = base + lane;
+          if (j >= p.shards[s].width || keys[p.shards[s].begin + j] > last_key) continue;
+          const int64_t local_id = ids[j];
+          int64_t global_id;
+          if (local_id >= 0 && !translate_id(local_id, offset_of(s), &global_id)) {
+            errors.record_overflow(s, local_id, offset_of(s));
+          } else if (local_id >= 0) {
+            continue;
+          }
+          keys[p.shards[s].begin + j] = F::kPaddingKey;
+          drop[lane] = true;
+        }
+        removed += warp::popc(warp::ballot(drop));
+      }
+    }
+    warp::sync_warp();
+    if (removed > 0) {
+      live -= removed;
+      continue;
+    }
+    // 4. More candidates at the threshold than room: the smallest ids among them.
+    const bool cut_ties = threshold.equal > threshold.need;
+    Selection<uint64_t> id_cut = {0, 0, 0};
+    if (cut_ties) {
+      id_cut = radix_select<uint64_t>(threshold.need, histogram, [&](uint64_t prefix, uint64_t mask, int shift) {
+        for (int32_t s = 0; s < p.num_shards; ++s) {
+          const int64_t* ids = id_row(s);
+          for (int32_t base = 0; base < p.shards[s].width; base += kLanes) {
+            Lanes<bool> offered;
+            Lanes<uint64_t> id;
+            KARMA_EACH_LANE(lane) {
+              const int32_t j = base + lane;
+              offered[lane] = j < p.shards[s].width && keys[p.shards[s].begin + j] == last_key;
+              id[lane] = offered[lane] ? static_cast<uint64_t>(ids[j] + offset_of(s)) : 0;
+            }
+            count_digits(offered, id, prefix, mask, shift, histogram);
+          }
+        }
+      });
+    }
+    // 5. Compact the survivors: keys below the threshold, and at it the chosen ids (equal ids: the first ones).
+    uint32_t taken = 0;
+    uint32_t taken_at_cut = 0;
+    for (int32_t s = 0; s < p.num_shards; ++s) {
+      const int64_t* ids = id_row(s);
+      for (int32_t base = 0; base < p.shards[s].width; base += kLanes) {
+        Lanes<bool> take;
+        Lanes<bool> at_cut;
+        Lanes<Entry> entry;
+        KARMA_EACH_LANE(lane) {
+          take[lane] = false;
+          at_cut[lane] = false;
+          const int32_t j = base + lane;
+          if (j >= p.shards[s].width) continue;
+          const Bits key = keys[p.shards[s].begin + j];
+          if (key > last_key) continue;
+          entry[lane] = Entry{key, ids[j] + offset_of(s), s, j};
+          const uint64_t id = static_cast<uint64_t>(entry[lane].id);
+          take[lane] = key < last_key || !cut_ties || id < id_cut.value;
+          at_cut[lane] = !take[lane] && id == id_cut.value;
+        }
+        const uint32_t cut_mask = warp::ballot(at_cut);
+        KARMA_EACH_LANE(lane) {
+          if (at_cut[lane]) take[lane] = taken_at_cut + warp::popc(cut_mask & warp::lanes_below(lane)) < id_cut.need;
+        }
+        taken_at_cut += warp::popc(cut_mask);
+        const uint32_t take_mask = warp::ballot(take);
+        KARMA_EACH_LANE(lane) {
+          if (take[lane]) entries[taken + warp::popc(take_mask & warp::lanes_below(lane))] = entry[lane];
+        }
+        taken += warp::popc(take_mask);
+      }
+    }
+    for (int32_t base = static_cast<int32_t>(count); base < layout.sort_size; base += kLanes) {
+      KARMA_EACH_LANE(lane) {
+        if (base + lane < layout.sort_size) entries[base + lane] = Entry{~uint64_t{0}, INT64_MAX, 0, 0};
+      }
+    }
+    warp::sync_warp();
+    if (!p.dedup) break;
+    // dedup: by id, a repeated id's later entries are worse occurrences; remove them and select again.
+    bitonic_sort<true>(entries, layout.sort_size);
+    for (int32_t base = 1; base < static_cast<int32_t>(count); base += kLanes) {
+      Lanes<bool> drop;
+      KARMA_EACH_LANE(lane) {
+        const int32_t i = base + lane;
+        drop[lane] = i < static_cast<int32_t>(count) && entries[i].id == entries[i - 1].id;
+        if (drop[lane]) keys[p.shards[entries[i].shard].begin + entries[i].pos] = F::kDroppedKey;
+      }
+      removed += warp::popc(warp::ballot(drop));
+    }
+    warp::sync_warp();
+    if (removed == 0) break;
+    live -= removed;
+    count = 0;
+  }
+  if (live == 0) count = 0;
+  bitonic_sort<false>(entries, layout.sort_size);
+
+  // 6. sorted=True: each survivor is in order with the real candidates next to it in its row.
+  if (p.check_sorted) {
+    for (int32_t base = 0; base < static_cast<int32_t>(count); base += kLanes) {
+      KARMA_EACH_LANE(lane) {
+        if (base + lane >= static_cast<int32_t>(count)) continue;
+        const Entry e = entries[base + lane];
+        const Bits* row = distance_row(e.shard);
+        const int64_t* ids = id_row(e.shard);
+        for (int32_t j = e.pos + 1; j < p.shards[e.shard].width; ++j) {  // the next real candidate
+          if (ids[j] < 0) continue;
+          if (sort_key<F, Largest>(row[j]) < e.key) errors.record_unsorted(e.shard, q);
+          break;
+        }
+        for (int32_t j = e.pos - 1; j >= 0; --j) {  // the previous one
+          if (ids[j] < 0) continue;
+          if (sort_key<F, Largest>(row[j]) > e.key) errors.record_unsorted(e.shard, q);
+          break;
+        }
+      }
+    }
+  }
+  Bits* out_distances = static_cast<Bits*>(p.out_distances) + q * p.k;
+  int64_t* out_ids = p.out_ids + q * p.k;
+  for (int32_t base = 0; base < p.k; base += kLanes) {
+    KARMA_EACH_LANE(lane) {
+      const int32_t i = base + lane;
+      if (i >= p.k) continue;
+      const bool real = i < static_cast<int32_t>(count);
+      out_distances[i] = real ? distance_bits<F, Largest>(static_cast<Bits>(entries[i].key)) : padding_bits<F, Largest>();
+      out_ids[i] = real ? entries[i].id : -1;
+    }
+  }
+}
+
+// Calls fn(Format{}, BoolTag<largest>{}) for a KarmaTopkDtype; false for an unknown dtype.
+template <bool B>
+struct BoolTag {
+  static constexpr bool value = B;
+};
+
+template <typename Fn>
+bool dispatch(int32_t dtype, bool largest, Fn&& fn) {
+  const auto by_metric = [&](auto format) {
+    if (largest) {
+      fn(format, BoolTag<true>{});
+    } else {
+      fn(format, BoolTag<false>{});
+    }
+  };
+  switch (dtype) {
+    case KARMA_TOPK_FLOAT32: by_metric(Float32{}); return true;
+    case KARMA_TOPK_FLOAT64: by_metric(Float64{}); return true;
+    case KARMA_TOPK_FLOAT16: by_metric(Float16{}); return true;
+    case KARMA_TOPK_BFLOAT16: by_metric(BFloat16{}); return true;
+    default: return false;
+  }
+}
+
+}  // namespace warp_merge
+}  // namespace topk
+}  // namespace karma

@@ -47,9 +47,10 @@ def _extension_loaded() -> bool:
     with _load_lock:
         if "loaded" not in _extension_state:
             try:
-                importlib.import_module("karma_kernels._C")
+                module = importlib.import_module("karma_kernels._C")
                 _register_fake()
                 _extension_state["loaded"] = True
+                _extension_state["merge_numpy"] = getattr(module, "merge_numpy", None)
             except ImportError as error:
                 _extension_state["loaded"] = False
                 warnings.warn(
@@ -223,6 +224,16 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
         count. Rows with fewer than k real candidates end with id -1 and +inf ("l2") / -inf ("ip").
         Not differentiable.
     """
+    # The small-call path: a stacked numpy input merged straight from its buffers (csrc/topk_merge_numpy.cpp),
+    # without tensors or the dispatcher, which cost more than merging one query. It answers False for
+    # anything it does not take (or an error to raise), and the general path below handles the call.
+    merge_numpy = _extension_state.get("merge_numpy")
+    if (merge_numpy is not None and type(distances) is np.ndarray and type(ids) is np.ndarray
+            and distances.ndim == 3 and id_offsets is None and dedup is False and backend == "auto"
+            and type(k) is int and k > 0 and (metric == "l2" or metric == "ip") and (sorted is True or sorted is False)):
+        out = (np.empty((distances.shape[1], k), distances.dtype), np.empty((distances.shape[1], k), np.int64))
+        if merge_numpy(distances, ids, k, metric == "ip", sorted, out[0], out[1]):
+            return out
     library = _library_of("distances", distances)
     if _library_of("ids", ids) != library:
         raise TypeError(f"{OP}: distances is {library} but ids is {_library_of('ids', ids)}; use one library")

@@ -19,21 +19,24 @@ namespace topk {
 namespace warp_merge {
 namespace {
 
+// At most 8 warps (queries) per block; at least one block per SM: ptxas may then use up to 255 registers a thread
+// (without the minimum it capped the fp32 kernel at 64 and spilled).
 constexpr int kMaxWarpsPerBlock = 8;
 
+// The merge records an error and goes on (its result is then unused); the kernel asserts once, at its end: an
+// assert is a function call, and a call inside the merge would make registers live across it spill.
 struct DeviceErrors {
+  const char* message = nullptr;
   __device__ void record_overflow(int32_t, int64_t, int64_t) {
-    __assert_fail("topk_merge: id_offsets translate a local id out of the int64 range [0, 2^63-1]", __FILE__,
-                  __LINE__, __func__);
+    message = "topk_merge: id_offsets translate a local id out of the int64 range [0, 2^63-1]";
   }
   __device__ void record_unsorted(int32_t, int64_t) {
-    __assert_fail("topk_merge: a row is not sorted best-first; pass sorted=False for unsorted rows", __FILE__,
-                  __LINE__, __func__);
+    message = "topk_merge: a row is not sorted best-first; pass sorted=False for unsorted rows";
   }
 };
 
 template <typename F, bool Largest>
-__global__ void __launch_bounds__(kLanes * kMaxWarpsPerBlock)
+__global__ void __launch_bounds__(kLanes * kMaxWarpsPerBlock, 1)
     topk_merge_warp_kernel(const __grid_constant__ KarmaTopkParams params, int32_t shared_bytes_per_warp) {
   extern __shared__ __align__(16) char shared[];
   const int warp_in_block = static_cast<int>(threadIdx.x) / kLanes;
@@ -42,6 +45,7 @@ __global__ void __launch_bounds__(kLanes * kMaxWarpsPerBlock)
   DeviceErrors errors;
   merge_query<F, Largest>(params, query, shared + static_cast<int64_t>(warp_in_block) * shared_bytes_per_warp,
                           errors);
+  if (errors.message != nullptr) __assert_fail(errors.message, __FILE__, __LINE__, __func__);
 }
 
 template <typename F, bool Largest>

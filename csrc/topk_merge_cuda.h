@@ -33,7 +33,7 @@ typedef struct KarmaTopkParams {
   int32_t largest;            // 1: "ip" (descending score)
   int32_t dedup;
   int32_t check_sorted;       // 1: sorted=True, report a row read out of order
-  int32_t reserved;
+  int32_t bound_position;     // sorted rows: the rows' first bound_position candidates number >= k (0: unused)
   KarmaTopkShard shards[KARMA_TOPK_MAX_SHARDS];
 } KarmaTopkParams;
 

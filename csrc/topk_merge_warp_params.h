@@ -4,6 +4,7 @@
 
 #include <torch/types.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "topk_merge_cuda.h"
@@ -105,6 +106,17 @@ inline WarpMergeCall make_warp_merge_call(at::TensorList distances, at::TensorLi
   p.largest = largest ? 1 : 0;
   p.dedup = dedup ? 1 : 0;
   p.check_sorted = sorted ? 1 : 0;
+  // Sorted rows: the smallest m whose row prefixes hold k candidates bounds the k-th key by the largest key at
+  // position m - 1 (the kernel lists only the keys under it). Unsorted rows, or k >= every candidate: none.
+  if (sorted && total_width > k) {
+    int64_t m = 0;
+    for (int64_t covered = 0; covered < k;) {
+      ++m;
+      covered = 0;
+      for (int64_t s = 0; s < num_shards; ++s) covered += std::min<int64_t>(m, p.shards[s].width);
+    }
+    p.bound_position = static_cast<int32_t>(m);
+  }
   call.shared_bytes_per_warp = layout.bytes;
   return call;
 }

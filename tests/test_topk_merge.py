@@ -1,7 +1,6 @@
 """topk_merge: the compiled op against the numpy reference (and faiss where their semantics agree)."""
 import functools
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -455,67 +454,6 @@ def test_missing_extension_warns_once_and_falls_back_to_the_reference():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
-
-
-def _cuda_home():
-    nvcc = shutil.which("nvcc")
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
-                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None]
-    for home in candidates:
-        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
-            return home
-    return None
-
-
-# The kernel's instantiations: 4 distance formats x 2 metrics (csrc/topk_merge_warp.h, dispatch).
-KERNEL_INSTANTIATIONS = 8
-
-
-def test_cuda_kernel_compiles_for_sm90_without_local_memory(tmp_path):
-    """The CUDA kernel builds for sm_90 as setup.py builds it (-O3), warning-free, and ptxas reports for every
-    instantiation a 0-byte stack frame and no spills: the warp merge keeps its state in registers and shared
-    memory, never in local memory. Registers per instantiation are printed (pytest -s)."""
-    import re
-
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not installed: the CUDA kernel source cannot be compile-checked here")
-    result = subprocess.run(
-        [nvcc, "-c", "-arch=sm_90", "-std=c++17", "-O3", "-Xptxas", "-v", "-Werror", "all-warnings",
-         f"-I{os.path.join(ROOT, 'csrc')}", os.path.join(ROOT, "csrc", "topk_merge_cuda.cu"),
-         "-o", str(tmp_path / "topk_merge_cuda.o")],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = result.stdout + result.stderr
-    entries = re.findall(r"Compiling entry function '(\S+)' for 'sm_90'.*?(\d+) bytes stack frame, (\d+) bytes spill "
-                         r"stores, (\d+) bytes spill loads.*?Used (\d+) registers", report, re.S)
-    assert len(entries) == KERNEL_INSTANTIATIONS, report
-    for name, stack, spill_stores, spill_loads, registers in entries:
-        print(f"{name}: {registers} registers, stack {stack} B, spills {spill_stores}/{spill_loads} B")
-        assert (int(stack), int(spill_stores), int(spill_loads)) == (0, 0, 0), f"{name} uses local memory:\n{report}"
-
-
-def test_cuda_binding_compiles_against_torch_headers(tmp_path):
-    """The torch-facing CUDA binding (built only with a CUDA torch) is syntax-checked here so it cannot rot.
-    A CPU torch lacks one generated CUDA header (cuda_cmake_macros.h); an empty stand-in replaces it."""
-    import sysconfig
-
-    from torch.utils.cpp_extension import include_paths
-
-    cuda_home = _cuda_home()
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if cuda_home is None or compiler is None:
-        pytest.skip("the CUDA runtime headers or a C++ compiler are missing: the binding cannot be checked")
-    stub = tmp_path / "c10" / "cuda" / "impl"
-    stub.mkdir(parents=True)
-    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    includes = [str(tmp_path), *include_paths(), os.path.join(cuda_home, "include"),
-                sysconfig.get_paths()["include"], os.path.join(ROOT, "csrc")]
-    result = subprocess.run(
-        [compiler, "-std=c++20", "-fsyntax-only", "-DKARMA_WITH_CUDA", *[f"-I{path}" for path in includes],
-         os.path.join(ROOT, "csrc", "topk_merge_cuda_binding.cpp")],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.mark.gpu

@@ -84,7 +84,9 @@ def test_topk_merge_gpu(benchmark, impl, case):
     distances_t, ids_t = torch.from_numpy(distances).cuda(), torch.from_numpy(ids).cuda()
     if impl == "cuda":
         fn = lambda: topk_merge(distances_t, ids_t, k, backend="compiled")  # noqa: E731
-        bytes_moved = num_queries * (k + num_shards + k) * CANDIDATE_BYTES
+        # The warp merge reads every distance once, the ids of about k + S candidates, and writes k results
+        # (docs/topk_merge_gpu.md).
+        bytes_moved = num_queries * (candidates // num_queries * 4 + (k + num_shards) * 8 + k * CANDIDATE_BYTES)
     else:
         fn = lambda: _topk_of_concatenation(distances_t, ids_t, k)  # noqa: E731
         bytes_moved = (candidates + num_queries * k) * CANDIDATE_BYTES

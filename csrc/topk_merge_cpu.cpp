@@ -4,8 +4,6 @@
 // Inputs are S per-shard rows: distances[s] (Q, k_s) and ids[s] (Q, k_s) int64, k_s may differ per shard, so a
 // list of unequal shards is never padded or stacked (no copy of the candidates). Each query is independent,
 // so results do not depend on the thread count.
-#include <Python.h>
-
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,6 +21,7 @@
 #endif
 
 #include "topk_merge.h"
+#include "topk_merge_errors.h"
 
 namespace karma {
 namespace {
@@ -37,36 +36,6 @@ struct ShardRows {
   int64_t id_row_stride;
   int64_t width;
   int64_t offset;
-};
-
-// The first bad input seen by any thread, reported after the parallel region (no throwing inside it): an id
-// translation out of the int64 range, or (sorted=True) a row whose distances are not sorted best-first.
-struct InputErrorReport {
-  enum Kind { kOverflow, kUnsorted };
-  std::atomic<bool> failed{false};
-  Kind kind = kOverflow;
-  int64_t shard = 0;
-  int64_t query = 0;
-  int64_t local_id = 0;
-  int64_t offset = 0;
-
-  void record_overflow(int64_t s, int64_t local, int64_t off) {
-    bool expected = false;
-    if (failed.compare_exchange_strong(expected, true)) {
-      kind = kOverflow;
-      shard = s;
-      local_id = local;
-      offset = off;
-    }
-  }
-  void record_unsorted(int64_t s, int64_t q) {
-    bool expected = false;
-    if (failed.compare_exchange_strong(expected, true)) {
-      kind = kUnsorted;
-      shard = s;
-      query = q;
-    }
-  }
 };
 
 // Open-addressing set of ids for dedup, cleared in O(1) per query by a stamp.
@@ -503,6 +472,59 @@ class SortedMerge {
   int64_t prefetched_ = 0;       // its shards prefetched so far
 };
 
+// The small merge (k and S small, no dedup): the serving case, one query with k = 10 per call. Each output scans
+// the S shard heads' keys for the best: no tree and no blocks to set up, so a
+// query costs about what it reads, ~k + S candidates, where the loser tree's setup would dominate. The stream
+// goes into topk::TopKCollector (which keeps the smallest ids of the tie group cut by k); order_ties then sorts
+// ids within ties. Checks what the loser tree checks: ids as they are read, and each head against the one it
+// follows. Writes up to k candidates to `out` and returns their count, or -1 on bad input (recorded in errors).
+constexpr int64_t kSmallMergeMaxK = 32;
+constexpr int64_t kSmallMergeMaxShards = 16;
+
+template <typename scalar_t, bool Largest>
+int64_t small_merge(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, int64_t k, Candidate* out,
+                    InputErrorReport& errors) {
+  using Key = at::opmath_type<scalar_t>;
+  constexpr uint64_t kExhausted = ~uint64_t{0};  // after every key (NaN's included)
+  const int64_t num_shards = static_cast<int64_t>(shards.size());
+  // The collector orders ties by id itself, so the heads compare by key alone.
+  uint64_t head_keys[kSmallMergeMaxShards];
+  int64_t head_ids[kSmallMergeMaxShards];
+  int64_t positions[kSmallMergeMaxShards];
+  bool failed = false;
+  // Makes shard s's head its next real candidate at or after pos.
+  const auto read = [&](int64_t s, int64_t pos) {
+    const ShardRows<scalar_t>& shard = shards[s];
+    const int64_t* ids = shard.ids + q * shard.id_row_stride;
+    while (pos < shard.width && ids[pos] < 0) ++pos;
+    positions[s] = pos;
+    head_keys[s] = kExhausted;
+    if (pos == shard.width) return;
+    if (!topk::translate_id(ids[pos], shard.offset, &head_ids[s])) {
+      errors.record_overflow(s, ids[pos], shard.offset);
+      failed = true;
+      return;
+    }
+    head_keys[s] = topk::sort_key<Largest>(static_cast<Key>(shard.distances[q * shard.distance_row_stride + pos]));
+  };
+  for (int64_t s = 0; s < num_shards; ++s) read(s, 0);
+  topk::TopKCollector collector(out, k);
+  while (!failed) {
+    int64_t best = 0;
+    for (int64_t s = 1; s < num_shards; ++s) best = head_keys[s] < head_keys[best] ? s : best;
+    const uint64_t key = head_keys[best];
+    if (key == kExhausted || !collector.offer(Candidate{key, head_ids[best]})) break;
+    read(best, positions[best] + 1);
+    if (head_keys[best] < key) {  // a row out of order (an exhausted row's head never is)
+      errors.record_unsorted(best, q);
+      return -1;
+    }
+  }
+  if (failed) return -1;
+  topk::order_ties(out, collector.count);
+  return collector.count;
+}
+
 template <typename scalar_t, bool Largest>
 void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queries, int64_t k, bool sorted,
                bool dedup, scalar_t* out_distances, int64_t* out_ids, InputErrorReport& errors) {
@@ -542,6 +564,22 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
       out_ids[q * k + j] = -1;
     }
   };
+
+  if (sorted && !dedup && k <= kSmallMergeMaxK && num_shards <= kSmallMergeMaxShards) {
+    at::parallel_for(0, num_queries, grain, [&](int64_t begin, int64_t end) {
+      std::vector<Candidate> buffer(k);
+      for (int64_t q = begin; q < end && !errors.failed.load(std::memory_order_relaxed); ++q) {
+        const int64_t count = small_merge<scalar_t, Largest>(shards, q, k, buffer.data(), errors);
+        if (count < 0) return;
+        for (int64_t j = 0; j < count; ++j) {
+          out_distances[q * k + j] = static_cast<scalar_t>(topk::distance_of<Largest, Key>(buffer[j].key));
+          out_ids[q * k + j] = buffer[j].id;
+        }
+        pad_row(q, count);
+      }
+    });
+    return;
+  }
 
   if (sorted) {
     // Slots are 32-bit: (leaves + s) * kBlock must fit (checked here: nothing may throw inside the parallel region).
@@ -616,6 +654,34 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
 }
 
 }  // namespace
+
+// The merge of a stacked (S, Q, W) array on raw pointers, no tensors: the small-call path for numpy inputs
+// (topk_merge_numpy.cpp), where building tensors and dispatching would cost more than merging. Strides in
+// elements; rows contiguous. Returns false when sorted=True meets a row out of order (the caller then takes the
+// op's path, which raises the op's error).
+template <typename scalar_t>
+bool merge_stacked_rows(const scalar_t* distances, const int64_t* ids, int64_t num_shards, int64_t num_queries,
+                        int64_t width, const int64_t distance_strides[2], const int64_t id_strides[2], int64_t k,
+                        bool largest, bool sorted, scalar_t* out_distances, int64_t* out_ids) {
+  std::vector<ShardRows<scalar_t>> shards;
+  shards.reserve(num_shards);
+  for (int64_t s = 0; s < num_shards; ++s) {
+    shards.push_back(ShardRows<scalar_t>{distances + s * distance_strides[0], ids + s * id_strides[0],
+                                         distance_strides[1], id_strides[1], width, 0});
+  }
+  InputErrorReport errors;
+  if (largest) {
+    merge_cpu<scalar_t, true>(shards, num_queries, k, sorted, false, out_distances, out_ids, errors);
+  } else {
+    merge_cpu<scalar_t, false>(shards, num_queries, k, sorted, false, out_distances, out_ids, errors);
+  }
+  return !errors.failed.load();
+}
+
+template bool merge_stacked_rows<float>(const float*, const int64_t*, int64_t, int64_t, int64_t, const int64_t[2],
+                                        const int64_t[2], int64_t, bool, bool, float*, int64_t*);
+template bool merge_stacked_rows<double>(const double*, const int64_t*, int64_t, int64_t, int64_t, const int64_t[2],
+                                         const int64_t[2], int64_t, bool, bool, double*, int64_t*);
 
 // The S shards arrive either as a list of S (Q, k_s) tensors (k_s may differ) or stacked, as one (S, Q, k_s)
 // tensor in a one-element list: the Python wrapper passes a stacked array that way, so that no tensor per
@@ -714,14 +780,7 @@ std::tuple<at::Tensor, at::Tensor> topk_merge_cpu(at::TensorList distances, at::
                                  out_ids.mutable_data_ptr<int64_t>(), errors);
     }
   });
-  if (errors.failed.load()) {
-    TORCH_CHECK_VALUE(errors.kind != InputErrorReport::kUnsorted, "topk_merge: row ", errors.query,
-                      " of distances[", errors.shard, "] is not sorted best-first (",
-                      largest ? "descending" : "ascending", ", NaN last); pass sorted=False for unsorted rows");
-    TORCH_CHECK_VALUE(false, "topk_merge: id_offsets[", errors.shard, "] = ", errors.offset,
-                      " translates local id ", errors.local_id,
-                      " out of the int64 range [0, 2^63-1] (an error, never a wrap)");
-  }
+  raise_input_error(errors, largest);
   return {out_distances, out_ids};
 }
 
@@ -736,9 +795,3 @@ TORCH_LIBRARY_FRAGMENT(karma, m) {
 TORCH_LIBRARY_IMPL(karma, CPU, m) { m.impl("topk_merge", &topk_merge_cpu); }
 
 }  // namespace karma
-
-// Importing karma_kernels._C registers the ops above; the module itself has no Python functions.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

@@ -21,7 +21,7 @@ from .reference import topk_merge_reference
 
 OP = "topk_merge"
 METRICS = ("l2", "ip")
-BACKENDS = ("auto", "compiled", "reference")
+BACKENDS = ("auto", "compiled", "reference", "device_emulation")
 DISTANCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BUILD_HINT = "pip install --no-build-isolation -e ."
 
@@ -32,12 +32,14 @@ _extension_state: dict = {}  # "loaded": bool, set once by _extension_loaded()
 
 
 def _register_fake() -> None:
-    @torch.library.register_fake("karma::topk_merge")
-    def _(distances, ids, k, largest, id_offsets, sorted, dedup):
+    def fake(distances, ids, k, largest, id_offsets, sorted, dedup):
         stacked = len(distances) == 1 and distances[0].dim() == 3  # one (S, Q, k_s) tensor
         num_queries = distances[0].shape[1 if stacked else 0]
         return (distances[0].new_empty((num_queries, k)),
                 ids[0].new_empty((num_queries, k)))
+
+    for name in ("karma::topk_merge", "karma::topk_merge_warp_emulated"):
+        torch.library.register_fake(name)(fake)
 
 
 def _extension_loaded() -> bool:
@@ -45,9 +47,10 @@ def _extension_loaded() -> bool:
     with _load_lock:
         if "loaded" not in _extension_state:
             try:
-                importlib.import_module("karma_kernels._C")
+                module = importlib.import_module("karma_kernels._C")
                 _register_fake()
                 _extension_state["loaded"] = True
+                _extension_state["merge_numpy"] = getattr(module, "merge_numpy", None)
             except ImportError as error:
                 _extension_state["loaded"] = False
                 warnings.warn(
@@ -209,7 +212,9 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
             order; padding may sit anywhere): a k-way merge reads about k+S candidates per query, and a row
             found out of order among the candidates it reads raises ValueError (CPU). False accepts any order.
         dedup: keep only the best occurrence of each global id (replicated shards).
-        backend: "auto" (the compiled op, else the reference with a warning), "compiled", or "reference".
+        backend: "auto" (the compiled op, else the reference with a warning), "compiled", "reference", or
+            "device_emulation": the CUDA kernel's warp algorithm run on the CPU, 32 lanes in lockstep (the op
+            karma::topk_merge_warp_emulated; slow, for tests of the GPU path where there is no GPU).
 
     Returns:
         (distances, ids) of shape (Q, k), same library and device as the inputs; distances keep the input
@@ -219,6 +224,16 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
         count. Rows with fewer than k real candidates end with id -1 and +inf ("l2") / -inf ("ip").
         Not differentiable.
     """
+    # The small-call path: a stacked numpy input merged straight from its buffers (csrc/topk_merge_numpy.cpp),
+    # without tensors or the dispatcher, which cost more than merging one query. It answers False for
+    # anything it does not take (or an error to raise), and the general path below handles the call.
+    merge_numpy = _extension_state.get("merge_numpy")
+    if (merge_numpy is not None and type(distances) is np.ndarray and type(ids) is np.ndarray
+            and distances.ndim == 3 and id_offsets is None and dedup is False and backend == "auto"
+            and type(k) is int and k > 0 and (metric == "l2" or metric == "ip") and (sorted is True or sorted is False)):
+        out = (np.empty((distances.shape[1], k), distances.dtype), np.empty((distances.shape[1], k), np.int64))
+        if merge_numpy(distances, ids, k, metric == "ip", sorted, out[0], out[1]):
+            return out
     library = _library_of("distances", distances)
     if _library_of("ids", ids) != library:
         raise TypeError(f"{OP}: distances is {library} but ids is {_library_of('ids', ids)}; use one library")
@@ -238,6 +253,14 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     offsets = _offsets_tensor(id_offsets, num_shards, device)
     largest = metric == "ip"
 
+    if backend == "device_emulation":
+        if not _extension_loaded() or device.type != "cpu":
+            raise ValueError(f"{OP}: backend='device_emulation' needs the built extension and CPU inputs, got "
+                             f"{device} (extension built: {bool(_extension_state.get('loaded'))})")
+        out_distances, out_ids = torch.ops.karma.topk_merge_warp_emulated(
+            [d.detach() for d in _op_list(distance_shards)], _op_list(id_shards), k, largest, offsets,
+            bool(sorted), bool(dedup))
+        return (out_distances.numpy(), out_ids.numpy()) if library == "numpy" else (out_distances, out_ids)
     use_compiled = backend != "reference" and _extension_loaded() and _compiled_supports(device.type)
     if backend == "compiled" and not use_compiled:
         why = (f"the extension has no {device.type} kernel (was it built with CUDA?)"

@@ -157,7 +157,9 @@ def command_train(args, say=print) -> dict:
     say(f"trained {len(history)} steps ({workspace.log['epochs_trained']:.1f} epochs) in {seconds:.1f} s; "
         f"checkpoint in {args.out}; test metrics (protocol {args.protocol}):")
     _print_metrics(metrics, say)
-    if not args.no_baselines:
+    if env.distributed:   # the baselines would start a process group again on rank 0 alone
+        say("(baselines are skipped under torchrun; `karma baselines` prints them on the same data)")
+    elif not args.no_baselines:
         _print_beside_baselines(config, workspace, metrics, args.protocol, "test", say)
     return metrics
 

@@ -280,6 +280,8 @@ def evaluate(model: KarmaModel, examples, ks: Sequence[int] = DEFAULT_KS, num_sh
         metrics["AUC"] = impression_auc(h.cpu(), item_emb.cpu(), target, negatives)
         metrics["decodability"] = decodability(model, h, target, batch_size)
         if probe_examples is not None and probe_steps > 0:
+            if hasattr(probe_examples, "as_examples"):     # training windows: one row per window
+                probe_examples = probe_examples.as_examples()
             rows = np.random.default_rng(0).permutation(len(probe_examples))[:4096]
             h_train = interest_embeddings(model, item_emb, probe_examples.histories(rows), batch_size)
             metrics["probe_decodability"] = decodability_probe(

@@ -57,6 +57,9 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"data.source must be one of {DATA_SOURCES}, got {self.source!r}")
+        if isinstance(self.cold_item_fraction, bool) or not isinstance(self.cold_item_fraction, (int, float)) \
+                or not 0.0 <= self.cold_item_fraction < 1.0:
+            raise ConfigError(f"data.cold_item_fraction must be in [0, 1), got {self.cold_item_fraction!r}")
         if self.source == "movielens" and not self.path:
             raise ConfigError("data.path is required when data.source is 'movielens'")
 

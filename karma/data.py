@@ -374,6 +374,24 @@ def _load_atomic(inter_path: str, item_path: str) -> RecDataset:
     return _assemble("movielens", items, events, inter_path)
 
 
+def write_movielens_layout(dataset: RecDataset, directory: str) -> str:
+    """Write ``dataset`` as a MovieLens-100k layout (``u.item`` + ``u.data``, 1-based ids, one rating 4 per click,
+    timestamps in click order) so the loader and every command can be exercised where the real files cannot be
+    downloaded. A synthetic item's category becomes its genre flag; the title is its text."""
+    os.makedirs(directory, exist_ok=True)
+    category = (dataset.item_attributes or {}).get("category")
+    with open(os.path.join(directory, "u.item"), "w", encoding="latin-1") as handle:
+        for item, text in enumerate(dataset.item_texts):
+            flags = ["0"] * len(MOVIELENS_GENRES)
+            flags[1 + int(category[item]) % (len(MOVIELENS_GENRES) - 1) if category is not None else 0] = "1"
+            handle.write(f"{item + 1}|{text.replace('|', ' ')}|||http://localhost/{item + 1}|{'|'.join(flags)}\n")
+    with open(os.path.join(directory, "u.data"), "w", encoding="latin-1") as handle:
+        for user, clicks in enumerate(dataset.sequences):
+            for step, item in enumerate(clicks):
+                handle.write(f"{user + 1}\t{item + 1}\t4\t{880000000 + 60 * step}\n")
+    return directory
+
+
 def load_movielens(path: str) -> RecDataset:
     """Load a MovieLens-layout log from a directory holding ``u.data`` + ``u.item`` (MovieLens 100k) or one
     ``<name>.inter`` + ``<name>.item`` pair (atomic files). Item text = title + genres + year; every rating counts

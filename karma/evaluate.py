@@ -223,7 +223,8 @@ def image_reconstruction_cosine(model: KarmaModel, h: torch.Tensor, target: np.n
 
 
 @torch.no_grad()
-def validation_score(model: KarmaModel, examples, max_examples: int = 2000, k: int = 10) -> Dict[str, float]:
+def validation_score(model: KarmaModel, examples, max_examples: int = 2000, ks: Sequence[int] = (10, 50)
+                     ) -> Dict[str, float]:
     """HR@k and NDCG@k on (at most ``max_examples`` of) ``examples`` by exact dense scoring: the early-stopping
     signal, cheap enough to run every few epochs."""
     was_training = model.training
@@ -232,8 +233,8 @@ def validation_score(model: KarmaModel, examples, max_examples: int = 2000, k: i
         rows = np.arange(min(max_examples, len(examples)))
         item_emb = model.all_item_embeddings()
         h = interest_embeddings(model, item_emb, examples.histories(rows))
-        ids = top_k_scores(h @ item_emb.T, k)
-        return metrics_from_ranks(target_ranks(ids, examples.target[rows]), (k,))
+        ids = top_k_scores(h @ item_emb.T, max(ks))
+        return metrics_from_ranks(target_ranks(ids, examples.target[rows]), ks)
     finally:
         model.train(was_training)
 

@@ -205,3 +205,14 @@ def test_missing_files_are_explained(tmp_path):
         load_movielens(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_movielens(str(tmp_path / "nope"))
+
+
+def test_movielens_layout_writer_round_trips(tmp_path, synthetic):
+    from karma.data import write_movielens_layout
+
+    loaded = load_movielens(write_movielens_layout(synthetic, str(tmp_path / "ml")))
+    assert loaded.num_items == synthetic.num_items and loaded.sequences == synthetic.sequences
+    category = synthetic.item_attributes["category"]
+    assert all(text.startswith(original) for text, original in zip(loaded.item_texts, synthetic.item_texts))
+    genres = [text.split(" . ")[1] for text in loaded.item_texts]
+    assert len(set(zip(genres, category))) == len(set(category))     # the genre word names the category

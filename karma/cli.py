@@ -132,7 +132,8 @@ def command_train(args, say=print) -> dict:
     if is_main():
         _save_run_files(args.out, config, workspace.tokenizer)
     say(f"data: {dataset.name}, {dataset.num_items} items, {dataset.num_users} users, "
-        f"{len(workspace.split.train)} training examples; objectives: {', '.join(config.objectives.active())}"
+        f"{len(workspace.split.train)} training windows ({workspace.split.train.num_targets} targets); "
+        f"objectives: {', '.join(config.objectives.active())}"
         + (f"; {env.world_size} processes" if env.distributed else ""))
     config = workspace.config   # max_text_len resolved from the data
     if is_main():

@@ -158,7 +158,10 @@ class KarmaModel(nn.Module):
         image_dim = image_features.shape[1] if image_features is not None else 0
         self.uses_text = config.item_encoder != "id"
         if config.item_encoder in ("bow", "bow+id"):
-            self.text_to_item = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.embed_dim))
+            # LayerNorm first: the LM's token embeddings start tiny (std 0.02), so without it the MLP's biases
+            # dominate, every item maps to nearly the same vector and the text tower collapses (cosine ~1)
+            self.text_to_item = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(),
+                                              nn.Linear(hidden, config.embed_dim))
         elif config.item_encoder == "backbone":
             self.text_to_item = nn.Linear(hidden, config.embed_dim)
         else:

@@ -102,7 +102,8 @@ def slice_table(results: List[dict], counts: dict) -> str:
     for result in results:
         cells = []
         for slice_name in SLICES:
-            source = result["metrics"] if slice_name == "all" else result["metrics"].get("slices", {}).get(slice_name, {})
+            slices = result["metrics"].get("slices", {})
+            source = result["metrics"] if slice_name == "all" else slices.get(slice_name, {})
             cells += [_format(source.get(m, float("nan"))) for m in SLICE_COLUMNS]
         rows.append(f"| {result['variant']} | " + " | ".join(cells) + " |")
     rows.append("\nexamples per slice: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -135,9 +135,10 @@ def generate_synthetic(config: SyntheticConfig = SyntheticConfig()) -> RecDatase
     Items: category, brand (each category stocks a few brands), material (category dependent), style, colour and a
     price band (each brand has a typical band). The image feature is a sum of per-attribute latent vectors for the
     visible attributes plus noise. A ``new_item_fraction`` of the items are new arrivals that only the last two
-    steps of each user show (cold items: no training clicks). Users: a lasting taste (colours, price bands, brands) and a session focus
-    (category + style) that drifts between sessions. Each step shows ``impression_size`` items, half from the
-    focus category and half by popularity, and the user clicks the best by taste plus Gumbel noise.
+    steps of each user show (cold items: no training clicks). Users: a lasting taste (colours, price bands,
+    brands) and a session focus (category + style) that drifts between sessions. Each step shows
+    ``impression_size`` items, half from the focus category and half by popularity (new arrivals of the focus
+    category join at the last two steps), and the user clicks the best by taste plus Gumbel noise.
     """
     rng = np.random.default_rng(config.seed)
     n = config.num_items
@@ -197,8 +198,8 @@ def generate_synthetic(config: SyntheticConfig = SyntheticConfig()) -> RecDatase
                 shown = set(rng.choice(in_focus, size=n_focus, replace=False).tolist()) if n_focus else set()
                 arrivals = new_of_category[focus_category]
                 if len(clicks) >= total - 2 and len(arrivals):   # the last two steps also show new arrivals
-                    shown.update(rng.choice(arrivals, size=min(len(arrivals), (n_focus + 1) // 2, size - n_focus),
-                                            replace=False).tolist())
+                    n_new = min(len(arrivals), (n_focus + 1) // 2, size - n_focus)
+                    shown.update(rng.choice(arrivals, size=n_new, replace=False).tolist())
                 while len(shown) < size:
                     shown.add(int(rng.choice(n, p=popularity)))
                 shown = np.fromiter(shown, dtype=np.int64)

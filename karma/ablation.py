@@ -23,6 +23,7 @@ VARIANTS = {
 TABLE_COLUMNS = ["HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "NDCG@200", "AUC", "decodability",
                  "probe_decodability", "sink_ratio", "image_cos", "item_cosine", "coverage@10", "epochs", "train_s"]
 SLICE_COLUMNS = ["HR@10", "NDCG@10", "HR@200"]
+SHORT_COLUMNS = ["HR@10", "HR@50", "HR@200", "NDCG@10", "train_s"]   # karma beside the baselines
 SLICES = ("all", "warm", "cold")
 
 
@@ -94,6 +95,10 @@ def metrics_table(results: List[dict], columns: List[str]) -> str:
             cells.append(_format(value) + (f" ± {_format(spread)}" if multi and value == value else ""))
         rows.append(f"| {result['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def slice_counts(masks: dict, num_examples: int) -> dict:
+    return {"all": num_examples, **{k: int(v.sum()) for k, v in masks.items()}}
 
 
 def slice_table(results: List[dict], counts: dict) -> str:
@@ -199,7 +204,7 @@ def run_ablation(config, out: str, variants: Optional[List[str]] = None, say=pri
     baseline_results = run_baselines(config.replace(train={"seed": seeds[0]}), dataset, split, baselines,
                                      protocol, say=say) if baselines != [] else []
     masks = slice_masks(split.test.target, split.train_counts)
-    counts = {"all": len(split.test), **{k: int(v.sum()) for k, v in masks.items()}}
+    counts = slice_counts(masks, len(split.test))
     deltas = paired_deltas(runs, variants[0], masks) if len(variants) > 1 else {}
     title = (f"test, protocol: {protocol} (seen items {'kept' if protocol == 'kept' else 'masked'}), "
              f"{num_seeds} seed(s); baselines: seed {seeds[0]}")

@@ -94,7 +94,7 @@ def _print_metrics(metrics: dict, say):
 
 def _print_beside_baselines(config, workspace, metrics: dict, protocol: str, split_name: str, say):
     """The baselines on the same split, examples and protocol, in one table with karma's row."""
-    from .ablation import TABLE_COLUMNS, metrics_table, slice_table
+    from .ablation import SHORT_COLUMNS, metrics_table, slice_counts, slice_table
     from .baselines import run_baselines
     from .evaluate import slice_masks
 
@@ -102,9 +102,9 @@ def _print_beside_baselines(config, workspace, metrics: dict, protocol: str, spl
     rows = [{"variant": "karma", "metrics": metrics}] + run_baselines(
         config, workspace.dataset, workspace.split, protocol=protocol, say=lambda *a: None, examples_name=split_name)
     masks = slice_masks(examples.target, workspace.split.train_counts)
-    counts = {"all": len(examples), **{k: int(v.sum()) for k, v in masks.items()}}
+    counts = slice_counts(masks, len(examples))
     say(f"\nkarma beside the baselines ({split_name}, protocol {protocol}):")
-    say(metrics_table(rows, [c for c in TABLE_COLUMNS if c in ("HR@10", "NDCG@10", "HR@50", "HR@200", "train_s")]))
+    say(metrics_table(rows, SHORT_COLUMNS))
     say(slice_table(rows, counts))
     return rows
 
@@ -190,25 +190,22 @@ def command_eval(args, say=print) -> dict:
 
 def command_baselines(args, say=print) -> List[dict]:
     """Every baseline on the configured data, both protocols."""
-    from .ablation import TABLE_COLUMNS, metrics_table, slice_table
+    from .ablation import SHORT_COLUMNS, metrics_table, slice_counts, slice_table
     from .baselines import run_baselines
     from .evaluate import slice_masks
-    from .split import leave_one_out
-    from .train import load_dataset
+    from .train import load_dataset, split_dataset
 
     config = build_config(args)
     dataset = load_dataset(config.data)
-    split = leave_one_out(dataset, config.model.max_history, config.train.num_hard_negatives,
-                          config.data.cold_item_fraction, config.data.seed)
+    split = split_dataset(config, dataset)
     masks = slice_masks(split.test.target, split.train_counts)
-    counts = {"all": len(split.test), **{k: int(v.sum()) for k, v in masks.items()}}
+    counts = slice_counts(masks, len(split.test))
     say(f"data: {dataset.name}, {dataset.num_items} items, {dataset.num_users} users; test split")
     everything = []
     for protocol in ([args.protocol] if args.protocol else ["kept", "masked"]):
         rows = run_baselines(config, dataset, split, args.names, protocol, say=say)
         say(f"\nprotocol {protocol} (seen items {protocol}):")
-        say(metrics_table(rows, [c for c in TABLE_COLUMNS if c in ("HR@10", "NDCG@10", "HR@50", "HR@200",
-                                                                    "train_s")]))
+        say(metrics_table(rows, SHORT_COLUMNS))
         say(slice_table(rows, counts))
         everything += [{**row, "protocol": protocol} for row in rows]
     if args.out:

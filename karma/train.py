@@ -234,6 +234,12 @@ def text_length(tokenizer: WordTokenizer, texts: List[str], configured: Optional
     return length
 
 
+def split_dataset(config: ExperimentConfig, dataset: RecDataset) -> Split:
+    """The leave-one-out split the configuration asks for (history length, hard negatives, cold items)."""
+    return leave_one_out(dataset, config.model.max_history, config.train.num_hard_negatives,
+                         config.data.cold_item_fraction, config.data.seed)
+
+
 def build_workspace(config: ExperimentConfig, dataset: Optional[RecDataset] = None,
                     tokenizer: Optional[WordTokenizer] = None) -> Workspace:
     """Data, tokenizer, split and a freshly initialised model (initialisation seeded by ``train.seed``).
@@ -243,8 +249,7 @@ def build_workspace(config: ExperimentConfig, dataset: Optional[RecDataset] = No
     length = text_length(tokenizer, dataset.item_texts, config.model.max_text_len)
     if config.model.max_text_len != length:
         config = config.replace(model={"max_text_len": length})
-    split = leave_one_out(dataset, config.model.max_history, config.train.num_hard_negatives,
-                          config.data.cold_item_fraction, config.data.seed)
+    split = split_dataset(config, dataset)
     device = resolve_device(config.train.device)
     item_tokens = torch.as_tensor(tokenizer.encode_batch(dataset.item_texts, length))
     images = torch.as_tensor(dataset.image_features) if dataset.image_features is not None else None

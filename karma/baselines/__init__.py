@@ -25,16 +25,14 @@ def run_baselines(config, dataset, split=None, names: Optional[Sequence[str]] = 
     """Fit and score each baseline; returns one ``{"variant", "metrics"}`` dict per baseline (metrics include
     ``train_s`` and the warm / cold slices)."""
     from ..evaluate import evaluate
-    from ..split import leave_one_out
-    from ..train import build_workspace, train
+    from ..train import build_workspace, split_dataset, train
 
     names = list(names or BASELINES)
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"baselines: unknown name(s) {unknown} (known: {', '.join(BASELINES)})")
     if split is None:
-        split = leave_one_out(dataset, config.model.max_history, config.train.num_hard_negatives,
-                              config.data.cold_item_fraction, config.data.seed)
+        split = split_dataset(config, dataset)
     examples = getattr(split, examples_name)
     results = []
     for name in names:

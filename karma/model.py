@@ -50,6 +50,7 @@ class ModelConfig:
     item_encoder: str = "bow"
     use_image: bool = True                # add the image feature to the item embedding (when the data has one)
     flow_hidden: int = 128
+    dropout: float = 0.0                  # on the history's soft tokens and in attention (the SASRec baseline: 0.3)
     attn_implementation: str = "auto"     # "auto": flash_attention_2 on CUDA when installed, else "sdpa"
 
     def __post_init__(self):
@@ -65,6 +66,8 @@ class ModelConfig:
         if self.backbone_path is None and self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads "
                               f"({self.num_heads})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.item_encoder not in ITEM_ENCODERS:
             raise ConfigError(f"model.item_encoder must be one of {ITEM_ENCODERS}, got {self.item_encoder!r}")
         if self.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
@@ -97,7 +100,8 @@ def build_backbone(config: ModelConfig, vocab_size: int, device: torch.device = 
                                 num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
                                 max_position_embeddings=config.max_history + 2 * (config.max_text_len or
                                                                                   MAX_TEXT_LEN_CAP) + 8,
-                                tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                                tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                attention_dropout=config.dropout)
         backbone = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn)
     return backbone
 
@@ -236,7 +240,7 @@ class KarmaModel(nn.Module):
         position is ``interest(hidden_states[:, :prefix_len])``."""
         history_len = history_mask.shape[1]
         soft = self.item_to_token(history_emb.to(self.item_to_token.weight.dtype))
-        soft = soft * history_mask.unsqueeze(-1).to(soft.dtype)
+        soft = F.dropout(soft, self.config.dropout, self.training) * history_mask.unsqueeze(-1).to(soft.dtype)
         parts, masks = [soft], [history_mask]
         if text_ids is not None:
             parts.append(self.embed_tokens(text_ids).to(soft.dtype))

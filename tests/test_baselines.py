@@ -65,4 +65,5 @@ def test_sasrec_is_the_id_only_model():
 
     config = sasrec_config(ExperimentConfig.tiny())
     assert config.model.item_encoder == "id" and config.objectives.active() == ["action"]
+    assert config.model.dropout == 0.3 and not config.model.use_image
     assert config.train.pretrain_steps == 0

@@ -326,6 +326,7 @@ def test_local_backbone_path(tmp_path, workspace):
     ("objectives", {"temperature": 0}, "objectives.temperature"),
     ("train", {"batch_size": 0}, "train.batch_size"),
     ("train", {"epochs": 0}, "train.epochs"),
+    ("model", {"dropout": 1.0}, "model.dropout"),
     ("train", {"eval_every": -1}, "train.eval_every"),
     ("objectives", {"logq": "yes"}, "objectives.logq"),
     ("data", {"cold_item_fraction": 1.0}, "data.cold_item_fraction"),

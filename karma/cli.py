@@ -1,4 +1,4 @@
-"""``karma train``, ``karma eval`` and ``karma ablate``.
+"""``karma train``, ``karma eval``, ``karma ablate`` and ``karma baselines``.
 
 Configuration: defaults (``karma.train.ExperimentConfig``), then ``--config FILE.json`` (sections data, model,
 objectives, train), then shortcuts (``--steps``, ``--data``...), then ``--set section.field=value`` (value parsed as
@@ -7,27 +7,17 @@ JSON when it parses, else taken as a string). Every value is validated; an error
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 import time
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
+from .ablation import VARIANTS, run_ablation
 from .data import ConfigError
 
 if TYPE_CHECKING:  # the heavy imports (torch, transformers) wait until a command runs
     from .train import ExperimentConfig
-
-TABLE_COLUMNS = ["HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "NDCG@200", "AUC", "decodability",
-                 "probe_decodability", "sink_ratio", "image_cos", "train_s"]
-VARIANTS = {
-    "action-only": ("action",),
-    "+generation": ("action", "generation"),
-    "+reconstruction": ("action", "generation", "reconstruction"),
-    "full KARMA (+image)": ("action", "generation", "reconstruction", "image"),
-}
-
 
 def parse_overrides(pairs: Sequence[str]) -> dict:
     sections: dict = {}
@@ -59,6 +49,8 @@ def build_config(args) -> "ExperimentConfig":
         shortcuts["data"].setdefault("source", "movielens")
     if getattr(args, "steps", None) is not None:
         shortcuts.setdefault("train", {})["steps"] = args.steps
+    if getattr(args, "epochs", None) is not None:
+        shortcuts.setdefault("train", {})["epochs"] = args.epochs
     if getattr(args, "seed", None) is not None:
         shortcuts.setdefault("train", {})["seed"] = args.seed
     if getattr(args, "backend", None):
@@ -86,8 +78,35 @@ def _save_run_files(out: str, config, tokenizer):
 
 
 def _print_metrics(metrics: dict, say):
+    from .evaluate import NAN_REASONS
+
     for name, value in metrics.items():
-        say(f"  {name:>14}: {value:.4f}" if isinstance(value, float) else f"  {name:>14}: {value}")
+        if isinstance(value, float) and value != value:
+            say(f"  {name:>18}: n/a ({NAN_REASONS.get(name, 'not measurable here')})")
+        elif isinstance(value, float):
+            say(f"  {name:>18}: {value:.4f}")
+        elif isinstance(value, int):
+            say(f"  {name:>18}: {value}")
+    for slice_name, values in metrics.get("slices", {}).items():
+        say(f"  {slice_name + ' items':>18}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in values.items() if "@50" not in k))
+
+
+def _print_beside_baselines(config, workspace, metrics: dict, protocol: str, split_name: str, say):
+    """The baselines on the same split, examples and protocol, in one table with karma's row."""
+    from .ablation import SHORT_COLUMNS, metrics_table, slice_counts, slice_table
+    from .baselines import run_baselines
+    from .evaluate import slice_masks
+
+    examples = getattr(workspace.split, split_name)
+    rows = [{"variant": "karma", "metrics": metrics}] + run_baselines(
+        config, workspace.dataset, workspace.split, protocol=protocol, say=lambda *a: None, examples_name=split_name)
+    masks = slice_masks(examples.target, workspace.split.train_counts)
+    counts = slice_counts(masks, len(examples))
+    say(f"\nkarma beside the baselines ({split_name}, protocol {protocol}):")
+    say(metrics_table(rows, SHORT_COLUMNS))
+    say(slice_table(rows, counts))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,20 +132,36 @@ def command_train(args, say=print) -> dict:
     if is_main():
         _save_run_files(args.out, config, workspace.tokenizer)
     say(f"data: {dataset.name}, {dataset.num_items} items, {dataset.num_users} users, "
-        f"{len(workspace.split.train)} training examples; objectives: {', '.join(config.objectives.active())}"
+        f"{len(workspace.split.train)} training windows ({workspace.split.train.num_targets} targets); "
+        f"objectives: {', '.join(config.objectives.active())}"
         + (f"; {env.world_size} processes" if env.distributed else ""))
-    history, seconds = timed(train, workspace, run_dir=args.out, resume=args.resume)
+    config = workspace.config   # max_text_len resolved from the data
+    if is_main():
+        config.save(os.path.join(args.out, "config.json"))
+    spe = config.train.steps_per_epoch(len(workspace.split.train))
+    say(f"budget: {config.train.total_steps(len(workspace.split.train))} steps of {config.train.batch_size} windows "
+        f"= {config.train.total_steps(len(workspace.split.train)) / spe:.1f} epochs ({spe} steps per epoch, "
+        f"{workspace.split.train.num_targets} training targets)"
+        + ("" if config.train.steps else f", early stopping on validation every {config.train.eval_every:g} epochs"))
+    history, seconds = timed(train, workspace, run_dir=args.out, resume=args.resume, say=say)
     if env.distributed:
         cleanup()  # rank 0 evaluates alone; after cleanup is_main() is true everywhere, so ask env.rank
         if env.rank != 0:
             return {}
-    metrics = evaluate(workspace.model, workspace.split.test, probe_examples=workspace.split.train,
-                       backend=config.objectives.backend)
-    metrics["train_s"] = seconds
+    metrics = evaluate(workspace.model, workspace.split.test, probe_examples=workspace.split.train.as_examples(),
+                       backend=config.objectives.backend, protocol=args.protocol,
+                       train_counts=workspace.split.train_counts)
+    metrics.update(train_s=seconds, epochs=workspace.log["epochs_trained"])
     with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump({"test": metrics, "history": history}, handle, indent=1)
-    say(f"trained {config.train.steps} steps in {seconds:.1f} s; checkpoint in {args.out}; test metrics:")
+        json.dump({"test": metrics, "history": history, "validation": workspace.log["validation"],
+                   "protocol": args.protocol}, handle, indent=1)
+    say(f"trained {len(history)} steps ({workspace.log['epochs_trained']:.1f} epochs) in {seconds:.1f} s; "
+        f"checkpoint in {args.out}; test metrics (protocol {args.protocol}):")
     _print_metrics(metrics, say)
+    if env.distributed:   # the baselines would start a process group again on rank 0 alone
+        say("(baselines are skipped under torchrun; `karma baselines` prints them on the same data)")
+    elif not args.no_baselines:
+        _print_beside_baselines(config, workspace, metrics, args.protocol, "test", say)
     return metrics
 
 
@@ -143,100 +178,46 @@ def command_eval(args, say=print) -> dict:
     workspace = build_workspace(config, dataset, WordTokenizer.load(os.path.join(args.run, "tokenizer.json")))
     load_checkpoint(args.run, workspace.model)
     examples = getattr(workspace.split, args.split)
-    metrics = evaluate(workspace.model, examples, num_shards=args.shards, probe_examples=workspace.split.train,
-                       backend=config.objectives.backend)
-    say(f"{args.split} metrics of {args.run} ({len(examples)} examples):")
+    metrics = evaluate(workspace.model, examples, num_shards=args.shards,
+                       probe_examples=workspace.split.train.as_examples(), backend=config.objectives.backend,
+                       protocol=args.protocol, train_counts=workspace.split.train_counts)
+    say(f"{args.split} metrics of {args.run} ({len(examples)} examples, protocol {args.protocol}):")
     _print_metrics(metrics, say)
+    if not args.no_baselines:
+        _print_beside_baselines(config, workspace, metrics, args.protocol, args.split, say)
     return metrics
 
 
-def summarise(variant: str, runs: List[dict]) -> dict:
-    """One variant over seeds: mean metrics, their standard deviation, the first seed's loss history."""
-    import numpy as np
+def command_baselines(args, say=print) -> List[dict]:
+    """Every baseline on the configured data, both protocols."""
+    from .ablation import SHORT_COLUMNS, metrics_table, slice_counts, slice_table
+    from .baselines import run_baselines
+    from .evaluate import slice_masks
+    from .train import load_dataset, split_dataset
 
-    names = runs[0]["metrics"].keys()
-    values = {name: np.array([run["metrics"][name] for run in runs], dtype=np.float64) for name in names}
-    return {"variant": variant, "objectives": runs[0]["objectives"], "seeds": [run["seed"] for run in runs],
-            "metrics": {name: float(v.mean()) for name, v in values.items()},
-            "metrics_std": {name: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for name, v in values.items()},
-            "history": runs[0]["history"], "runs": runs}
-
-
-def run_ablation(config, out: str, variants: Optional[List[str]] = None, say=print, num_seeds: int = 1) -> List[dict]:
-    """Train every variant from the same seed, data, pretrained backbone and step budget; evaluate on test.
-    With ``num_seeds`` > 1 the whole ablation repeats for seeds train.seed, train.seed + 1, ... and the table
-    shows mean ± standard deviation."""
-    from .data import WordTokenizer
-    from .evaluate import evaluate
-    from .plots import metrics_table, plot_ablation
-    from .train import build_workspace, load_dataset, pretrain_language_model, timed, train
-
-    if num_seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {num_seeds}")
-    variants = variants or list(VARIANTS)
-    for name in variants:
-        if name not in VARIANTS:
-            raise ConfigError(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
-    os.makedirs(out, exist_ok=True)
+    config = build_config(args)
     dataset = load_dataset(config.data)
-    tokenizer = WordTokenizer.build(dataset.item_texts)
-    weights = {name: getattr(config.objectives, name) for name in ("action", "generation", "reconstruction", "image")}
-    for name, weight in weights.items():
-        if weight <= 0:
-            raise ConfigError(f"objectives.{name} must be > 0 for an ablation (it is the weight that variant adds)")
-    if dataset.image_features is None and "full KARMA (+image)" in variants:
-        say(f"note: dataset {dataset.name!r} has no image features; the +image variant is skipped")
-        variants = [v for v in variants if v != "full KARMA (+image)"]
-    seeds = [config.train.seed + i for i in range(num_seeds)]
-    say(f"data: {dataset.name}, {dataset.num_items} items, {dataset.num_users} users; "
-        f"{config.train.steps} alignment steps per variant, seed(s) {', '.join(map(str, seeds))}")
-
-    runs = {variant: [] for variant in variants}
-    pretrain_s = 0.0
-    for seed in seeds:
-        seed_config = config.replace(train={"seed": seed})
-        # One pretraining phase per seed, shared: every variant starts from the same backbone.
-        pretrained = None
-        if config.train.pretrain_steps:
-            base = build_workspace(seed_config, dataset, tokenizer)
-            curve, seconds = timed(pretrain_language_model, base)
-            pretrain_s += seconds
-            pretrained = copy.deepcopy(base.model.backbone.state_dict())
-            say(f"seed {seed}: LM pretraining {config.train.pretrain_steps} steps in {seconds:.1f} s, "
-                f"loss {curve[0]:.3f} -> {curve[-1]:.3f}")
-            del base
-        for variant in variants:
-            objectives = {name: (weights[name] if name in VARIANTS[variant] else 0.0) for name in weights}
-            variant_config = seed_config.replace(objectives=objectives, train={"pretrain_steps": 0})
-            workspace = build_workspace(variant_config, dataset, tokenizer)
-            if pretrained is not None:
-                workspace.model.backbone.load_state_dict(pretrained)
-            history, seconds = timed(train, workspace)
-            metrics, eval_s = timed(evaluate, workspace.model, workspace.split.test,
-                                    probe_examples=workspace.split.train, backend=variant_config.objectives.backend)
-            metrics["train_s"] = seconds
-            say(f"seed {seed} {variant}: trained in {seconds:.1f} s, evaluated in {eval_s:.1f} s; "
-                f"HR@200 {metrics['HR@200']:.4f}")
-            runs[variant].append({"seed": seed, "objectives": objectives, "metrics": metrics, "history": history})
-
-    results = [summarise(variant, runs[variant]) for variant in variants]
-    table = metrics_table(results, TABLE_COLUMNS)
-    plot_path = os.path.join(out, "ablation.png")
-    plot_ablation(results, plot_path, title=f"KARMA ablation on {dataset.name} ({config.train.steps} steps, "
-                  f"{num_seeds} seed{'s' if num_seeds > 1 else ''})")
-    with open(os.path.join(out, "ablation.md"), "w", encoding="utf-8") as handle:
-        handle.write(table + "\n")
-    with open(os.path.join(out, "ablation.json"), "w", encoding="utf-8") as handle:
-        json.dump({"config": config.to_dict(), "pretrain_s": pretrain_s, "results": results}, handle, indent=1)
-    config.save(os.path.join(out, "config.json"))
-    say("")
-    say(table)
-    say(f"\nplot: {plot_path}; table: {os.path.join(out, 'ablation.md')}")
-    return results
+    split = split_dataset(config, dataset)
+    masks = slice_masks(split.test.target, split.train_counts)
+    counts = slice_counts(masks, len(split.test))
+    say(f"data: {dataset.name}, {dataset.num_items} items, {dataset.num_users} users; test split")
+    everything = []
+    for protocol in ([args.protocol] if args.protocol else ["kept", "masked"]):
+        rows = run_baselines(config, dataset, split, args.names, protocol, say=say)
+        say(f"\nprotocol {protocol} (seen items {protocol}):")
+        say(metrics_table(rows, SHORT_COLUMNS))
+        say(slice_table(rows, counts))
+        everything += [{**row, "protocol": protocol} for row in rows]
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "baselines.json"), "w", encoding="utf-8") as handle:
+            json.dump({"config": config.to_dict(), "results": everything}, handle, indent=1)
+    return everything
 
 
 def command_ablate(args, say=print) -> List[dict]:
-    return run_ablation(build_config(args), args.out, args.variants, say, num_seeds=args.seeds)
+    return run_ablation(build_config(args), args.out, args.variants, say, num_seeds=args.seeds,
+                        baselines=[] if args.no_baselines else None, protocol=args.protocol)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,7 +227,8 @@ def _common(parser: argparse.ArgumentParser):
                         help="starting configuration when no --config is given (tiny: a seconds-long smoke run)")
     parser.add_argument("--data", choices=["synthetic", "movielens"], help="data source (default: synthetic)")
     parser.add_argument("--data-path", help="MovieLens-layout directory (u.data + u.item, or .inter + .item)")
-    parser.add_argument("--steps", type=int, help="alignment steps (train.steps)")
+    parser.add_argument("--epochs", type=float, help="alignment budget in epochs (train.epochs)")
+    parser.add_argument("--steps", type=int, help="a fixed number of alignment steps instead (train.steps)")
     parser.add_argument("--seed", type=int, help="train.seed")
     parser.add_argument("--backend", choices=["auto", "triton", "torch", "reference"], help="karma_kernels backend")
     parser.add_argument("--action-mode", choices=["softmax", "pairwise"], help="objectives.action_mode")
@@ -257,12 +239,24 @@ def _common(parser: argparse.ArgumentParser):
                              "OpenMP threads slow it down many times on a busy machine; 0 = torch's choice)")
 
 
+def _evaluation_options(parser: argparse.ArgumentParser, both: bool = False):
+    parser.add_argument("--protocol", choices=["kept", "masked"], default=None if both else "kept",
+                        help="kept: rank every item, already clicked ones included (RecBole's default for sequential "
+                             "models); masked: remove the user's clicked items first"
+                             + (" (default: both)" if both else " (default: kept)"))
+    if not both:
+        parser.add_argument("--no-baselines", action="store_true", help="do not print the baselines beside")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .baselines import BASELINES
+
     parser = argparse.ArgumentParser(prog="karma", description="KARMA: LLM next-interest embeddings kept semantic "
                                      "by generation and reconstruction objectives")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train one model (all objectives with weight > 0)")
     _common(train)
+    _evaluation_options(train)
     train.add_argument("--out", default=os.path.join("runs", "train"), help="run directory (checkpoints, metrics)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     evaluate = commands.add_parser("eval", help="evaluate a trained run directory")
@@ -270,17 +264,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["test", "valid"], default="test")
     evaluate.add_argument("--shards", type=int, default=4, help="number of index shards")
     evaluate.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's choice)")
-    ablate = commands.add_parser("ablate", help="action-only vs +generation vs +reconstruction vs full KARMA")
+    _evaluation_options(evaluate)
+    ablate = commands.add_parser("ablate", help="action-only -> +generation -> +reconstruction -> full KARMA "
+                                 "(cumulative), with the baselines")
     _common(ablate)
-    ablate.add_argument("--out", default=os.path.join("runs", "ablate"), help="output directory (table, plot, json)")
+    _evaluation_options(ablate)
+    ablate.add_argument("--out", default=os.path.join("runs", "ablate"), help="output directory (table, plot, json, "
+                        "one checkpoint per variant and seed)")
     ablate.add_argument("--variants", nargs="+", metavar="NAME", help=f"subset of: {', '.join(VARIANTS)}")
-    ablate.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds; table shows mean ± std")
+    ablate.add_argument("--seeds", type=int, default=1, help="repeat for this many seeds; table shows mean ± std, "
+                        "differences are paired by seed and test user")
+    baselines = commands.add_parser("baselines", help="popularity, item-kNN, Markov and SASRec on the same split")
+    _common(baselines)
+    _evaluation_options(baselines, both=True)
+    baselines.add_argument("--names", nargs="+", metavar="NAME", help=f"subset of: {', '.join(BASELINES)}")
+    baselines.add_argument("--out", help="write baselines.json here")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": command_train, "eval": command_eval, "ablate": command_ablate}
+    handlers = {"train": command_train, "eval": command_eval, "ablate": command_ablate,
+                "baselines": command_baselines}
     if getattr(args, "threads", 0):
         import torch
 

@@ -1,5 +1,5 @@
 """Data for the KARMA model layer: a seeded synthetic retail log, a MovieLens-layout loader, a word tokenizer,
-and the leave-one-out split.
+(the leave-one-out split is ``karma.split``).
 
 Everything here is numpy/python; tensors are built by ``karma.train`` from the arrays this module returns.
 """
@@ -9,7 +9,8 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -92,6 +93,9 @@ class SyntheticConfig:
     image_dim: int = 32
     image_noise: float = 0.5
     drift: float = 0.6                            # chance that a new session moves the user's focus
+    # Cold start: this fraction of the catalog are new arrivals, shown only at each user's last two steps (the
+    # validation and test targets), so they have no training clicks and only their text (and image) describes them.
+    new_item_fraction: float = 0.2
     seed: int = 0
 
     def __post_init__(self):
@@ -112,6 +116,8 @@ class SyntheticConfig:
             raise ConfigError(f"data.image_dim must be an integer >= 1, got {self.image_dim!r}")
         if not 0.0 <= self.drift <= 1.0:
             raise ConfigError(f"data.drift must be in [0, 1], got {self.drift!r}")
+        if not 0.0 <= self.new_item_fraction < 1.0:
+            raise ConfigError(f"data.new_item_fraction must be in [0, 1), got {self.new_item_fraction!r}")
         if self.image_noise < 0:
             raise ConfigError(f"data.image_noise must be >= 0, got {self.image_noise!r}")
 
@@ -128,9 +134,11 @@ def generate_synthetic(config: SyntheticConfig = SyntheticConfig()) -> RecDatase
 
     Items: category, brand (each category stocks a few brands), material (category dependent), style, colour and a
     price band (each brand has a typical band). The image feature is a sum of per-attribute latent vectors for the
-    visible attributes plus noise. Users: a lasting taste (colours, price bands, brands) and a session focus
-    (category + style) that drifts between sessions. Each step shows ``impression_size`` items, half from the
-    focus category and half by popularity, and the user clicks the best by taste plus Gumbel noise.
+    visible attributes plus noise. A ``new_item_fraction`` of the items are new arrivals that only the last two
+    steps of each user show (cold items: no training clicks). Users: a lasting taste (colours, price bands,
+    brands) and a session focus (category + style) that drifts between sessions. Each step shows
+    ``impression_size`` items, half from the focus category and half by popularity (new arrivals of the focus
+    category join at the last two steps), and the user clicks the best by taste plus Gumbel noise.
     """
     rng = np.random.default_rng(config.seed)
     n = config.num_items
@@ -158,10 +166,13 @@ def generate_synthetic(config: SyntheticConfig = SyntheticConfig()) -> RecDatase
     image = image + config.image_noise * rng.normal(size=image.shape)
     image = (image - image.mean(0)) / (image.std(0) + 1e-6)
 
-    popularity = rng.pareto(1.5, size=n) + 1.0
+    is_new = np.zeros(n, dtype=bool)
+    is_new[rng.choice(n, int(round(config.new_item_fraction * n)), replace=False)] = True
+    popularity = (rng.pareto(1.5, size=n) + 1.0) * ~is_new      # new arrivals have no popularity yet
     popularity /= popularity.sum()
-    items_of_category = [np.flatnonzero(category == c) for c in range(n_cat)]
-    category_weight = np.array([len(ix) for ix in items_of_category], dtype=np.float64)
+    old_of_category = [np.flatnonzero((category == c) & ~is_new) for c in range(n_cat)]
+    new_of_category = [np.flatnonzero((category == c) & is_new) for c in range(n_cat)]
+    category_weight = np.array([len(ix) for ix in old_of_category], dtype=np.float64) + 1e-9
     category_weight /= category_weight.sum()
 
     sequences, impressions = [], []
@@ -174,14 +185,21 @@ def generate_synthetic(config: SyntheticConfig = SyntheticConfig()) -> RecDatase
         focus_category = rng.choice(n_cat, p=taste_category)
         focus_style = rng.integers(0, n_style)
         clicks, shown_lists = [], []
-        for session in range(rng.integers(config.sessions_per_user[0], config.sessions_per_user[1] + 1)):
+        sessions = [int(rng.integers(config.clicks_per_session[0], config.clicks_per_session[1] + 1))
+                    for _ in range(rng.integers(config.sessions_per_user[0], config.sessions_per_user[1] + 1))]
+        total = sum(sessions)
+        for session, session_clicks in enumerate(sessions):
             if session > 0 and rng.random() < config.drift:
                 focus_category = rng.choice(n_cat, p=taste_category)
                 focus_style = rng.integers(0, n_style)
-            for _ in range(rng.integers(config.clicks_per_session[0], config.clicks_per_session[1] + 1)):
-                in_focus = items_of_category[focus_category]
+            for _ in range(session_clicks):
+                in_focus = old_of_category[focus_category]
                 n_focus = min(len(in_focus), (size + 1) // 2)
                 shown = set(rng.choice(in_focus, size=n_focus, replace=False).tolist()) if n_focus else set()
+                arrivals = new_of_category[focus_category]
+                if len(clicks) >= total - 2 and len(arrivals):   # the last two steps also show new arrivals
+                    n_new = min(len(arrivals), (n_focus + 1) // 2, size - n_focus)
+                    shown.update(rng.choice(arrivals, size=n_new, replace=False).tolist())
                 while len(shown) < size:
                     shown.add(int(rng.choice(n, p=popularity)))
                 shown = np.fromiter(shown, dtype=np.int64)
@@ -341,6 +359,9 @@ def _load_atomic(inter_path: str, item_path: str) -> RecDataset:
         raise DataFormatError(f"{inter_path}: empty file")
     columns = _atomic_header(inter_path, header[1], {"user": ("user_id",), "item": ("item_id",),
                                                      "time": ("timestamp",)}, ("user", "item"))
+    if "time" not in columns:
+        warnings.warn(f"{inter_path}: no timestamp column; each user's interactions are taken in file order",
+                      stacklevel=2)
     width = len(header[1].split("\t"))
     events = []
     for number, line in lines:
@@ -352,6 +373,24 @@ def _load_atomic(inter_path: str, item_path: str) -> RecDataset:
     if not events:
         raise DataFormatError(f"{inter_path}: no interactions")
     return _assemble("movielens", items, events, inter_path)
+
+
+def write_movielens_layout(dataset: RecDataset, directory: str) -> str:
+    """Write ``dataset`` as a MovieLens-100k layout (``u.item`` + ``u.data``, 1-based ids, one rating 4 per click,
+    timestamps in click order) so the loader and every command can be exercised where the real files cannot be
+    downloaded. A synthetic item's category becomes its genre flag; the title is its text."""
+    os.makedirs(directory, exist_ok=True)
+    category = (dataset.item_attributes or {}).get("category")
+    with open(os.path.join(directory, "u.item"), "w", encoding="latin-1") as handle:
+        for item, text in enumerate(dataset.item_texts):
+            flags = ["0"] * len(MOVIELENS_GENRES)
+            flags[1 + int(category[item]) % (len(MOVIELENS_GENRES) - 1) if category is not None else 0] = "1"
+            handle.write(f"{item + 1}|{text.replace('|', ' ')}|||http://localhost/{item + 1}|{'|'.join(flags)}\n")
+    with open(os.path.join(directory, "u.data"), "w", encoding="latin-1") as handle:
+        for user, clicks in enumerate(dataset.sequences):
+            for step, item in enumerate(clicks):
+                handle.write(f"{user + 1}\t{item + 1}\t4\t{880000000 + 60 * step}\n")
+    return directory
 
 
 def load_movielens(path: str) -> RecDataset:
@@ -437,76 +476,3 @@ class WordTokenizer:
     def load(cls, path: str) -> "WordTokenizer":
         with open(path, "r", encoding="utf-8") as handle:
             return cls(json.load(handle))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Leave-one-out split
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Examples:
-    """Next-click examples as padded arrays.
-
-    history [N, max_history] item ids, most recent last, left-padded with -1; target [N]; negatives
-    [N, max_negatives] shown-not-clicked items padded with -1; user [N]; position [N] index of the target in the
-    user's click sequence.
-    """
-    history: np.ndarray
-    target: np.ndarray
-    negatives: np.ndarray
-    user: np.ndarray
-    position: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.target)
-
-
-@dataclass
-class Split:
-    train: Examples
-    valid: Examples
-    test: Examples
-    max_history: int
-    max_negatives: int = 0
-    notes: List[str] = field(default_factory=list)
-
-
-def _examples(rows: List[Tuple[int, int, List[int], int, Tuple[int, ...]]], max_history: int,
-              max_negatives: int) -> Examples:
-    n = len(rows)
-    history = np.full((n, max_history), -1, dtype=np.int64)
-    negatives = np.full((n, max_negatives), -1, dtype=np.int64)
-    target = np.empty(n, dtype=np.int64)
-    user = np.empty(n, dtype=np.int64)
-    position = np.empty(n, dtype=np.int64)
-    for r, (u, t, past, item, shown) in enumerate(rows):
-        past = past[-max_history:]
-        if past:
-            history[r, max_history - len(past):] = past
-        shown = shown[:max_negatives]
-        negatives[r, : len(shown)] = shown
-        target[r], user[r], position[r] = item, u, t
-    return Examples(history, target, negatives, user, position)
-
-
-def leave_one_out(dataset: RecDataset, max_history: int = 10, max_negatives: int = 9) -> Split:
-    """Per user: the last click is the test target, the second-to-last the validation target, every earlier click
-    (with at least one click before it) a training target. An example's history is only clicks before its target,
-    so nothing from the future reaches a history; training never sees a validation or test target position."""
-    if max_history < 1:
-        raise ConfigError(f"model.max_history must be >= 1, got {max_history!r}")
-    if max_negatives < 0:
-        raise ConfigError(f"train.num_hard_negatives must be >= 0, got {max_negatives!r}")
-    train, valid, test = [], [], []
-    for u, (seq, shown) in enumerate(zip(dataset.sequences, dataset.impressions)):
-        n = len(seq)
-        train_end = n - 2 if n >= 3 else n
-        for t in range(1, train_end):
-            train.append((u, t, seq[:t], seq[t], shown[t]))
-        if n >= 3:
-            valid.append((u, n - 2, seq[: n - 2], seq[n - 2], shown[n - 2]))
-            test.append((u, n - 1, seq[: n - 1], seq[n - 1], shown[n - 1]))
-    if not train or not test:
-        raise ValueError(f"leave_one_out: dataset {dataset.name!r} has too few clicks per user "
-                         "(need users with at least 3 clicks)")
-    return Split(_examples(train, max_history, max_negatives), _examples(valid, max_history, max_negatives),
-                 _examples(test, max_history, max_negatives), max_history, max_negatives)

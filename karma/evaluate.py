@@ -1,5 +1,11 @@
 """Evaluation: retrieval of the next item through sharded indexes, ranking-stage AUC, and the two semantic probes
-(decodability of the item text from h; attention-sink ratio, the paper's collapse symptom)."""
+(decodability of the item text from h; attention-sink ratio, the paper's collapse symptom).
+
+Protocols (``protocol=``): "kept" ranks every item, the user's already clicked items included (RecBole's default
+for sequential models, and the one to use when users re-click); "masked" removes every item of the user's
+history before ranking. Slices: "warm" / "cold" split the examples by their target's number of training clicks
+(cold: at most ``cold_max_clicks``), so the effect of item text on items the ID cannot describe is visible.
+"""
 from __future__ import annotations
 
 import copy
@@ -11,6 +17,12 @@ import torch
 from .model import KarmaModel, history_tensors
 
 DEFAULT_KS = (10, 50, 200)
+PROTOCOLS = ("kept", "masked")
+COLD_MAX_CLICKS = 2
+NAN_REASONS = {
+    "AUC": "the data has no impressions (shown-but-not-clicked items)",
+    "image_cos": "the data has no image features",
+}
 
 
 @torch.no_grad()
@@ -20,7 +32,10 @@ def interest_embeddings(model: KarmaModel, item_emb: torch.Tensor, history: np.n
     device = item_emb.device
     out = []
     for start in range(0, len(history), batch_size):
-        index = torch.as_tensor(history[start:start + batch_size], device=device)
+        rows = history[start:start + batch_size]
+        columns = (rows >= 0).any(0)
+        width = rows.shape[1] - int(columns.argmax()) if columns.any() else 1
+        index = torch.as_tensor(rows[:, rows.shape[1] - width:], device=device)   # trimmed to its longest history
         history_emb, mask = history_tensors(item_emb, index)
         h, _, _, _ = model.user_forward(history_emb, mask)
         out.append(h.float())
@@ -36,10 +51,59 @@ def retrieve(item_emb: np.ndarray, queries: np.ndarray, k: int, num_shards: int 
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(item_emb)))
 
 
+def target_ranks(ids: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """0-based rank of each target in retrieved ``ids`` [Q, k]; int64 max where it was not retrieved."""
+    hits = ids == target[:, None]
+    return np.where(hits.any(1), hits.argmax(1), np.iinfo(np.int64).max)
+
+
+def metrics_from_ranks(rank: np.ndarray, ks: Sequence[int]) -> Dict[str, float]:
+    metrics = {}
+    for k in ks:
+        found = rank < k
+        metrics[f"HR@{k}"] = float(found.mean()) if len(rank) else float("nan")
+        metrics[f"NDCG@{k}"] = float(np.where(found, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0).mean()) \
+            if len(rank) else float("nan")
+    return metrics
+
+
+def seen_items(examples) -> list:
+    """Every item a row's user clicked before its target (the whole history, not only the last max_history)."""
+    log = examples.log
+    starts = log.offsets[examples.user]
+    ends = starts + examples.position
+    return [log.items[a:b] for a, b in zip(starts, ends)]
+
+
+def drop_seen(ids: np.ndarray, seen: list, k: int) -> np.ndarray:
+    """[Q, k] ``ids`` rows without the items of ``seen[q]`` (order kept; -1 fills rows that run out)."""
+    out = np.full((len(ids), k), -1, dtype=np.int64)
+    for row, (found, drop) in enumerate(zip(ids, seen)):
+        kept = found[~np.isin(found, drop)][:k]
+        out[row, : len(kept)] = kept
+    return out
+
+
+def top_k_scores(scores: torch.Tensor, k: int, seen: Optional[list] = None) -> np.ndarray:
+    """Top-k item ids [Q, k] of dense ``scores`` [Q, num_items], the ``seen`` items of each row excluded."""
+    if seen is not None:
+        scores = scores.clone()
+        rows = np.repeat(np.arange(len(seen)), [len(s) for s in seen])
+        scores[torch.as_tensor(rows), torch.as_tensor(np.concatenate(seen + [np.empty(0, np.int64)]))] = -np.inf
+    return scores.topk(min(k, scores.shape[1]), dim=1).indices.cpu().numpy()
+
+
+def slice_masks(target: np.ndarray, train_counts: Optional[np.ndarray], cold_max_clicks: int = COLD_MAX_CLICKS
+                ) -> Dict[str, np.ndarray]:
+    if train_counts is None:
+        return {}
+    cold = train_counts[target] <= cold_max_clicks
+    return {"warm": ~cold, "cold": cold}
+
+
 def ranking_metrics(ids: np.ndarray, target: np.ndarray, ks: Sequence[int]) -> Dict[str, float]:
     """HR@K and NDCG@K (one relevant item per query) from retrieved ``ids`` [Q, k]."""
-    hits = ids == target[:, None]
-    rank = np.where(hits.any(1), hits.argmax(1), np.iinfo(np.int64).max)
+    rank = target_ranks(ids, target)
     metrics = {}
     for k in ks:
         found = rank < k
@@ -134,7 +198,7 @@ def attention_sink_ratio(model: KarmaModel, item_emb: torch.Tensor, history: np.
         _, _, _, output = model.user_forward(history_emb, mask, output_attentions=True)
     finally:
         model.set_attn_implementation(previous)
-    full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)       # + the interest token
+    full_mask = mask
     first = full_mask.float().argmax(1)                                       # first real position per row
     positions = torch.arange(full_mask.shape[1], device=mask.device)
     queries = full_mask & (positions[None, :] > first[:, None])               # real queries after the first
@@ -159,30 +223,85 @@ def image_reconstruction_cosine(model: KarmaModel, h: torch.Tensor, target: np.n
 
 
 @torch.no_grad()
+def validation_score(model: KarmaModel, examples, max_examples: int = 2000, ks: Sequence[int] = (10, 50)
+                     ) -> Dict[str, float]:
+    """HR@k and NDCG@k on (at most ``max_examples`` of) ``examples`` by exact dense scoring: the early-stopping
+    signal, cheap enough to run every few epochs."""
+    was_training = model.training
+    model.eval()
+    try:
+        rows = np.arange(min(max_examples, len(examples)))
+        item_emb = model.all_item_embeddings()
+        h = interest_embeddings(model, item_emb, examples.histories(rows))
+        ids = top_k_scores(h @ item_emb.T, max(ks))
+        return metrics_from_ranks(target_ranks(ids, examples.target[rows]), ks)
+    finally:
+        model.train(was_training)
+
+
+def retrieval_metrics(ids: np.ndarray, target: np.ndarray, ks: Sequence[int], train_counts=None,
+                      cold_max_clicks: int = COLD_MAX_CLICKS) -> Dict[str, object]:
+    """Ranking metrics of retrieved ``ids`` over all rows, per slice (warm / cold) and the per-row ranks (for
+    paired comparisons)."""
+    rank = target_ranks(ids, target)
+    metrics: Dict[str, object] = metrics_from_ranks(rank, ks)
+    slices = {}
+    for name, mask in slice_masks(target, train_counts, cold_max_clicks).items():
+        slices[name] = {**metrics_from_ranks(rank[mask], ks), "examples": int(mask.sum())}
+    metrics["slices"] = slices
+    metrics["ranks"] = np.minimum(rank, 10 ** 9).tolist()
+    return metrics
+
+
+@torch.no_grad()
 def evaluate(model: KarmaModel, examples, ks: Sequence[int] = DEFAULT_KS, num_shards: int = 4,
              batch_size: int = 256, max_examples: Optional[int] = None, probe_examples=None,
-             probe_steps: int = 150, backend: str = "auto") -> Dict[str, float]:
-    """Every metric on ``examples`` (a ``karma.data.Examples``, e.g. the test split). With ``probe_examples``
-    (e.g. the training split) the decodability probe trains on them and adds ``probe_decodability``."""
+             probe_steps: int = 150, backend: str = "auto", protocol: str = "kept", train_counts=None,
+             cold_max_clicks: int = COLD_MAX_CLICKS) -> Dict[str, object]:
+    """Every metric on ``examples`` (a ``karma.split.Examples``, e.g. the test split). With ``probe_examples``
+    (e.g. the training windows' examples) the decodability probe trains on them and adds ``probe_decodability``.
+    With ``train_counts`` (items' training clicks) the ranking metrics are also reported per slice under
+    ``"slices"``; ``"ranks"`` holds each example's target rank."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"evaluate: protocol must be one of {PROTOCOLS}, got {protocol!r}")
     was_training = model.training
     model.eval()
     try:
         n = len(examples) if max_examples is None else min(max_examples, len(examples))
-        history, target, negatives = examples.history[:n], examples.target[:n], examples.negatives[:n]
+        examples = examples.subset(np.arange(n))
+        history, target, negatives = examples.history, examples.target, examples.negatives
         item_emb = model.all_item_embeddings()
         h = interest_embeddings(model, item_emb, history, batch_size)
-        _, ids = retrieve(item_emb.cpu().numpy(), h.cpu().numpy(), max(ks), num_shards)
-        metrics = ranking_metrics(ids, target, ks)
+        seen = seen_items(examples) if protocol == "masked" else None
+        depth = max(ks) + (max((len(s) for s in seen), default=0) if seen is not None else 0)
+        _, ids = retrieve(item_emb.cpu().numpy(), h.cpu().numpy(), depth, num_shards)
+        if seen is not None:
+            ids = drop_seen(ids, seen, max(ks))
+        metrics = retrieval_metrics(ids, target, ks, train_counts, cold_max_clicks)
         metrics["AUC"] = impression_auc(h.cpu(), item_emb.cpu(), target, negatives)
         metrics["decodability"] = decodability(model, h, target, batch_size)
         if probe_examples is not None and probe_steps > 0:
+            if hasattr(probe_examples, "as_examples"):     # training windows: one row per window
+                probe_examples = probe_examples.as_examples()
             rows = np.random.default_rng(0).permutation(len(probe_examples))[:4096]
-            h_train = interest_embeddings(model, item_emb, probe_examples.history[rows], batch_size)
+            h_train = interest_embeddings(model, item_emb, probe_examples.histories(rows), batch_size)
             metrics["probe_decodability"] = decodability_probe(
                 model, h_train, probe_examples.target[rows], h, target, steps=probe_steps, backend=backend)
         metrics["sink_ratio"] = attention_sink_ratio(model, item_emb, history)
         metrics["image_cos"] = image_reconstruction_cosine(model, h, target)
+        metrics["item_cosine"] = mean_pairwise_cosine(item_emb)
+        metrics["coverage@10"] = int(len(np.unique(ids[:, :10][ids[:, :10] >= 0])))
         metrics["examples"] = n
         return metrics
     finally:
         model.train(was_training)
+
+
+def mean_pairwise_cosine(item_emb: torch.Tensor, sample: int = 2000) -> float:
+    """Mean cosine between distinct item embeddings (collapse shows as values near 1)."""
+    emb = item_emb[:sample].float()
+    n = emb.shape[0]
+    if n < 2:
+        return float("nan")
+    gram = emb @ emb.T
+    return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))

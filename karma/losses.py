@@ -1,11 +1,15 @@
 """The KARMA objectives, each switchable by its weight; every loss goes through ``karma_kernels``.
 
-  action          contrastive_loss of h against the clicked item, with in-batch and hard (shown, not clicked)
-                  negatives; false negatives (the same item again) masked by item id; softmax or pairwise mode
+  action          dense: h at every position of the user sequence against its next click; the candidates are the
+                  batch's distinct targets plus its shown-not-clicked items (hard negatives), with the logQ
+                  correction (each key's in-batch frequency) on by default; false negatives masked by item id;
+                  softmax or pairwise mode
   generation      LM loss of the next item's text after the history (linear_cross_entropy through the LM head)
   reconstruction  the next item's text decoded from h alone via a one-token prefix (prefix_reconstruction_loss);
                   gradients reach h
   image           conditional flow matching from h to the next item's image feature
+Generation, reconstruction and image use one sampled position per sequence, so their cost stays that of one
+example per user however long the sequences are.
 """
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ from typing import Dict, Optional
 import torch
 
 from karma_kernels import contrastive_loss, linear_cross_entropy, prefix_reconstruction_loss
-from karma_kernels.contrastive.distributed import distributed_contrastive_loss
 
 from .data import ConfigError
 from .model import Batch, KarmaModel, history_tensors
@@ -34,6 +37,7 @@ class ObjectiveConfig:
     image: float = 0.5
     action_mode: str = "softmax"
     temperature: float = 0.05
+    logq: bool = True       # subtract log(in-batch frequency) from each candidate's logit (popularity correction)
     backend: str = "auto"   # karma_kernels backend for every loss
 
     def __post_init__(self):
@@ -48,6 +52,8 @@ class ObjectiveConfig:
         temperature = self.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ConfigError(f"objectives.temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.logq, bool):
+            raise ConfigError(f"objectives.logq must be true or false, got {self.logq!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"objectives.backend must be one of {BACKENDS}, got {self.backend!r}")
 
@@ -55,22 +61,26 @@ class ObjectiveConfig:
         return [name for name in OBJECTIVES if getattr(self, name) > 0]
 
 
-def action_loss(h: torch.Tensor, item_emb: torch.Tensor, batch: Batch, objectives: ObjectiveConfig) -> torch.Tensor:
-    # Keys: the B clicked items (row i's positive is key i) then every row's hard negatives, shared by all rows.
-    keys = item_emb[torch.cat([batch.target_index, batch.negative_index])]
-    key_ids = torch.cat([batch.target_ids, batch.negative_ids])
-    options = dict(temperature=objectives.temperature, key_ids=key_ids, mode=objectives.action_mode,
-                   backend=objectives.backend)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        # Every rank's clicked items and hard negatives become negatives for every query.
-        return distributed_contrastive_loss(h, keys, **options)
-    return contrastive_loss(h, keys, **options)
+def action_loss(h_all: torch.Tensor, item_emb: torch.Tensor, batch: Batch, objectives: ObjectiveConfig
+                ) -> torch.Tensor:
+    """Mean over the batch's positions of the contrastive loss of h (``h_all`` [B, T, E]) against the next click.
+
+    Under torchrun every rank embeds the keys of the whole (global) batch and sums its local positions' losses
+    scaled by world_size / num_queries: with gradients averaged over ranks that is exactly the single-process
+    gradient (no key gather needed, since every rank draws the same global batch)."""
+    queries = h_all.reshape(-1, h_all.shape[-1])[batch.query_position]
+    keys = item_emb[batch.key_index]
+    world = torch.distributed.get_world_size() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else 1
+    loss = contrastive_loss(queries, keys, batch.query_key, temperature=objectives.temperature,
+                            key_ids=batch.key_ids, logq=batch.key_logq if objectives.logq else None,
+                            mode=objectives.action_mode, reduction="sum", backend=objectives.backend)
+    return loss * (world / max(1, batch.num_queries))
 
 
 def generation_loss(model: KarmaModel, states: torch.Tensor, prefix_len: int, text_ids: torch.Tensor,
                     backend: str) -> torch.Tensor:
-    # The state at <interest> predicts w_1, the state at w_l predicts w_{l+1}.
+    # The state at the last history position predicts w_1, the state at w_l predicts w_{l+1}.
     length = text_ids.shape[1]
     hidden = states[:, prefix_len - 1: prefix_len - 1 + length].reshape(-1, states.shape[-1])
     target = text_ids.masked_fill(text_ids == model.pad_id, -100).reshape(-1)
@@ -103,21 +113,28 @@ def karma_losses(model: KarmaModel, batch: Batch, objectives: ObjectiveConfig,
                  generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
     """Each active objective's loss and their weighted sum under key ``"total"``."""
     item_emb = model.item_embeddings(batch.item_ids)
-    history_emb, history_mask = history_tensors(item_emb, batch.history_index)
-    text_ids = model.item_tokens[batch.target_ids]
-    with_text = objectives.generation > 0
-    h, states, prefix_len, _ = model.user_forward(history_emb, history_mask, text_ids if with_text else None)
-
     losses: Dict[str, torch.Tensor] = {}
-    if objectives.action > 0:
-        losses["action"] = action_loss(h, item_emb, batch, objectives)
+    h_sample = None
+    needs_sample = objectives.reconstruction > 0 or objectives.image > 0
+    if objectives.action > 0 or needs_sample:
+        history_emb, history_mask = history_tensors(item_emb, batch.history_index)
+        _, states, prefix_len, _ = model.user_forward(history_emb, history_mask)
+        h_all = model.interest(states[:, :prefix_len])
+        if objectives.action > 0:
+            losses["action"] = action_loss(h_all, item_emb, batch, objectives)
+        h_sample = h_all.reshape(-1, h_all.shape[-1])[batch.sample_position]
+    text_ids = model.item_tokens[batch.sample_target_ids]
     if objectives.generation > 0:
+        # the sampled prefix followed by the next item's text: one extra forward of one prefix per row
+        history_emb, history_mask = history_tensors(item_emb, batch.sample_history_index)
+        _, states, prefix_len, _ = model.user_forward(history_emb, history_mask, text_ids)
         losses["generation"] = generation_loss(model, states, prefix_len, text_ids, objectives.backend)
     if objectives.reconstruction > 0:
-        losses["reconstruction"] = reconstruction_loss(model, h, text_ids, objectives.backend)
+        losses["reconstruction"] = reconstruction_loss(model, h_sample, text_ids, objectives.backend)
     if objectives.image > 0:
         if model.flow_head is None:
             raise ConfigError("objectives.image > 0 but the dataset has no image features")
-        losses["image"] = model.flow_head.loss(h, model.item_images[batch.target_ids].to(h.dtype), generator)
+        losses["image"] = model.flow_head.loss(h_sample, model.item_images[batch.sample_target_ids].to(h_sample.dtype),
+                                               generator)
     losses["total"] = sum(getattr(objectives, name) * loss for name, loss in losses.items())
     return losses

@@ -1,12 +1,18 @@
-"""The KARMA model: an HF causal LM that reads a user's history as soft item tokens and emits the next-interest
-embedding h, an item tower, and the heads the objectives need (reconstruction prefix projector, flow head).
+"""The KARMA model: an HF causal LM that reads a user's history as soft item tokens and emits a next-interest
+embedding h at every position, an item tower, and the heads the objectives need (reconstruction prefix projector,
+flow head).
 
-Sequences (``B`` users, ``H`` = max_history, ``L`` = item text length incl. eos):
-  user / generation   [h_1 .. h_H (soft item tokens, left-padded), <interest>, w_1 .. w_L]
-                      h is read from the final state at <interest>; the states from <interest> on predict the
-                      next item's text (history-conditioned generation). Causal attention means the text after
-                      <interest> does not change h, so one forward serves both.
+Sequences (``B`` users, ``T`` history positions, ``L`` = item text length incl. eos):
+  user                [x_1 .. x_T (soft item tokens, left-padded)]: the state at x_t gives h_t, the interest after
+                      the first t clicks (causal attention: h_t never sees x_{t+1}...), so one forward trains every
+                      position of a sequence (dense supervision) and evaluation reads h at the last position.
+  generation          [x_1 .. x_t, w_1 .. w_L]: the state at x_t (the one h_t is read from) and the text states
+                      predict the next item's text (history-conditioned generation).
   reconstruction      [proj(h), w_1 .. w_L]: the text decoded from h alone (one-token prefix).
+
+Item tower (``item_encoder``): "bow" (mean of the backbone's token embeddings of the item text + MLP), "backbone"
+(mean-pooled backbone states), "id" (an ID embedding table, no text: the SASRec baseline) or "bow+id" (text plus
+an ID embedding initialised at zero, so items whose texts collide stay distinguishable once they have clicks).
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ import torch.nn.functional as F
 
 from .data import ConfigError
 
-ITEM_ENCODERS = ("backbone", "bow")
+ITEM_ENCODERS = ("bow", "backbone", "id", "bow+id")
+MAX_TEXT_LEN_CAP = 32
 
 
 @dataclass
@@ -32,27 +39,35 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 128
     embed_dim: int = 64                   # item / interest embedding size
-    max_history: int = 10
-    max_text_len: int = 8                 # item text tokens incl. eos
+    max_history: int = 50                 # clicks a user sequence keeps (batches are trimmed to their longest)
+    # item text tokens incl. eos; None: the data's 95th percentile, capped at MAX_TEXT_LEN_CAP (a warning counts
+    # the items cut)
+    max_text_len: Optional[int] = None
     # "bow": mean of the backbone's token embeddings + MLP (shares the embedding table the LM objectives train);
     # "backbone": mean-pooled final backbone states (4x slower on CPU; after LM pretraining its states are nearly
-    # parallel for all items and the action loss stalls at chance in our runs, see README)
+    # parallel for all items and the action loss stalls at chance in our runs, see README); "id": ID embeddings
+    # only; "bow+id": both (see the module docstring)
     item_encoder: str = "bow"
     use_image: bool = True                # add the image feature to the item embedding (when the data has one)
     flow_hidden: int = 128
+    dropout: float = 0.0                  # on the history's soft tokens and in attention (the SASRec baseline: 0.3)
     attn_implementation: str = "auto"     # "auto": flash_attention_2 on CUDA when installed, else "sdpa"
 
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "embed_dim", "max_history",
                      "max_text_len", "flow_hidden"):
             value = getattr(self, name)
+            if name == "max_text_len" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.max_text_len < 2:
+        if self.max_text_len is not None and self.max_text_len < 2:
             raise ConfigError(f"model.max_text_len must be >= 2 (one word and eos), got {self.max_text_len}")
         if self.backbone_path is None and self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads "
                               f"({self.num_heads})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.item_encoder not in ITEM_ENCODERS:
             raise ConfigError(f"model.item_encoder must be one of {ITEM_ENCODERS}, got {self.item_encoder!r}")
         if self.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2"):
@@ -83,8 +98,10 @@ def build_backbone(config: ModelConfig, vocab_size: int, device: torch.device = 
         hf_config = LlamaConfig(vocab_size=vocab_size, hidden_size=config.hidden_size,
                                 intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
                                 num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-                                max_position_embeddings=config.max_history + 2 * config.max_text_len + 8,
-                                tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                                max_position_embeddings=config.max_history + 2 * (config.max_text_len or
+                                                                                  MAX_TEXT_LEN_CAP) + 8,
+                                tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                attention_dropout=config.dropout)
         backbone = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn)
     return backbone
 
@@ -127,6 +144,9 @@ class KarmaModel(nn.Module):
     def __init__(self, config: ModelConfig, vocab_size: int, pad_id: int, item_tokens: torch.Tensor,
                  image_features: Optional[torch.Tensor] = None, device: torch.device = torch.device("cpu")):
         super().__init__()
+        if config.max_text_len is None:
+            raise ConfigError("KarmaModel: model.max_text_len must be resolved (karma.train.build_workspace sets it "
+                              "from the data)")
         if item_tokens.dim() != 2 or item_tokens.shape[1] > config.max_text_len:
             raise ConfigError(f"item_tokens must be [num_items, <= model.max_text_len], got {tuple(item_tokens.shape)}")
         self.config = config
@@ -140,15 +160,27 @@ class KarmaModel(nn.Module):
                              persistent=False)
         self.uses_image = bool(config.use_image and image_features is not None)
         image_dim = image_features.shape[1] if image_features is not None else 0
-        if config.item_encoder == "bow":
-            self.text_to_item = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, config.embed_dim))
-        else:
+        self.uses_text = config.item_encoder != "id"
+        if config.item_encoder in ("bow", "bow+id"):
+            # LayerNorm first: the LM's token embeddings start tiny (std 0.02), so without it the MLP's biases
+            # dominate, every item maps to nearly the same vector and the text tower collapses (cosine ~1)
+            self.text_to_item = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(),
+                                              nn.Linear(hidden, config.embed_dim))
+        elif config.item_encoder == "backbone":
             self.text_to_item = nn.Linear(hidden, config.embed_dim)
+        else:
+            self.text_to_item = None
+        self.item_id_embedding = None
+        if config.item_encoder in ("id", "bow+id"):
+            self.item_id_embedding = nn.Embedding(item_tokens.shape[0], config.embed_dim)
+            if config.item_encoder == "bow+id":   # text decides until clicks teach the ID part
+                nn.init.zeros_(self.item_id_embedding.weight)
+            else:
+                nn.init.normal_(self.item_id_embedding.weight, std=0.1)
         self.image_to_item = (nn.Sequential(nn.Linear(image_dim, hidden), nn.GELU(),
                                             nn.Linear(hidden, config.embed_dim)) if self.uses_image else None)
         self.item_to_token = nn.Linear(config.embed_dim, hidden)     # history item -> soft token
-        self.interest_token = nn.Parameter(torch.randn(hidden) * 0.02)
-        self.interest_head = nn.Linear(hidden, config.embed_dim)     # final <interest> state -> h
+        self.interest_head = nn.Linear(hidden, config.embed_dim)     # state at a history position -> h
         self.prefix_projector = nn.Sequential(nn.Linear(config.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.flow_head = (FlowMatchingHead(image_dim, config.embed_dim, config.flow_hidden)
                           if image_features is not None else None)
@@ -177,15 +209,20 @@ class KarmaModel(nn.Module):
 
     def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings [U, E] of items ``item_ids`` [U] from their text (and image feature)."""
-        tokens = self.item_tokens[item_ids]
-        mask = tokens != self.pad_id
-        if self.config.item_encoder == "backbone":
-            states = self.run_decoder(self.embed_tokens(tokens), mask).last_hidden_state
-        else:
-            states = self.embed_tokens(tokens)
-        weights = mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        embedding = self.text_to_item(pooled)
+        embedding = None
+        if self.uses_text:
+            tokens = self.item_tokens[item_ids]
+            mask = tokens != self.pad_id
+            if self.config.item_encoder == "backbone":
+                states = self.run_decoder(self.embed_tokens(tokens), mask).last_hidden_state
+            else:
+                states = self.embed_tokens(tokens)
+            weights = mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            embedding = self.text_to_item(pooled)
+        if self.item_id_embedding is not None:
+            ids = self.item_id_embedding(item_ids)
+            embedding = ids if embedding is None else embedding + ids.to(embedding.dtype)
         if self.uses_image:
             embedding = embedding + self.image_to_item(self.item_images[item_ids].to(embedding.dtype))
         return F.normalize(embedding.float(), dim=-1)
@@ -197,23 +234,26 @@ class KarmaModel(nn.Module):
 
     def user_forward(self, history_emb: torch.Tensor, history_mask: torch.Tensor,
                      text_ids: Optional[torch.Tensor] = None, output_attentions: bool = False):
-        """h [B, E] from history embeddings [B, H, E] (mask [B, H]); with ``text_ids`` [B, L] the text follows the
-        interest token and the returned states [B, H + 1 + L, D] also serve history-conditioned generation.
-        Returns (h, hidden_states, prefix_len, decoder_output)."""
-        batch, history_len = history_mask.shape
+        """h [B, E] at the last history position from history embeddings [B, H, E] (mask [B, H], left padding);
+        with ``text_ids`` [B, L] the text follows the history and the returned states [B, H + L, D] also serve
+        history-conditioned generation. Returns (h, hidden_states, prefix_len, decoder_output); h at every
+        position is ``interest(hidden_states[:, :prefix_len])``."""
+        history_len = history_mask.shape[1]
         soft = self.item_to_token(history_emb.to(self.item_to_token.weight.dtype))
-        soft = soft * history_mask.unsqueeze(-1).to(soft.dtype)
-        interest = self.interest_token.to(soft.dtype).expand(batch, 1, -1)
-        parts, masks = [soft, interest], [history_mask, torch.ones_like(history_mask[:, :1])]
+        soft = F.dropout(soft, self.config.dropout, self.training) * history_mask.unsqueeze(-1).to(soft.dtype)
+        parts, masks = [soft], [history_mask]
         if text_ids is not None:
             parts.append(self.embed_tokens(text_ids).to(soft.dtype))
             masks.append(text_ids != self.pad_id)
         mask = torch.cat(masks, dim=1)
         output = self.run_decoder(torch.cat(parts, dim=1), mask, output_attentions=output_attentions)
         states = output.last_hidden_state
-        prefix_len = history_len + 1
-        h = F.normalize(self.interest_head(states[:, prefix_len - 1]).float(), dim=-1)
-        return h, states, prefix_len, output
+        h = self.interest(states[:, history_len - 1])
+        return h, states, history_len, output
+
+    def interest(self, states: torch.Tensor) -> torch.Tensor:
+        """L2-normalised interest embeddings from backbone states at history positions ([..., D] -> [..., E])."""
+        return F.normalize(self.interest_head(states).float(), dim=-1)
 
     def reconstruction_states(self, h: torch.Tensor, text_ids: torch.Tensor,
                               projector: Optional[nn.Module] = None) -> torch.Tensor:
@@ -244,43 +284,76 @@ def history_tensors(item_emb: torch.Tensor, history_index: torch.Tensor) -> Tupl
 
 @dataclass
 class Batch:
-    """One training batch. Items are embedded once per batch: ``item_ids`` [U] are the distinct items, and every
-    other field indexes into them. history_index [B, H] (-1 = padding); target_index / target_ids [B];
-    negative_index / negative_ids / negative_rows [K]: the rows' shown-not-clicked items, flattened."""
+    """One training batch of windows (``karma.split.Windows``) with dense supervision. Items are embedded once per
+    batch: ``item_ids`` [U] are the distinct items, and the ``*_index`` fields index into them.
+
+    history_index [B, T]: the window's inputs (-1 = padding, left); every valid position predicts a target.
+    query_position [Q]: flat index (row * T + column) of each position with a target; query_key [Q]: its target's
+    key. Keys (the action loss's candidates): the distinct targets of the whole batch plus its shown-not-clicked
+    items, ``key_index`` / ``key_ids`` [M], with ``key_logq`` [M] the log of each key's in-batch frequency (the
+    logQ correction). ``num_queries`` counts the whole batch's queries (all ranks), the loss's normaliser.
+    Generation / reconstruction / image use one sampled position per row: ``sample_position`` [B] (flat, like
+    query_position), ``sample_history_index`` [B, S] the history up to it, right-aligned, ``sample_target_ids`` [B].
+    """
     item_ids: torch.Tensor
     history_index: torch.Tensor
-    target_index: torch.Tensor
-    target_ids: torch.Tensor
-    negative_index: torch.Tensor
-    negative_ids: torch.Tensor
-    negative_rows: torch.Tensor
+    query_position: torch.Tensor
+    query_key: torch.Tensor
+    key_index: torch.Tensor
+    key_ids: torch.Tensor
+    key_logq: torch.Tensor
+    num_queries: int
+    sample_position: torch.Tensor
+    sample_history_index: torch.Tensor
+    sample_target_ids: torch.Tensor
 
     @property
     def size(self) -> int:
-        return self.target_ids.shape[0]
+        return self.history_index.shape[0]
 
 
-def make_batch(examples, rows, device: torch.device = torch.device("cpu")) -> Batch:
-    """Assemble ``examples`` (a ``karma.data.Examples``) rows ``rows`` into a :class:`Batch` (host-side, so the
-    device never syncs for the unique/inverse bookkeeping)."""
+def make_batch(windows, rows, device: torch.device = torch.device("cpu"), rng=None, local=None) -> Batch:
+    """Assemble training windows ``rows`` (a ``karma.split.Windows``) into a :class:`Batch` (host-side, so the
+    device never syncs for the unique/inverse bookkeeping). ``rng`` (numpy) draws each row's sampled position;
+    ``local`` (a slice of ``rows``) is this process's part when several share the batch: the keys come from all
+    of ``rows``, the queries from the local part only."""
     import numpy as np
 
+    rng = np.random.default_rng(0) if rng is None else rng
     rows = np.asarray(rows)
-    history = examples.history[rows]
-    target = examples.target[rows]
-    negatives = examples.negatives[rows]
-    neg_rows, neg_cols = np.nonzero(negatives >= 0)
-    negative_ids = negatives[neg_rows, neg_cols]
-    present = np.concatenate([history[history >= 0], target, negative_ids])
-    item_ids, inverse = np.unique(present, return_inverse=True)
-    n_hist = int((history >= 0).sum())
-    history_index = np.full(history.shape, -1, dtype=np.int64)
-    history_index[history >= 0] = inverse[:n_hist]
-    target_index = inverse[n_hist:n_hist + len(target)]
-    negative_index = inverse[n_hist + len(target):]
+    inputs, targets, negatives = windows.inputs_targets(rows)
+    valid = targets >= 0
+    # one sampled position per row, drawn for the whole batch so every process draws the same
+    counts = valid.sum(1)
+    pick = (rng.random(len(rows)) * counts).astype(np.int64)
+    sample_column = inputs.shape[1] - counts + pick       # valid positions are right-aligned
+    keys = np.unique(np.concatenate([targets[valid], negatives[negatives >= 0]]))
+    frequency = np.bincount(np.searchsorted(keys, targets[valid]), minlength=len(keys)) + \
+        np.bincount(np.searchsorted(keys, negatives[negatives >= 0]), minlength=len(keys))
+    num_queries = int(valid.sum())
 
-    def tensor(a):
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.long).to(device, non_blocking=True)
+    local = slice(None) if local is None else local
+    inputs, targets, valid, sample_column = inputs[local], targets[local], valid[local], sample_column[local]
+    batch, width = inputs.shape
+    sample_targets = targets[np.arange(batch), sample_column]
+    column = np.arange(width)[None, :]
+    shift = width - 1 - sample_column[:, None]               # right-align the prefix ending at the sample
+    source = column - shift
+    sample_history = np.where(source >= 0, inputs[np.arange(batch)[:, None], np.maximum(source, 0)], -1)
+    sample_history = sample_history[:, width - max(1, int((sample_history >= 0).sum(1).max(initial=1))):]
 
-    return Batch(tensor(item_ids), tensor(history_index), tensor(target_index), tensor(target),
-                 tensor(negative_index), tensor(negative_ids), tensor(neg_rows))
+    item_ids = np.unique(np.concatenate([inputs[inputs >= 0], keys]))
+    history_index = np.where(inputs >= 0, np.searchsorted(item_ids, np.maximum(inputs, 0)), -1)
+    sample_history_index = np.where(sample_history >= 0, np.searchsorted(item_ids, np.maximum(sample_history, 0)),
+                                    -1)
+    row, col = np.nonzero(valid)
+
+    def tensor(a, dtype=torch.long):
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype).to(device, non_blocking=True)
+
+    return Batch(item_ids=tensor(item_ids), history_index=tensor(history_index),
+                 query_position=tensor(row * width + col), query_key=tensor(np.searchsorted(keys, targets[row, col])),
+                 key_index=tensor(np.searchsorted(item_ids, keys)), key_ids=tensor(keys),
+                 key_logq=tensor(np.log(frequency / frequency.sum()), torch.float32), num_queries=num_queries,
+                 sample_position=tensor(np.arange(batch) * width + sample_column),
+                 sample_history_index=tensor(sample_history_index), sample_target_ids=tensor(sample_targets))

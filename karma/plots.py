@@ -20,8 +20,8 @@ def plot_ablation(results: List[dict], path: str, title: str = "KARMA ablation")
         spread = [result.get("metrics_std", {}).get(m, 0.0) for m in metric_names]
         bars.bar([x + i * width for x in range(len(metric_names))], values, width, yerr=spread, capsize=2,
                  label=result["variant"])
-        steps = [h["step"] for h in result["history"]]
-        action = _smooth([h.get("action", float("nan")) for h in result["history"]])
+        steps = [h["step"] for h in result.get("history", [])]
+        action = _smooth([h.get("action", float("nan")) for h in result.get("history", [])])
         curves.plot(steps, action, label=result["variant"])
     bars.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(metric_names))])
     bars.set_xticklabels(metric_names, rotation=30)
@@ -51,28 +51,4 @@ def _smooth(values: List[float], window: int = 20) -> List[float]:
     return out
 
 
-def metrics_table(results: List[dict], columns: List[str]) -> str:
-    """A markdown table: one row per variant, one column per metric (mean ± std over seeds when several)."""
-    header = "| variant | " + " | ".join(columns) + " |"
-    rule = "|---|" + "---:|" * len(columns)
-    rows = [header, rule]
-    for result in results:
-        cells = []
-        for column in columns:
-            value = result["metrics"].get(column, float("nan"))
-            spread = result.get("metrics_std", {}).get(column, 0.0)
-            multi = len(result.get("seeds", ())) > 1 and column != "train_s"
-            cells.append(_format(value) + (f" ± {_format(spread)}" if multi and value == value else ""))
-        rows.append(f"| {result['variant']} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def _format(value) -> str:
-    if isinstance(value, float):
-        if value != value:
-            return "n/a"
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
-__all__ = ["plot_ablation", "metrics_table"]
+__all__ = ["plot_ablation"]

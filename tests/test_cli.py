@@ -83,9 +83,16 @@ def test_ablate_on_generated_data(tmp_path, capsys):
     with open(os.path.join(out, "ablation.md")) as handle:
         table = handle.read()
     assert table.strip() in printed
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "variant" not in line]
-    assert [row.split("|")[1].strip() for row in rows] == list(VARIANTS)
+    assert "variants are cumulative" in printed
+    first = table.split("### per slice")[0]
+    rows = [line for line in first.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == list(VARIANTS) + [
+        "baseline: popularity", "baseline: item-kNN", "baseline: Markov", "baseline: SASRec"]
+    assert "HR@10 cold" in table and "paired differences" in table
     assert os.path.getsize(os.path.join(out, "ablation.png")) > 10_000
+    # every variant keeps a checkpoint that karma eval reads
+    run = os.path.join(out, "full-karma-image", "seed0")
+    assert main(["eval", "--run", run, "--no-baselines"]) == 0
     with open(os.path.join(out, "ablation.json")) as handle:
         results = json.load(handle)["results"]
     assert results[0]["objectives"] == {"action": 1.0, "generation": 0.0, "reconstruction": 0.0, "image": 0.0}
@@ -116,6 +123,23 @@ def test_movielens_layout_end_to_end(tmp_path, capsys):
         results = json.load(handle)["results"]
     assert [r["variant"] for r in results] == list(VARIANTS)[:3]   # the +image variant needs image features
     assert all(r["metrics"]["AUC"] != r["metrics"]["AUC"] for r in results)  # no impressions: AUC is NaN
+    assert main(["eval", "--run", run, "--no-baselines"]) == 0
+    printed = capsys.readouterr().out
+    assert "AUC: n/a (the data has no impressions" in printed and "image_cos: n/a (the data has no image" in printed
+    with open(os.path.join(run, "config.json")) as handle:   # no synthetic-only fields in a MovieLens run
+        assert "num_users" not in json.load(handle)["data"]
+
+
+def test_baselines_command_both_protocols(tmp_path, capsys):
+    out = str(tmp_path / "b")
+    assert main(["baselines", "--preset", "tiny", "--out", out, "--names", "popularity", "Markov"] + QUIET) == 0
+    printed = capsys.readouterr().out
+    assert "protocol kept" in printed and "protocol masked" in printed
+    with open(os.path.join(out, "baselines.json")) as handle:
+        results = json.load(handle)["results"]
+    assert [(r["variant"], r["protocol"]) for r in results] == [
+        ("baseline: popularity", "kept"), ("baseline: Markov", "kept"),
+        ("baseline: popularity", "masked"), ("baseline: Markov", "masked")]
 
 
 def test_python_dash_m_and_console_script():
@@ -152,7 +176,8 @@ def test_two_process_torchrun_trains_like_one_process(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "model.hiden_size=3"], "model.hiden_size: unknown field"),
-    (["--set", "train.steps=0"], "train.steps must be a positive integer"),
+    (["--set", "train.batch_size=0"], "train.batch_size must be a positive integer"),
+    (["--set", "train.steps=-1"], "train.steps must be an integer >= 0"),
     (["--set", "hidden_size=3"], "expected section.field=value"),
     (["--set", "objectives.action_mode=listwise"], "objectives.action_mode"),
     (["--data", "movielens"], "data.path is required"),

@@ -20,10 +20,10 @@ OBJECTIVES = ("action", "generation", "reconstruction", "image")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def run(backend: str, steps: int, action_mode: str = "softmax"):
+def run(backend: str, steps: int, action_mode: str = "softmax", batch_size: int = 16):
     config = ExperimentConfig.tiny().replace(
         objectives={"backend": backend, "action_mode": action_mode},
-        train={"steps": steps, "pretrain_steps": 0, "log_every": 1, "warmup_steps": 1})
+        train={"steps": steps, "pretrain_steps": 0, "log_every": 1, "warmup_steps": 1, "batch_size": batch_size})
     workspace = build_workspace(config)
     return train(workspace), workspace.model
 
@@ -48,8 +48,9 @@ def test_torch_path_trains_like_the_reference(action_mode):
 def test_triton_path_trains_like_the_reference(triton_device):
     if triton_device != "cpu":
         pytest.skip("the model layer's tests run on CPU tensors (Triton under the interpreter)")
-    # The interpreter runs about 1 ms per program instance: three steps keep this in seconds.
-    assert_same_training(run("triton", 3), run("reference", 3))
+    # The interpreter runs about 1 ms per program instance: three steps of 8 windows (every position a query, so
+    # ~50 queries) keep this in seconds.
+    assert_same_training(run("triton", 3, batch_size=8), run("reference", 3, batch_size=8))
 
 
 @pytest.mark.slow

@@ -1,11 +1,13 @@
 """karma.data: the synthetic log's structure, the tokenizer, the MovieLens-layout loaders and the split."""
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 
-from karma.data import (ATTRIBUTE_VOCAB, ConfigError, DataFormatError, SyntheticConfig, WordTokenizer,
-                        generate_synthetic, leave_one_out, load_movielens)
+from karma.data import (ATTRIBUTE_VOCAB, ConfigError, DataFormatError, RecDataset, SyntheticConfig,
+                        WordTokenizer, generate_synthetic, load_movielens)
+from karma.split import leave_one_out
 
 SMALL = SyntheticConfig(num_items=120, num_users=60, impression_size=6, image_dim=8, seed=3)
 
@@ -64,7 +66,7 @@ def test_tokenizer_round_trip(tmp_path, synthetic):
 
 def test_leave_one_out_has_no_leakage(synthetic):
     split = leave_one_out(synthetic, max_history=4, max_negatives=3)
-    for name, examples in (("train", split.train), ("valid", split.valid), ("test", split.test)):
+    for name, examples in (("valid", split.valid), ("test", split.test)):
         for row in range(len(examples)):
             user, position = examples.user[row], examples.position[row]
             clicks = synthetic.sequences[user]
@@ -74,12 +76,51 @@ def test_leave_one_out_has_no_leakage(synthetic):
             assert examples.target[row] == clicks[position]
             negatives = examples.negatives[row][examples.negatives[row] >= 0].tolist()
             assert negatives == list(synthetic.impressions[user][position][:3])
-            if name == "train":
-                assert 1 <= position < len(clicks) - 2
-            else:
-                assert position == len(clicks) - (2 if name == "valid" else 1)
+            assert position == len(clicks) - (2 if name == "valid" else 1)
     assert len(split.test) == len(split.valid) == synthetic.num_users
-    assert len(split.train) == sum(len(s) - 3 for s in synthetic.sequences)
+    # training windows: every click 1 .. n-3 of every user is a target exactly once, from the clicks before it
+    covered = {}
+    inputs, targets, negatives = split.train.inputs_targets(np.arange(len(split.train)))
+    assert inputs.shape[1] <= 4
+    for row, user in enumerate(split.train.user):
+        clicks = synthetic.sequences[user]
+        window = clicks[split.train.start[row] - split.train.log.offsets[user]:
+                        split.train.end[row] - split.train.log.offsets[user]]
+        real = targets[row] >= 0
+        assert inputs[row][real].tolist() == window[:-1] and targets[row][real].tolist() == window[1:]
+        first = split.train.start[row] - split.train.log.offsets[user]
+        for j, t in enumerate(range(first + 1, first + len(window))):
+            covered[(user, t)] = covered.get((user, t), 0) + 1
+            shown = negatives[row][real][j]
+            assert shown[shown >= 0].tolist() == list(synthetic.impressions[user][t][:3])
+    expected = {(u, t) for u, s in enumerate(synthetic.sequences) for t in range(1, len(s) - 2)}
+    assert set(covered) == expected and set(covered.values()) == {1}
+    assert split.train.num_targets == len(expected)
+
+
+def test_split_storage_is_linear_in_clicks():
+    # one user with 8k clicks: the old per-example prefix copies were O(n^2); windows and the log are O(n)
+    clicks = list(np.random.default_rng(0).integers(0, 50, 8000))
+    dataset = RecDataset("long", [f"item {i}" for i in range(50)], [clicks, clicks[:5]], [[()] * 8000, [()] * 5])
+    split = leave_one_out(dataset, max_history=50, max_negatives=0)
+    assert len(split.train.log.items) == 7998 + 3
+    assert len(split.train) == int(np.ceil(7997 / 50)) + 1 and split.train.num_targets == 7997 + 2
+    inputs, targets, _ = split.train.inputs_targets([0, len(split.train) - 1])
+    assert inputs.shape == (2, 50) and (targets[0] >= 0).sum() == 50
+    np.testing.assert_array_equal(split.test.histories()[0], clicks[-51:-1])
+
+
+def test_cold_item_split_and_synthetic_new_arrivals(synthetic):
+    split = leave_one_out(synthetic, max_history=4, cold_item_fraction=0.3, seed=1)
+    assert len(split.cold_items) == round(0.3 * synthetic.num_items)
+    assert not np.isin(split.train.log.items, split.cold_items).any()
+    assert (split.train_counts[split.cold_items] == 0).all()
+    # the generator's new arrivals: shown only at the last two steps, so never a training click
+    plain = leave_one_out(synthetic, max_history=4)
+    new_targets = plain.train_counts[plain.test.target] == 0
+    assert 0.05 < new_targets.mean() < 0.9
+    without = leave_one_out(generate_synthetic(dataclasses.replace(SMALL, new_item_fraction=0.0)), max_history=4)
+    assert (without.train_counts[without.test.target] == 0).mean() < new_targets.mean() / 2
 
 
 def test_leave_one_out_rejects_bad_sizes(synthetic):
@@ -133,6 +174,9 @@ def test_atomic_loader(tmp_path):
     dataset = load_movielens(str(directory))
     assert dataset.item_texts == ["Heat . action crime . 1995", "Casino . drama . 1995"]
     assert dataset.sequences == [[0, 1]]
+    (directory / "ml.inter").write_text("user_id:token\titem_id:token\nu1\t11\nu1\t10\n")
+    with pytest.warns(UserWarning, match="no timestamp column; .* file order"):
+        assert load_movielens(str(directory)).sequences == [[1, 0]]
 
 
 @pytest.mark.parametrize("items, data, where, what", [
@@ -161,3 +205,14 @@ def test_missing_files_are_explained(tmp_path):
         load_movielens(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_movielens(str(tmp_path / "nope"))
+
+
+def test_movielens_layout_writer_round_trips(tmp_path, synthetic):
+    from karma.data import write_movielens_layout
+
+    loaded = load_movielens(write_movielens_layout(synthetic, str(tmp_path / "ml")))
+    assert loaded.num_items == synthetic.num_items and loaded.sequences == synthetic.sequences
+    category = synthetic.item_attributes["category"]
+    assert all(text.startswith(original) for text, original in zip(loaded.item_texts, synthetic.item_texts))
+    genres = [text.split(" . ")[1] for text in loaded.item_texts]
+    assert len(set(zip(genres, category))) == len(set(category))     # the genre word names the category

@@ -21,7 +21,7 @@ import torch
 from karma_kernels import contrastive_loss, linear_cross_entropy, prefix_reconstruction_loss
 
 from .data import ConfigError
-from .model import Batch, KarmaModel, history_tensors
+from .model import Batch, KarmaModel, history_tensors, position_ids_from_mask
 
 OBJECTIVES = ("action", "generation", "reconstruction", "image")
 ACTION_MODES = ("softmax", "pairwise")
@@ -100,8 +100,19 @@ def reconstruction_loss(model: KarmaModel, h: torch.Tensor, text_ids: torch.Tens
 
 
 def language_model_loss(model: KarmaModel, text_ids: torch.Tensor, bos_id: int, backend: str) -> torch.Tensor:
-    """Plain LM loss on catalog text ([<bos>, text]), for the optional pretraining phase."""
-    return decode_text_loss(model, model.text_states(text_ids, bos_id), text_ids, backend)
+    """Plain LM loss on catalog text ([<bos>, text]), for the optional pretraining phase.
+
+    It goes through the Hugging Face integration (``karma_kernels.integrations.transformers``): the backbone's own
+    forward with ``labels``, its loss computed by ``linear_cross_entropy`` without the [tokens, vocab] logits; the
+    model layer is that integration's first user. Padding is ignored (label -100)."""
+    from karma_kernels.integrations.transformers import patched
+
+    ids = torch.cat([torch.full_like(text_ids[:, :1], bos_id), text_ids], dim=1)
+    mask = ids != model.pad_id
+    with patched(model.backbone, backend=backend) as backbone:
+        output = backbone(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
+                          labels=ids.masked_fill(~mask, -100), use_cache=False)
+    return output.loss
 
 
 def _bias(model: KarmaModel, like: torch.Tensor) -> Optional[torch.Tensor]:

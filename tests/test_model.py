@@ -9,7 +9,8 @@ pytest.importorskip("transformers")
 from karma.data import ConfigError  # noqa: E402
 from karma.evaluate import (attention_sink_ratio, decodability_probe, evaluate, impression_auc,  # noqa: E402
                             interest_embeddings, ranking_metrics, retrieve)
-from karma.losses import ObjectiveConfig, action_loss, karma_losses  # noqa: E402
+from karma.losses import (ObjectiveConfig, action_loss, decode_text_loss, karma_losses,  # noqa: E402
+                          language_model_loss)
 from karma.model import ModelConfig, history_tensors, make_batch  # noqa: E402
 from karma.train import (ExperimentConfig, build_workspace, load_checkpoint, save_checkpoint,  # noqa: E402
                          text_length, train)
@@ -46,6 +47,29 @@ def test_each_objective_decreases(objective):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_language_model_loss_through_the_hf_patch_equals_the_direct_path(workspace):
+    """Pretraining's LM loss runs the backbone's own forward patched by karma_kernels.integrations.transformers;
+    it equals the loss decoded from the decoder's states directly (values and gradients), and leaves the backbone
+    unpatched."""
+    from karma_kernels.integrations.transformers import is_patched
+
+    model, bos_id = workspace.model, workspace.tokenizer.bos_id
+    text_ids = model.item_tokens[:6].clone()
+    text_ids[:3, -2:] = model.pad_id             # shorter texts: padding is ignored on both paths
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    direct = decode_text_loss(model, model.text_states(text_ids, bos_id), text_ids, "torch")
+    direct_grads = torch.autograd.grad(direct, params, allow_unused=True)
+    patched = language_model_loss(model, text_ids, bos_id, "torch")
+    patched_grads = torch.autograd.grad(patched, params, allow_unused=True)
+    assert not is_patched(model.backbone)
+    torch.testing.assert_close(patched, direct, rtol=1e-5, atol=1e-6)
+    for got, want in zip(patched_grads, direct_grads):
+        if want is None:
+            assert got is None or not got.abs().any()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_reconstruction_gradient_reaches_h(workspace):

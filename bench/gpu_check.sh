@@ -12,8 +12,9 @@
 #     install_cpu  KARMA_NO_CUDA=1 retry (CPU merge only) when the CUDA build failed or could not match
 #   lane "probe", meanwhile (the Triton kernels need no build):
 #     probe        python -m bench.gpu_probe: the key numbers first, one JSON line each (probe.jsonl)
+#     karma_train  one short `karma train --preset tiny` on the device (the model layer end to end)
 #   probe_topk   once the build lane is done: the probe's CUDA-merge section
-#   tests        the GPU parity tests first and only: CUDA top-K, bf16 Triton (GPU_TEST_* below)
+#   tests        the GPU parity tests first and only: CUDA top-K, ShardedIndex's cuda path, bf16 Triton (GPU_TEST_*)
 #   bench_<op>   the GPU cases at the peers' shapes, ours first (KARMA_BENCH_GPU_ONLY=1), rounds sized to fit
 #   report       report.md (+ <op>.png) from the bench JSON and the probe
 # Output folder (at most 8 files: what the device tool brings back): gpu_check.log (every stage's output),
@@ -36,13 +37,14 @@ WHEEL_DIR=${WHEEL_DIR:-.whl}
 KILL_AFTER=3             # seconds between a stage's SIGINT and its SIGKILL
 TOTAL_BUDGET_S=360       # the worst case, everything included
 # stage limits in seconds: the one place they are set (LIMIT_<NAME> overrides one)
-STAGES=(env:15 wheels:8 install:90 install_cpu:45 probe:75 probe_topk:15 tests:50 bench_contrastive:20
-        bench_linear_ce:45 bench_topk_merge:15 report:10)
+STAGES=(env:15 wheels:8 install:90 install_cpu:45 probe:75 karma_train:30 probe_topk:15 tests:50
+        bench_contrastive:20 bench_linear_ce:45 bench_topk_merge:15 report:10)
 # stages that run side by side: "lane=stage,stage" (the worst case counts the longer lane)
-LANES=(build=install,install_cpu probe=probe)
+LANES=(build=install,install_cpu probe=probe,karma_train)
 # the GPU test selection, in one place: the CUDA top-K parity and the bf16 Triton parity tests, top-K first
-GPU_TEST_FILES=(tests/test_topk_merge.py tests/test_contrastive.py tests/test_linear_ce.py)
-GPU_TEST_SELECT="cuda_matches_reference or (test_triton_path and (B33-M40 or B24-M24))"
+GPU_TEST_FILES=(tests/test_topk_merge.py tests/test_retrieval.py tests/test_contrastive.py tests/test_linear_ce.py)
+GPU_TEST_SELECT="cuda_matches_reference or test_cuda_path or test_cuda_search"
+GPU_TEST_SELECT+=" or (test_triton_path and (B33-M40 or B24-M24))"
 GPU_TEST_SELECT+=" or (triton_path_options and bfloat16 and (plain or all_mean or all_none))"
 # the versions the env stage prints and --plan checks (import name=distribution name)
 PACKAGES="ninja=ninja setuptools=setuptools wheel=wheel pytest=pytest pytest_benchmark=pytest-benchmark \
@@ -236,6 +238,13 @@ BUILD_PID=$!
 PROBE_BUDGET=$(($(limit_of probe) * LIMIT_SCALE - 8))  # the probe stops starting sections in time to exit on its own
 [ "$QUICK" = 1 ] && PROBE_BUDGET=$((PROBE_BUDGET < 40 ? PROBE_BUDGET : 40))
 stage probe "$PYTHON" -m bench.gpu_probe --out "$OUT_DIR/probe.jsonl" --budget "$PROBE_BUDGET" --skip topk_merge
+# the model layer end to end on the device (bf16 autocast, fused ops, ShardedIndex's cuda path when faiss has
+# GPU support), one short run of the same `karma train` users run; its metrics go to the log
+if [ "$HAS_CUDA" = 1 ]; then
+    stage karma_train "$PYTHON" -m karma train --preset tiny --out "${TMPDIR:-/tmp}/karma_gpu_check_train" --quiet --set train.device=cuda
+else
+    skip karma_train "no CUDA device: the model layer's GPU run is not rehearsed on CPU (CI trains it on CPU)"
+fi
 wait "$BUILD_PID" || FAILED=1
 cat "$BUILD_LOG" >>"$LOG"
 rm -f "$BUILD_LOG"

@@ -16,9 +16,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 BUDGET_S = 360
-STAGE_ORDER = ["env", "wheels", "install", "install_cpu", "probe", "probe_topk", "tests", "bench_contrastive",
-               "bench_linear_ce", "bench_topk_merge", "report"]
-LANES = {"install": "build", "install_cpu": "build", "probe": "probe"}  # run side by side
+STAGE_ORDER = ["env", "wheels", "install", "install_cpu", "probe", "karma_train", "probe_topk", "tests",
+               "bench_contrastive", "bench_linear_ce", "bench_topk_merge", "report"]
+LANES = {"install": "build", "install_cpu": "build", "probe": "probe", "karma_train": "probe"}  # side by side
 
 
 def _env(**extra):
@@ -60,9 +60,11 @@ def test_plan_counts_an_overridden_limit_and_flags_an_overrun():
     assert raised == worst + BUDGET_S
     assert "OVER BUDGET" in text
     # a lane counts by its longest: the probe lane takes over once it is longer than the build lane
-    build_lane = limits["install"] + limits["install_cpu"] + 3
-    _, probe_longest, _ = _plan(LIMIT_PROBE=str(build_lane + 100))
-    assert probe_longest == worst + 100
+    kill = 3
+    build_lane = limits["install"] + limits["install_cpu"] + 2 * kill
+    probe = build_lane + 100
+    _, probe_longest, _ = _plan(LIMIT_PROBE=str(probe))
+    assert probe_longest == worst - build_lane + (probe + kill) + (limits["karma_train"] + kill)
 
 
 @pytest.fixture(scope="module")

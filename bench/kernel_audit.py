@@ -102,7 +102,8 @@ def compile_launch(launch, arch: int = 90) -> KernelFacts:
     if missing:
         raise ValueError(f"{launch.name}: the audit signature lacks {missing}")
     constants = {(names.index(k),): v for k, v in launch.constexprs.items()}
-    source = ASTSource(kernel, dict(launch.signature), constexprs=constants)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in getattr(launch, "divisible_by_16", ())}
+    source = ASTSource(kernel, dict(launch.signature), constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
     ptx = compiled.asm["ptx"]

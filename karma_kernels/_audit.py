@@ -33,6 +33,9 @@ class KernelLaunch:
     pipelined: bool = True          # has a main loop whose operand loads should be asynchronous copies
     tensor_cores: bool = True       # its dots should run as wgmma (half-precision operands, or tf32)
     phase: str = "forward"          # "forward" or "backward": work is reported per phase
+    # pointer and integer arguments that are multiples of 16 at launch: Triton's JIT specializes on that
+    # (vectorized, asynchronous loads need it), so the audit compiles with the same hint
+    divisible_by_16: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -458,21 +458,3 @@ def test_bad_inputs_prefix_ids_out_of_range_and_shape():
                                    prefix_len=1)
     with pytest.raises(ValueError, match="label_smoothing"):
         LinearCrossEntropyLoss(label_smoothing=-1.0)
-
-
-# ------------------------------------------------------------------------------------- GPU compile (no GPU)
-
-@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float32", marks=pytest.mark.slow)])
-def test_triton_kernels_compile_for_sm90(dtype):
-    """The interpreter runs the kernels' Python, not the GPU compiler: compile them for Hopper (Triton's bundled
-    ptxas, no GPU needed) in a process without TRITON_INTERPRET, so GPU-only compile errors show up in CI."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KARMA_AUTOTUNE")}
-    script = ("import torch; from karma_kernels.linear_ce.triton_impl import compile_for_gpu; "
-              f"print(compile_for_gpu(torch.{dtype}, arch=90))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    shared = ast.literal_eval(result.stdout.strip().splitlines()[-1])  # {kernel: shared memory bytes}
-    assert set(shared) == {"forward", "grad_hidden", "grad_weight"}
-    assert max(shared.values()) <= 227 * 1024, f"kernels need more shared memory than an H100/H200 has: {shared}"

@@ -347,7 +347,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     skips (token x vocabulary) tiles whose logits gradient (before the upstream gradient) is below it everywhere
     — what is dropped is each skipped entry's p_nj times a weight/hidden row, i.e. softmax mass below
     eps(dtype)/32 per entry; ``accum_dtype="fp32"`` accumulates an fp16/bf16 dWeight in one fp32 [V, D] buffer
-    (default: fp32 bands of <= 64 MiB, each cast into the gradient). Under
+    (default: fp32 bands of <= 16 MiB, each cast into the gradient). Under
     ``torch.use_deterministic_algorithms(True)`` the backward runs without atomics (bitwise reproducible).
     """
     _check_head(OP, hidden, weight, bias)

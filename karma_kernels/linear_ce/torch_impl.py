@@ -38,8 +38,9 @@ MIN_LOGITS_CHUNK_BYTES = 2 ** 20
 # three matmuls of a chunk (one dimension = the chunk) run at half the speed of full-size ones on 2-core x86
 # (measured: bench/linear_ce_cpu_floor.py), and each chunk streams W twice and read-modify-writes dW once.
 EFFICIENT_CHUNK_ROWS = 128
-# The elementwise passes over a chunk's logits run on slices of rows of about this size (within the L2 caches).
-SLICE_BYTES = 2 ** 20
+# Half-precision gradient tiles of the Triton kernels are scaled so that their largest entry lies in
+# (2^(HEADROOM-1), 2^HEADROOM] before the cast (see ``emulate_grad_tile_cast``).
+GRAD_TILE_HEADROOM = 14
 # Chunks are a multiple of this many rows (matmul kernels block rows by 8/16).
 CHUNK_ROW_MULTIPLE = 16
 
@@ -123,7 +124,6 @@ def chunked_linear_cross_entropy(
         if grad_scale.dim() == 0:
             grad_scale = grad_scale.expand(n_tokens)
     smoothing_keep = 1.0 - label_smoothing
-    slice_rows = max(1, SLICE_BYTES // (4 * vocab))
 
     for start in range(0, n_work, rows_per_chunk):
         stop = min(start + rows_per_chunk, n_work)
@@ -163,9 +163,8 @@ def chunked_linear_cross_entropy(
         logit_sum = logits.sum(1) if label_smoothing else None
 
         # Softmax from log_softmax ((z - max) - log sum), even in a backward that could reuse the forward's lse:
-        # exp(z - lse) with lse rounded to fp32 loses p_t - 1 when p_t ~ 1 (a peaked softmax). All the
-        # elementwise passes run on slices of rows small enough to stay in the L2 cache between passes.
-        target_log_prob = torch.empty(count, dtype=acc, device=device)
+        # exp(z - lse) with lse rounded to fp32 loses p_t - 1 when p_t ~ 1 (a peaked softmax). Each elementwise
+        # step runs on the whole chunk: slicing it to stay in L2 measured slower (more parallel regions).
         if want_grads:
             if uniform_scale:
                 token_scale, alpha = None, float(grad_scale)
@@ -174,26 +173,21 @@ def chunked_linear_cross_entropy(
                 if chunk_valid is not None:
                     token_scale = torch.where(chunk_valid, token_scale, torch.zeros_like(token_scale))
             onehot = torch.full((count, 1), -smoothing_keep, dtype=acc, device=device)
-        for r0 in range(0, count, slice_rows):
-            r1 = min(r0 + slice_rows, count)
-            block = logits[r0:r1]
-            torch.log_softmax(block, 1, out=block)
-            torch.gather(block, 1, target_col[r0:r1], out=target_log_prob[r0:r1].unsqueeze(1))
-            if not want_grads:
-                continue
+        torch.log_softmax(logits, 1, out=logits)
+        target_log_prob = logits.gather(1, target_col).squeeze(1)
+        if want_grads:
             # dloss_n/dz_nj = p_nj (1 + 2 z_loss lse_n) - (1 - eps) [j == t_n] - eps / V, times the upstream grad
-            block.exp_()
+            logits.exp_()
             if z_loss:
-                block_lse = target_logit[r0:r1] - target_log_prob[r0:r1]
-                block.mul_((1.0 + 2.0 * z_loss * block_lse).unsqueeze(1))
+                logits.mul_((1.0 + 2.0 * z_loss * (target_logit - target_log_prob)).unsqueeze(1))
             # subtract the one-hot before scaling: p_t - 1 is exact when p_t ~ 1, (g p_t) - g is not
-            block.scatter_add_(1, target_col[r0:r1], onehot[r0:r1])
+            logits.scatter_add_(1, target_col, onehot)
             if label_smoothing:
-                block.sub_(label_smoothing / vocab)
+                logits.sub_(label_smoothing / vocab)
             if token_scale is not None:
-                block.mul_(token_scale[r0:r1].unsqueeze(1))
+                logits.mul_(token_scale.unsqueeze(1))
             if deriv is not None:
-                block.mul_(deriv[r0:r1])
+                logits.mul_(deriv)
         chunk_lse = target_logit - target_log_prob
         # -log p_t straight from log_softmax: lse - z_t would cancel badly when p_t ~ 1
         chunk_loss = -smoothing_keep * target_log_prob
@@ -223,6 +217,19 @@ def chunked_linear_cross_entropy(
             grad_bias.add_(grad.sum(0), alpha=alpha)
 
     return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
+
+
+def emulate_grad_tile_cast(dz: torch.Tensor, dtype: torch.dtype, headroom: int = GRAD_TILE_HEADROOM):
+    """What the Triton kernels do to a logits-gradient tile before a half-precision tensor-core dot
+    (``triton_common.grad_tile_for_dot``), in torch with the same bit arithmetic: (dz / s cast to ``dtype``, s),
+    s a power of two putting max|dz| in (2^(headroom-1), 2^headroom]; s = 1 for an all-zero tile."""
+    amax = dz.detach().abs().max().to(torch.float32).reshape(1)
+    bits = amax.view(torch.int32)
+    exponent = (bits + 0x7FFFFF) >> 23
+    exponent = torch.where(amax > 0, exponent - headroom, torch.full_like(exponent, 127)).clamp(1, 253)
+    scale = (exponent << 23).view(torch.float32)
+    inverse = ((254 - exponent) << 23).view(torch.float32)
+    return (dz * inverse).to(dtype), scale.reshape(())
 
 
 def _rows_of(tokens, row_index: Optional[torch.Tensor]):

@@ -20,7 +20,7 @@ import triton.language as tl
 
 # The largest entry of a scaled gradient tile lies in (2^(HEADROOM-1), 2^HEADROOM]: far from fp16's 65504, far
 # above its smallest normal 2^-14 (so entries 2^28 times smaller than the tile's largest are still normal).
-GRAD_TILE_HEADROOM = 14
+from .torch_impl import GRAD_TILE_HEADROOM  # noqa: F401  (one constant for the kernels and the emulation)
 
 
 @triton.jit

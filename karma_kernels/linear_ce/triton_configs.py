@@ -18,7 +18,7 @@ from .triton_forward import _lce_forward_kernel
 H100_SMS = 132
 # dWeight of fp16/bf16 weights is accumulated in fp32 bands of at most this many bytes, each cast into the
 # gradient before the next (no fp32 [V, D] copy); accum_dtype="fp32" takes one full-size fp32 buffer instead.
-BAND_BYTES = 64 * 2 ** 20
+BAND_BYTES = 16 * 2 ** 20
 # forward: enough (token block, vocabulary split) programs for this many waves of one program per SM
 FORWARD_WAVES = 8
 
@@ -39,19 +39,22 @@ class Launch:
         return dict(self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def _tiles(kernel: str, element: str, on_gpu: bool) -> dict:
-    """BLOCK_* / GROUP_N, warps and stages of ``kernel`` for inputs of ``element`` ("bf16", "fp16", "fp32")."""
+def _tiles(kernel: str, element: str, on_gpu: bool, options: bool = False) -> dict:
+    """BLOCK_* / GROUP_N, warps and stages of ``kernel`` for inputs of ``element`` ("bf16", "fp16", "fp32");
+    ``options``: softcap / label smoothing / bias are on (more live registers per tile: smaller tiles)."""
     if not on_gpu:
         # interpreter: a program instance costs ~1 ms, blocks are numpy arrays; few, mid-sized blocks
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, GROUP_N=2, num_warps=4, num_stages=1)
     half = element != "fp32"
     if kernel == "forward":
         if half:
-            return dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
+            return dict(BLOCK_N=128, BLOCK_V=128 if options else 256, BLOCK_D=64, GROUP_N=8, num_warps=8,
+                        num_stages=3)
         return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_N=8, num_warps=8, num_stages=3)
     if kernel == "backward":
         if half:
-            return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
+            return dict(BLOCK_N=64 if options else 128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8, num_warps=8,
+                        num_stages=3)
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP_N=8, num_warps=8, num_stages=3)
     # the deterministic pair (each program the only writer of its fp32 rows)
     if half:
@@ -74,7 +77,7 @@ def _dot_flops(m: int, n: int, depth: int, block_d: int) -> float:
 
 def forward_launch(n_tokens: int, vocab: int, dim: int, element: str, *, on_gpu: bool, sms: int,
                    has_bias: bool, has_softcap: bool, has_smoothing: bool) -> Launch:
-    config, warps, stages = _split(_tiles("forward", element, on_gpu))
+    config, warps, stages = _split(_tiles("forward", element, on_gpu, has_bias or has_softcap or has_smoothing))
     bn, bv = config["BLOCK_N"], config["BLOCK_V"]
     token_blocks, vocab_tiles = triton.cdiv(n_tokens, bn), triton.cdiv(vocab, bv)
     splits = max(1, min(vocab_tiles, triton.cdiv(FORWARD_WAVES * sms, token_blocks)))
@@ -103,7 +106,7 @@ def backward_launches(n_tokens: int, vocab: int, dim: int, element: str, *, on_g
     common = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, FILTER=filtering,
                   HALF_GRAD=on_gpu and element != "fp32", HEADROOM=GRAD_TILE_HEADROOM, **_precision(element, on_gpu))
     if not deterministic:
-        config, warps, stages = _split(_tiles("backward", element, on_gpu))
+        config, warps, stages = _split(_tiles("backward", element, on_gpu, has_bias or has_softcap))
         bn, bv, bd = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_D"]
         rows = band_rows(vocab, dim, element, accum_dtype, bv)
         token_blocks = triton.cdiv(n_tokens, bn)
@@ -137,14 +140,15 @@ _FLOAT_ARGS = ("smoothing", "z_loss", "softcap", "filter_eps")
 
 
 def audit_plans(quick: bool) -> list:
-    """The kernels at Cut Cross-Entropy's benchmark shape (N=8192, D=2304, V=256000) in bf16 (plain options),
-    fp16 and fp32; the full set adds every option on, a Llama-3 vocabulary and the deterministic variant."""
+    """The kernels at Cut Cross-Entropy's benchmark shape (N=8192, D=2304, V=256000): bf16 with the default
+    options and with bias + softcap + label smoothing, fp16, fp32; the full set adds fp32 with every option, a
+    Llama-3 shape (N=16384, D=4096, V=128256) and the deterministic variant."""
     from .._audit import AuditPlan, KernelLaunch, signature_for
 
-    cases = [(8192, 2304, 256000, "bf16", False, False), (8192, 2304, 256000, "fp16", False, False),
-             (8192, 2304, 256000, "fp32", False, False)]
+    cases = [(8192, 2304, 256000, "bf16", False, False), (8192, 2304, 256000, "bf16", True, False),
+             (8192, 2304, 256000, "fp16", False, False), (8192, 2304, 256000, "fp32", False, False)]
     if not quick:
-        cases += [(8192, 2304, 256000, "bf16", True, False), (16384, 4096, 128256, "bf16", False, False),
+        cases += [(8192, 2304, 256000, "fp32", True, False), (16384, 4096, 128256, "bf16", False, False),
                   (8192, 2304, 256000, "bf16", False, True), (8192, 2304, 256000, "fp32", False, True)]
     plans = []
     for n, d, v, element, options, deterministic in cases:

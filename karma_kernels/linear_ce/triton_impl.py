@@ -12,7 +12,7 @@ it exit at once.
 Options of the backward:
   filter_eps    tiles whose |dz| (the logits gradient before the upstream gradient) is below it everywhere are
                 skipped; 0 = exact. The op's "auto" resolves it per dtype (``op.resolve_filter_eps``).
-  accum_dtype   None: fp16/bf16 dWeight is accumulated in fp32 bands of <= 64 MiB, each cast into the gradient
+  accum_dtype   None: fp16/bf16 dWeight is accumulated in fp32 bands of <= 16 MiB, each cast into the gradient
                 (memory: the gradient plus one band); "fp32": one fp32 [V, D] buffer, cast at the end.
   deterministic the two-kernel variant without atomics (taken when torch.are_deterministic_algorithms_enabled()).
 """

@@ -535,7 +535,7 @@ def _triton_grads(inputs, **options):
     from karma_kernels.linear_ce import triton_impl
 
     hidden, weight, target = inputs["hidden"], inputs["weight"], inputs["target"]
-    _, stats = triton_impl.forward(hidden, weight, target)
+    _, stats = triton_impl.forward(hidden, weight, target, bias=options.get("bias"))
     grad_h, grad_w, _ = triton_impl.backward(torch.ones((), device=hidden.device), hidden, weight, target, stats,
                                              **options)
     return grad_h.cpu(), grad_w.cpu()
@@ -584,3 +584,16 @@ def test_triton_deterministic_variant_and_weight_bands(dtype, monkeypatch):
     for got_h, got_w in ((det_h, det_w), (band_h, band_w)):
         torch.testing.assert_close(got_h.float(), full_h.float(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_w.float(), full_w.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_vocab_order_gives_the_same_gradients(dtype, monkeypatch):
+    """With the vocabulary walked in mean-logit order (several bf16 bands forced), the gradients are the same."""
+    from karma_kernels.linear_ce import triton_configs
+
+    inputs = make_inputs(21, 40, 70, dtype, bias=True, ignore_every=4, device=TRITON_DEVICE)
+    plain_h, plain_w = _triton_grads(inputs, bias=inputs["bias"])
+    monkeypatch.setattr(triton_configs, "BAND_BYTES", 4 * 40 * 32)
+    ordered_h, ordered_w = _triton_grads(inputs, bias=inputs["bias"], vocab_order=True)
+    torch.testing.assert_close(ordered_h.float(), plain_h.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ordered_w.float(), plain_w.float(), rtol=1e-5, atol=1e-6)

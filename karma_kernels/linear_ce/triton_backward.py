@@ -12,6 +12,9 @@ dWeight memory: the kernel adds into an fp32 buffer covering the vocabulary rows
 the whole [V, D] gradient, or a band of it that the launcher casts into the fp16/bf16 gradient before the next
 band (so no fp32 [V, D] copy exists; see ``triton_impl.backward``).
 
+Vocabulary ordering (``vocab_order=True``): tiles walk the classes sorted by their mean logit over the batch,
+so the few classes with large probabilities share tiles and more tiles fall below ``filter_eps`` entirely.
+
 Deterministic variant (``torch.are_deterministic_algorithms_enabled()``): two kernels without atomics, each
 program the only writer of its rows: token-parallel dHidden (``_lce_grad_hidden_kernel``) and vocabulary-parallel
 dWeight (``_lce_grad_weight_kernel``), each recomputing the logits (4F); same filtering.
@@ -27,13 +30,15 @@ from .triton_common import _dot, _dz_tile, _grouped_tile, _load_grad_terms, _sca
 @triton.jit
 def _lce_backward_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot_target_ptr, n_valid_ptr,
                          grad_scale_ptr, grad_scale_stride, max_ptr, log_sum_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr,
+                         vocab_order_ptr,
                          N, V, v_start, v_count, D, stride_h, stride_w, stride_gh, stride_gw, smoothing, z_loss,
                          softcap, filter_eps,
                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, HALF_GRAD: tl.constexpr, HEADROOM: tl.constexpr,
                          FILTER: tl.constexpr, NEED_HIDDEN: tl.constexpr, NEED_WEIGHT: tl.constexpr,
-                         NEED_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                         BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr):
+                         NEED_BIAS: tl.constexpr, VOCAB_ORDER: tl.constexpr, DW_BY_ID: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                         GROUP_N: tl.constexpr):
     pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(v_count, BLOCK_V), GROUP_N)
     n_valid = tl.load(n_valid_ptr)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -42,6 +47,10 @@ def _lce_backward_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot
         local_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         v_mask = local_v < v_count
         offs_v = v_start + local_v
+        if VOCAB_ORDER:     # tile positions walk a permutation of the vocabulary: offs_v become class ids
+            offs_v = tl.load(vocab_order_ptr + offs_v, mask=v_mask, other=0)
+        # dWeight rows: class ids when the buffer is the whole gradient, else positions in the band
+        dw_rows = offs_v if DW_BY_ID else local_v
         rows, target, row_max, log_sum, g, z_factor = _load_grad_terms(
             offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride,
             max_ptr, log_sum_ptr, z_loss)
@@ -66,7 +75,7 @@ def _lce_backward_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot
                     x = tl.load(h_ptr + rows[:, None] * stride_h + offs_d[None, :],
                                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
                     part = _dot(lo_t, x, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), UPCAST, DOT_PRECISION)
-                    tl.atomic_add(grad_w_ptr + local_v.to(tl.int64)[:, None] * stride_gw + offs_d[None, :],
+                    tl.atomic_add(grad_w_ptr + dw_rows.to(tl.int64)[:, None] * stride_gw + offs_d[None, :],
                                   part * scale, mask=v_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 

@@ -100,7 +100,7 @@ def band_rows(vocab: int, dim: int, element: str, accum_dtype: Optional[str], bl
 
 def backward_launches(n_tokens: int, vocab: int, dim: int, element: str, *, on_gpu: bool, deterministic: bool,
                       has_bias: bool, has_softcap: bool, filtering: bool, need_hidden: bool, need_weight: bool,
-                      need_bias: bool, accum_dtype: Optional[str] = None) -> List[Launch]:
+                      need_bias: bool, accum_dtype: Optional[str] = None, vocab_order: bool = False) -> List[Launch]:
     """The backward's launches: the one-pass kernel (once per dWeight band; ``extra["band_rows"]``), or the
     deterministic pair."""
     common = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, FILTER=filtering,
@@ -112,7 +112,8 @@ def backward_launches(n_tokens: int, vocab: int, dim: int, element: str, *, on_g
         token_blocks = triton.cdiv(n_tokens, bn)
         tile = _dot_flops(bn, bv, dim, bd) * (1 + need_hidden + (need_weight or need_bias))
         flops = token_blocks * sum(triton.cdiv(min(rows, vocab - v0), bv) for v0 in range(0, vocab, rows)) * tile
-        constexprs = dict(config, **common, NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias)
+        constexprs = dict(config, **common, NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
+                          VOCAB_ORDER=vocab_order, DW_BY_ID=rows == vocab)
         grid = (token_blocks * triton.cdiv(rows, bv),)
         bands = triton.cdiv(vocab, rows)
         return [Launch("backward" if bands == 1 else f"backward ({bands} bands)", _lce_backward_kernel, constexprs,

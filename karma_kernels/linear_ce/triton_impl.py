@@ -59,6 +59,15 @@ def token_slots(target: torch.Tensor, row_index: Optional[torch.Tensor], ignore_
     return slot_token, slot_row.contiguous(), slot_target.contiguous(), n_valid
 
 
+def _vocab_order(hidden, weight, bias, row_index) -> torch.Tensor:
+    """Classes by descending mean logit over the batch's hidden rows (the logit of the mean hidden state)."""
+    rows = hidden if row_index is None else hidden.index_select(0, row_index)
+    mean_logit = torch.mv(weight, rows.float().mean(0).to(weight.dtype)).float()   # no fp32 copy of W
+    if bias is not None:
+        mean_logit = mean_logit + bias.float()
+    return torch.argsort(mean_logit, descending=True)
+
+
 def forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
             row_index: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
             ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -88,10 +97,11 @@ def backward(grad_scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
              ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
              softcap: Optional[float] = None, need_grad_hidden: bool = True, need_grad_weight: bool = True,
              need_grad_bias: bool = True, filter_eps: float = 0.0, accum_dtype: Optional[str] = None,
-             deterministic: Optional[bool] = None):
+             vocab_order: bool = False, deterministic: Optional[bool] = None):
     """Gradients of sum_n grad_scale_n * loss_n. ``grad_scale`` is [N] or a 0-d tensor (broadcast); ``stats``
     is the forward's [2, N] softmax statistics. ``deterministic=None`` follows
-    ``torch.are_deterministic_algorithms_enabled()``."""
+    ``torch.are_deterministic_algorithms_enabled()``. ``vocab_order``: tiles walk the classes by descending mean
+    logit over the batch (one GEMV and a sort), so that filtered tiles cluster (one-pass backward only)."""
     n_tokens = target.numel()
     vocab, dim = weight.shape
     device = hidden.device
@@ -102,7 +112,8 @@ def backward(grad_scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     launches = backward_launches(
         max(n_tokens, 1), vocab, dim, element, on_gpu=_on_gpu(hidden), deterministic=deterministic,
         has_bias=bias is not None, has_softcap=softcap is not None, filtering=filter_eps > 0,
-        need_hidden=need_grad_hidden, need_weight=need_grad_weight, need_bias=need_grad_bias, accum_dtype=accum_dtype)
+        need_hidden=need_grad_hidden, need_weight=need_grad_weight, need_bias=need_grad_bias, accum_dtype=accum_dtype,
+        vocab_order=vocab_order and not deterministic)
     rows = vocab if deterministic else launches[0].extra["band_rows"]
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_grad_hidden else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_grad_bias else None
@@ -134,15 +145,20 @@ def backward(grad_scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
                         weight.stride(0), dim, *scalars, **launch.options())
         else:
             launch = launches[0]
+            order = _vocab_order(hidden, weight, bias, row_index) if launch.constexprs["VOCAB_ORDER"] else None
             for v_start in range(0, vocab, rows):
                 v_count = min(rows, vocab - v_start)
                 launch.kernel[launch.grid](
                     *head, grad_hidden if grad_hidden is not None else unused,
                     scratch if scratch is not None else unused, grad_bias if grad_bias is not None else unused,
-                    n_tokens, vocab, v_start, v_count, dim, hidden.stride(0), weight.stride(0),
+                    order if order is not None else slots[0], n_tokens, vocab, v_start, v_count, dim, hidden.stride(0), weight.stride(0),
                     grad_hidden.stride(0) if grad_hidden is not None else 0, dim, *scalars, **launch.options())
                 if scratch is not None and scratch is not grad_weight:
-                    grad_weight[v_start:v_start + v_count].copy_(scratch[:v_count])
+                    if order is None:
+                        grad_weight[v_start:v_start + v_count].copy_(scratch[:v_count])
+                    else:
+                        grad_weight.index_copy_(0, order[v_start:v_start + v_count],
+                                                scratch[:v_count].to(grad_weight.dtype))
                     if v_start + rows < vocab:
                         scratch.zero_()
     elif scratch is not None and scratch is not grad_weight:

@@ -90,7 +90,8 @@ def chunked_linear_cross_entropy(
     loss = torch.zeros(n_tokens, dtype=acc, device=device)
     lse = torch.zeros(n_tokens, dtype=acc, device=device)
     grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if want_grads and need_grad_hidden else None
-    grad_weight = torch.zeros((vocab, dim), dtype=acc, device=device) if want_grads and need_grad_weight else None
+    # written (not accumulated) by the first chunk: no zero-fill pass over [V, D]
+    grad_weight = torch.empty((vocab, dim), dtype=acc, device=device) if want_grads and need_grad_weight else None
     grad_bias = (torch.zeros(vocab, dtype=acc, device=device)
                  if want_grads and need_grad_bias and bias is not None else None)
 
@@ -107,6 +108,8 @@ def chunked_linear_cross_entropy(
         positions = None
         n_work = n_tokens
     if n_work == 0:
+        if grad_weight is not None:
+            grad_weight.zero_()
         return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
 
     # fp16/bf16 on the torch path: one fp32 copy of the weight (CPU low-precision matmuls are emulated and slow).
@@ -124,6 +127,7 @@ def chunked_linear_cross_entropy(
         if grad_scale.dim() == 0:
             grad_scale = grad_scale.expand(n_tokens)
     smoothing_keep = 1.0 - label_smoothing
+    onehot_storage = torch.full((min(rows_per_chunk, n_work), 1), -smoothing_keep, dtype=acc, device=device)
 
     for start in range(0, n_work, rows_per_chunk):
         stop = min(start + rows_per_chunk, n_work)
@@ -172,7 +176,7 @@ def chunked_linear_cross_entropy(
                 token_scale, alpha = grad_scale[tokens], 1.0
                 if chunk_valid is not None:
                     token_scale = torch.where(chunk_valid, token_scale, torch.zeros_like(token_scale))
-            onehot = torch.full((count, 1), -smoothing_keep, dtype=acc, device=device)
+            onehot = onehot_storage[:count]
         torch.log_softmax(logits, 1, out=logits)
         target_log_prob = logits.gather(1, target_col).squeeze(1)
         if want_grads:
@@ -206,13 +210,11 @@ def chunked_linear_cross_entropy(
 
         if grad_hidden is not None:
             if isinstance(rows, slice):
-                torch.mm(grad, weight_acc, out=grad_hidden[rows])
-                if alpha != 1.0:
-                    grad_hidden[rows].mul_(alpha)
+                torch.addmm(grad_hidden[rows], grad, weight_acc, beta=0.0, alpha=alpha, out=grad_hidden[rows])
             else:
                 grad_hidden.index_add_(0, rows, grad @ weight_acc, alpha=alpha)
         if grad_weight is not None:
-            grad_weight.addmm_(grad.T, hidden_chunk, alpha=alpha)
+            grad_weight.addmm_(grad.T, hidden_chunk, beta=0.0 if start == 0 else 1.0, alpha=alpha)
         if grad_bias is not None:
             grad_bias.add_(grad.sum(0), alpha=alpha)
 

@@ -1,9 +1,10 @@
 """Chunked linear + cross-entropy in plain PyTorch: the path CPU users get.
 
 Tokens are processed in chunks of ``chunk_rows``; only one chunk of fp32 logits exists at a time (see
-``default_chunk_rows``: 8 MiB, or 128 rows when that is more and within 1/4 of the weight gradient's size). For each chunk, one pass computes the loss and — when gradients
-are wanted — the gradient of the logits in the same buffer, which two more matmuls turn into dHidden and dWeight
-(3 matmuls per chunk; the weight gradient accumulates in one fp32 [V, D] buffer via ``addmm_``).
+``default_chunk_rows``: 8 MiB, or 128 rows when that is more and within 1/4 of the weight gradient's size).
+For each chunk, one pass computes the loss and — when gradients are wanted — the gradient of the logits in the
+same buffer, which two more matmuls turn into dHidden and dWeight (3 matmuls per chunk; the weight gradient
+accumulates in one fp32 [V, D] buffer via ``addmm_``, written by the first chunk).
 
 Speed: the three matmuls of a forward + backward are the floor (``bench/linear_ce_cpu_floor.py`` times the op
 against them). Chunks hold at least 128 tokens when that fits in 1/4 of the weight gradient's size: with fewer,

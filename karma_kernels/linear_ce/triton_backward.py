@@ -108,8 +108,8 @@ def _lce_grad_hidden_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, s
             offs_v = v0 + tl.arange(0, BLOCK_V)
             v_mask = offs_v < V
             dz = _dz_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, target, row_max, log_sum, z_factor, D,
-                          stride_h, stride_w, smoothing, softcap, V, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N,
-                          BLOCK_V, BLOCK_D)
+                          stride_h, stride_w, smoothing, softcap, V, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION,
+                          BLOCK_N, BLOCK_V, BLOCK_D)
             if not _skip_tile(dz, filter_eps, FILTER):
                 lo, scale = _scaled_grad(dz, g, w_ptr.dtype.element_ty, HALF_GRAD, HEADROOM)
                 for d0 in range(0, D, BLOCK_D):

@@ -151,8 +151,9 @@ def backward(grad_scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
                 launch.kernel[launch.grid](
                     *head, grad_hidden if grad_hidden is not None else unused,
                     scratch if scratch is not None else unused, grad_bias if grad_bias is not None else unused,
-                    order if order is not None else slots[0], n_tokens, vocab, v_start, v_count, dim, hidden.stride(0), weight.stride(0),
-                    grad_hidden.stride(0) if grad_hidden is not None else 0, dim, *scalars, **launch.options())
+                    order if order is not None else slots[0], n_tokens, vocab, v_start, v_count, dim,
+                    hidden.stride(0), weight.stride(0), grad_hidden.stride(0) if grad_hidden is not None else 0,
+                    dim, *scalars, **launch.options())
                 if scratch is not None and scratch is not grad_weight:
                     if order is None:
                         grad_weight[v_start:v_start + v_count].copy_(scratch[:v_count])

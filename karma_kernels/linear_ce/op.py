@@ -205,8 +205,6 @@ def _backward(ctx, grad_loss, grad_stats, *unused_grad_outputs):
         eager = (not torch.compiler.is_compiling() and type(grad_loss) is torch.Tensor
                  and all(type(t) is torch.Tensor for t in (grad_hidden, grad_weight, grad_bias)))
         scale = (lambda t: t.mul_(grad_loss)) if eager else (lambda t: t * grad_loss)
-        if eager and grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0:
-            scale = lambda t: t  # noqa: E731  (loss.backward(): a pass over [V, D] saved; reading is free on CPU)
         if need_hidden:
             grads[0] = scale(grad_hidden)
         if need_weight:

@@ -104,7 +104,7 @@ def compile_launch(launch, arch: int = 90) -> KernelFacts:
     constants = {(names.index(k),): v for k, v in launch.constexprs.items()}
     # what the runtime's specialisation tells the compiler: 16-byte aligned tensors, 16-divisible sizes/strides
     # (without it loads are not vectorised and the PTX would not be the one that runs)
-    divisible = [n for n in names if launch.signature[n].startswith("*") or n in getattr(launch, "aligned", ())]
+    divisible = [n for n in names if launch.signature[n].startswith("*") or n in launch.divisible_by_16]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     source = ASTSource(kernel, dict(launch.signature), constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),

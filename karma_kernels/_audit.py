@@ -33,8 +33,10 @@ class KernelLaunch:
     pipelined: bool = True          # has a main loop whose operand loads should be asynchronous copies
     tensor_cores: bool = True       # its dots should run as wgmma (half-precision operands, or tf32)
     phase: str = "forward"          # "forward" or "backward": work is reported per phase
-    aligned: Tuple[str, ...] = ()   # integer arguments that are multiples of 16 at this shape (the runtime
-    #                                 specialises those, and every tensor pointer, as 16-divisible)
+    # integer arguments (sizes, strides) that are multiples of 16 at this shape: Triton's JIT specialises on
+    # that, and on every tensor pointer being 16-byte aligned (vectorised, asynchronous loads need it), so the
+    # audit compiles with the same hints (pointers are always marked; listing one here is harmless)
+    divisible_by_16: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

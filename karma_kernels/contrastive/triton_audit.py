@@ -38,7 +38,7 @@ def audit_plan(batch: int, dim: int, dtype: torch.dtype, mode: str = "softmax", 
             name=launch.name, kernel=launch.kernel, constexprs=launch.constexprs,
             signature=signature_for(launch.kernel, launch.constexprs, pointers),
             num_warps=launch.config.num_warps, num_stages=launch.config.num_stages, grid=launch.grid,
-            matmul_flops=launch.matmul_flops, phase=launch.phase, aligned=aligned))
+            matmul_flops=launch.matmul_flops, phase=launch.phase, divisible_by_16=aligned))
     unit = 2.0 * batch * batch * dim
     tiling = d_tiling(dim, resident_limit(dtype))
     budget = (5.0 if deterministic or not tiling["RESIDENT"] else 4.0) + (1.0 if symmetric else 0.0)

@@ -67,12 +67,14 @@ def _linear_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, row_index: Optional[torch.Tensor],
     bias: Optional[torch.Tensor], ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
     softcap: Optional[float], backend: str, precompute_grads: bool, need_grad_hidden: bool,
-    need_grad_weight: bool, need_grad_bias: bool,
+    need_grad_weight: bool, need_grad_bias: bool, filter_eps: float = 0.0, accum_dtype: Optional[str] = None,
+    vocab_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [R, D], target [N] -> (loss, softmax_stats [2, N], grad_hidden, grad_weight, grad_bias).
 
     Gradients are empty unless ``precompute_grads`` (torch backend, reduction mean/sum): then they are the
     gradients of the reduced loss for an upstream gradient of 1, and the backward only scales them.
+    ``filter_eps``, ``accum_dtype`` and ``vocab_order`` are options of the Triton backward (carried here for autograd).
     """
     grad_hidden, grad_weight, grad_bias = _no_grad(hidden), _no_grad(weight), _no_grad(hidden)
     if backend == "reference":
@@ -104,7 +106,8 @@ def _linear_cross_entropy_op(
 
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, target, row_index, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, backend,
-      precompute_grads, need_grad_hidden, need_grad_weight, need_grad_bias):
+      precompute_grads, need_grad_hidden, need_grad_weight, need_grad_bias, filter_eps=0.0, accum_dtype=None,
+      vocab_order=False):
     acc = _reference.compute_dtype(hidden.dtype)
     n_tokens = target.shape[0]
     loss = hidden.new_empty((n_tokens,) if reduction == "none" else (), dtype=acc)
@@ -122,7 +125,8 @@ def _linear_cross_entropy_backward_op(
     grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     row_index: Optional[torch.Tensor], bias: Optional[torch.Tensor], stats: torch.Tensor, ignore_index: int,
     reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float], backend: str,
-    need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool,
+    need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool, filter_eps: float = 0.0,
+    accum_dtype: Optional[str] = None, vocab_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients recomputed from the inputs (and, on the Triton path, the forward's softmax statistics).
     Unneeded ones come back empty."""
@@ -139,7 +143,8 @@ def _linear_cross_entropy_backward_op(
         gh, gw, gb = _triton_impl().backward(
             grad_scale, hidden, weight, target, stats, row_index=row_index, bias=bias, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, need_grad_hidden=need_grad_hidden,
-            need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias)
+            need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias, filter_eps=filter_eps,
+            accum_dtype=accum_dtype, vocab_order=vocab_order)
     else:
         _, _, gh, gw, gb = _torch_impl.chunked_linear_cross_entropy(
             hidden, weight, target, row_index=row_index, bias=bias, ignore_index=ignore_index,
@@ -152,7 +157,8 @@ def _linear_cross_entropy_backward_op(
 
 @_linear_cross_entropy_backward_op.register_fake
 def _(grad_loss, hidden, weight, target, row_index, bias, stats, ignore_index, reduction, label_smoothing, z_loss,
-      softcap, backend, need_grad_hidden, need_grad_weight, need_grad_bias):
+      softcap, backend, need_grad_hidden, need_grad_weight, need_grad_bias, filter_eps=0.0, accum_dtype=None,
+      vocab_order=False):
     grad_hidden = hidden.new_empty(hidden.shape if need_grad_hidden else (0,))
     grad_weight = weight.new_empty(weight.shape if need_grad_weight else (0,))
     grad_bias = bias.new_empty(bias.shape) if need_grad_bias and bias is not None else hidden.new_empty((0,))
@@ -173,10 +179,12 @@ def _reference_backward(grad_scale, hidden, weight, target, row_index, bias, ign
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, target, row_index, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, backend,
-     precompute_grads, need_grad_hidden, need_grad_weight, need_grad_bias) = inputs
+     precompute_grads, need_grad_hidden, need_grad_weight, need_grad_bias, filter_eps, accum_dtype,
+     vocab_order) = inputs
     _, stats, grad_hidden, grad_weight, grad_bias = output
     ctx.precomputed = precompute_grads and reduction != "none" and backend == "torch"
-    ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, backend)
+    ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, backend, filter_eps, accum_dtype,
+                   vocab_order)
     ctx.has_bias = bias is not None
     if ctx.precomputed:
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -188,7 +196,7 @@ def _backward(ctx, grad_loss, grad_stats, *unused_grad_outputs):
     # the lse built from the statistics is returned detached by the public API: it carries no gradient.
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
     need_bias = need_bias and ctx.has_bias
-    grads = [None] * 15
+    grads = [None] * 18
     if ctx.precomputed:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         # In place in eager mode: no second [V, D] buffer (a second backward through the graph then fails
@@ -205,10 +213,11 @@ def _backward(ctx, grad_loss, grad_stats, *unused_grad_outputs):
             grads[4] = scale(grad_bias)
         return tuple(grads)
     hidden, weight, target, row_index, bias, stats = ctx.saved_tensors
-    ignore_index, reduction, label_smoothing, z_loss, softcap, backend = ctx.options
+    (ignore_index, reduction, label_smoothing, z_loss, softcap, backend, filter_eps, accum_dtype,
+     vocab_order) = ctx.options
     grad_hidden, grad_weight, grad_bias = _linear_cross_entropy_backward_op(
         grad_loss, hidden, weight, target, row_index, bias, stats, ignore_index, reduction, label_smoothing, z_loss,
-        softcap, backend, need_hidden, need_weight, need_bias)
+        softcap, backend, need_hidden, need_weight, need_bias, filter_eps, accum_dtype, vocab_order)
     if need_hidden:
         grads[0] = grad_hidden
     if need_weight:
@@ -233,6 +242,22 @@ def _check_options(op: str, ignore_index, reduction, label_smoothing, z_loss, so
         raise ValueError(f"{op}: z_loss must be a finite float >= 0, got {z_loss!r}")
     if softcap is not None and (not isinstance(softcap, (int, float)) or not 0.0 < float(softcap) < float("inf")):
         raise ValueError(f"{op}: softcap must be None or a finite float > 0, got {softcap!r}")
+
+
+def _check_backward_options(op: str, filter_eps, accum_dtype) -> None:
+    if filter_eps != "auto" and (isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float))
+                                 or not 0.0 <= float(filter_eps) < float("inf")):
+        raise ValueError(f"{op}: filter_eps must be \"auto\" or a finite float >= 0, got {filter_eps!r}")
+    if accum_dtype not in (None, "fp32"):
+        raise ValueError(f"{op}: accum_dtype must be None or \"fp32\", got {accum_dtype!r}")
+
+
+def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:
+    """The "auto" gradient filter: eps(dtype) / 32 for fp16/bf16 (2^-15 and 2^-12), 0 (exact) otherwise. An
+    entry below it, times a weight or hidden row, is below 1/32 of that row's rounding step in the gradient."""
+    if filter_eps != "auto":
+        return float(filter_eps)
+    return torch.finfo(dtype).eps / 32 if dtype in (torch.float16, torch.bfloat16) else 0.0
 
 
 def _check_head(op: str, hidden, weight, bias) -> None:
@@ -291,13 +316,13 @@ def _grad_flags(hidden, weight, bias):
 
 
 def _run(hidden2d, weight, target1d, row_index, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-         backend):
+         backend, filter_eps="auto", accum_dtype=None, vocab_order=False):
     need_hidden, need_weight, need_bias = _grad_flags(hidden2d, weight, bias)
     precompute = backend == "torch" and reduction != "none" and (need_hidden or need_weight or need_bias)
     loss, stats, _, _, _ = _linear_cross_entropy_op(
         hidden2d, weight, target1d, row_index, bias, ignore_index, reduction, float(label_smoothing),
         float(z_loss), None if softcap is None else float(softcap), backend, precompute, need_hidden,
-        need_weight, need_bias)
+        need_weight, need_bias, resolve_filter_eps(filter_eps, hidden2d.dtype), accum_dtype, bool(vocab_order))
     stats = stats.detach()
     return loss, stats[0] + stats[1]
 
@@ -308,7 +333,8 @@ def _run(hidden2d, weight, target1d, row_index, bias, ignore_index, reduction, l
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
-                         return_lse: bool = False, backend: str = "auto"):
+                         return_lse: bool = False, backend: str = "auto", filter_eps="auto",
+                         accum_dtype: Optional[str] = None, vocab_order: bool = False):
     """Cross-entropy of ``F.linear(hidden, weight, bias)`` against ``target`` without holding the logits.
 
     hidden [..., D] (fp32/fp16/bf16/fp64), weight [V, D], bias [V] (optional), target [...] int64 class indices
@@ -322,6 +348,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     On the torch path (CPU) with "mean"/"sum", the gradients are computed in the forward's chunk pass and the
     first backward consumes them: backpropagating through the same graph twice (``retain_graph=True``) raises
     autograd's "modified by an inplace operation" error. ``reduction="none"`` recomputes and allows it.
+
+    Triton backward options: ``filter_eps`` ("auto" = eps(dtype)/32 for fp16/bf16 inputs, 0 for fp32: exact)
+    skips (token x vocabulary) tiles whose logits gradient (before the upstream gradient) is below it everywhere
+    — what is dropped is each skipped entry's p_nj times a weight/hidden row, i.e. softmax mass below
+    eps(dtype)/32 per entry; ``accum_dtype="fp32"`` accumulates an fp16/bf16 dWeight in one fp32 [V, D] buffer
+    (default: fp32 bands of <= 16 MiB, each cast into the gradient); ``vocab_order=True`` walks the classes by
+    descending mean logit over the batch so that filtered tiles cluster. Under
+    ``torch.use_deterministic_algorithms(True)`` the backward runs without atomics (bitwise reproducible).
     """
     _check_head(OP, hidden, weight, bias)
     check_tensor(OP, "target", target, integer=True)
@@ -330,11 +364,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                          f"got {tuple(target.shape)}")
     check_same_device(OP, hidden=hidden, target=target)
     _check_options(OP, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    _check_backward_options(OP, filter_eps, accum_dtype)
     _check_target_values(OP, "target", target, weight.shape[0], ignore_index)
     resolved = _resolve_backend(OP, backend, hidden, weight)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     loss, lse = _run(hidden2d, weight, target.reshape(-1).long(), None, bias, ignore_index, reduction,
-                     label_smoothing, z_loss, softcap, resolved)
+                     label_smoothing, z_loss, softcap, resolved, filter_eps, accum_dtype, vocab_order)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     if return_lse:
@@ -346,7 +381,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
 def prefix_reconstruction_loss(hidden: torch.Tensor, weight: torch.Tensor, text_ids: torch.Tensor, *,
                                prefix_len: int, pad_id: Optional[int] = None, bias: Optional[torch.Tensor] = None,
                                reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                               softcap: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+                               softcap: Optional[float] = None, backend: str = "auto", filter_eps="auto",
+                               accum_dtype: Optional[str] = None, vocab_order: bool = False) -> torch.Tensor:
     """LM loss of decoding ``text_ids`` after an embedding prefix, from the decoder states ``hidden``.
 
     hidden [B, T, D]: states of the sequence [prefix (``prefix_len`` positions) + text]; text_ids [B, L] with
@@ -370,6 +406,7 @@ def prefix_reconstruction_loss(hidden: torch.Tensor, weight: torch.Tensor, text_
     if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
         raise TypeError(f"{PREFIX_OP}: pad_id must be an int or None, got {pad_id!r}")
     _check_options(PREFIX_OP, -100, reduction, label_smoothing, z_loss, softcap)
+    _check_backward_options(PREFIX_OP, filter_eps, accum_dtype)
     _check_target_values(PREFIX_OP, "text_ids", text_ids, weight.shape[0], pad_id)
     resolved = _resolve_backend(PREFIX_OP, backend, hidden, weight)
 
@@ -383,7 +420,7 @@ def prefix_reconstruction_loss(hidden: torch.Tensor, weight: torch.Tensor, text_
                  + torch.arange(prefix_len - 1, prefix_len - 1 + text_len, device=device).unsqueeze(0)).reshape(-1)
     hidden2d = hidden.reshape(batch * seq_len, hidden.shape[-1])
     loss, _ = _run(hidden2d, weight, target, row_index, bias, ignore_index, reduction, label_smoothing, z_loss,
-                   softcap, resolved)
+                   softcap, resolved, filter_eps, accum_dtype, vocab_order)
     if reduction == "none":
         loss = loss.reshape(batch, text_len)
     return loss
@@ -394,9 +431,14 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: Optional[float] = None, return_lse: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", filter_eps="auto", accum_dtype: Optional[str] = None,
+                 vocab_order: bool = False):
         super().__init__()
         _check_options(type(self).__name__, ignore_index, reduction, label_smoothing, z_loss, softcap)
+        _check_backward_options(type(self).__name__, filter_eps, accum_dtype)
+        self.filter_eps = filter_eps
+        self.accum_dtype = accum_dtype
+        self.vocab_order = vocab_order
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -410,7 +452,8 @@ class LinearCrossEntropyLoss(nn.Module):
         return linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=self.ignore_index,
                                     reduction=self.reduction, label_smoothing=self.label_smoothing,
                                     z_loss=self.z_loss, softcap=self.softcap, return_lse=self.return_lse,
-                                    backend=self.backend)
+                                    backend=self.backend, filter_eps=self.filter_eps,
+                                    accum_dtype=self.accum_dtype, vocab_order=self.vocab_order)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "

@@ -1,17 +1,21 @@
 """Chunked linear + cross-entropy in plain PyTorch: the path CPU users get.
 
-Tokens are processed in chunks of ``chunk_rows``; only one chunk of fp32 logits exists at a time (at most 8 MiB,
-so it stays in a server's last-level cache). For each chunk, one pass computes the loss and — when gradients
-are wanted — the gradient of the logits in the same buffer, which two more matmuls turn into dHidden and dWeight
-(3 matmuls per chunk; the weight gradient accumulates in one fp32 [V, D] buffer via ``addmm_``).
+Tokens are processed in chunks of ``chunk_rows``; only one chunk of fp32 logits exists at a time (see
+``default_chunk_rows``: 8 MiB, or 128 rows when that is more and within 1/4 of the weight gradient's size).
+For each chunk, one pass computes the loss and — when gradients are wanted — the gradient of the logits in the
+same buffer, which two more matmuls turn into dHidden and dWeight (3 matmuls per chunk; the weight gradient
+accumulates in one fp32 [V, D] buffer via ``addmm_``, written by the first chunk).
 
-Why this beats torch 2.13's chunked ``F.linear_cross_entropy`` on CPU at the same buffer size:
-  - the chunk's logits are stored vocabulary-major ([V, chunk], one column per token): with the few tokens of a
-    chunk, MKL runs W @ x^T, g^T @ W and dW += g @ x faster in this layout than their token-major twins
-    (about 10% of the step on 2 cores), though the softmax then reduces along columns;
-  - the softmax takes four passes over the buffer (an in-place ``log_softmax``, then ``exp_``) instead of six;
-    the one-hot term is a scatter into the buffer rather than gathered-row corrections; and the uniform
-    gradient scale (1/n for "mean") rides on the matmuls' ``alpha`` instead of a pass of its own.
+Speed: the three matmuls of a forward + backward are the floor (``bench/linear_ce_cpu_floor.py`` times the op
+against them). Chunks hold at least 128 tokens when that fits in 1/4 of the weight gradient's size: with fewer,
+each matmul has a small dimension and runs at about half the speed of its full-size twin, and every chunk
+streams W twice and read-modify-writes dW once. The chunk's logits are token-major ([chunk, V]), so the softmax
+reduces along contiguous rows; it takes four passes over the buffer (an in-place ``log_softmax``, then ``exp_``);
+the one-hot term is a scatter into the buffer; the uniform gradient scale (1/n for "mean") rides on the
+matmuls' ``alpha`` instead of a pass of its own.
+
+Why token chunks and not vocabulary blocks: a vocabulary block's gradient needs each token's final lse, so
+blocking over the vocabulary costs a fourth matmul (a first pass for the lse), 4/3 of the floor.
 
 Ignored tokens: on CPU their positions are dropped before any compute (``nonzero`` syncs, which is free on
 CPU); on other devices they are masked instead (their gradient rows are zeroed), so no host sync happens.
@@ -28,16 +32,24 @@ import torch
 from .reference import compute_dtype
 
 # fp32 logits held per chunk: at most 1/8 of the weight gradient's size (the memory any method needs), within
-# [1, 8] MiB — small enough for a last-level cache, big enough for efficient matmuls.
+# [1, 8] MiB — small enough for a last-level cache ...
 MAX_LOGITS_CHUNK_BYTES = 8 * 2 ** 20
 MIN_LOGITS_CHUNK_BYTES = 2 ** 20
+# ... but at least this many rows when that stays within 1/4 of the weight gradient's size: below ~128 rows the
+# three matmuls of a chunk (one dimension = the chunk) run at half the speed of full-size ones on 2-core x86
+# (measured: bench/linear_ce_cpu_floor.py), and each chunk streams W twice and read-modify-writes dW once.
+EFFICIENT_CHUNK_ROWS = 128
+# Half-precision gradient tiles of the Triton kernels are scaled so that their largest entry lies in
+# (2^(HEADROOM-1), 2^HEADROOM] before the cast (see ``emulate_grad_tile_cast``).
+GRAD_TILE_HEADROOM = 14
 # Chunks are a multiple of this many rows (matmul kernels block rows by 8/16).
 CHUNK_ROW_MULTIPLE = 16
 
 
 def default_chunk_rows(n_tokens: int, vocab: int, dim: int) -> int:
+    vocab = max(vocab, 1)
     budget = min(MAX_LOGITS_CHUNK_BYTES, max(MIN_LOGITS_CHUNK_BYTES, vocab * dim * 4 // 8))
-    rows = budget // (4 * max(vocab, 1))
+    rows = max(budget // (4 * vocab), min(EFFICIENT_CHUNK_ROWS, dim // 4))
     rows = max(CHUNK_ROW_MULTIPLE, rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
     return max(1, min(rows, n_tokens))
 
@@ -79,7 +91,8 @@ def chunked_linear_cross_entropy(
     loss = torch.zeros(n_tokens, dtype=acc, device=device)
     lse = torch.zeros(n_tokens, dtype=acc, device=device)
     grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if want_grads and need_grad_hidden else None
-    grad_weight = torch.zeros((vocab, dim), dtype=acc, device=device) if want_grads and need_grad_weight else None
+    # written (not accumulated) by the first chunk: no zero-fill pass over [V, D]
+    grad_weight = torch.empty((vocab, dim), dtype=acc, device=device) if want_grads and need_grad_weight else None
     grad_bias = (torch.zeros(vocab, dtype=acc, device=device)
                  if want_grads and need_grad_bias and bias is not None else None)
 
@@ -96,13 +109,15 @@ def chunked_linear_cross_entropy(
         positions = None
         n_work = n_tokens
     if n_work == 0:
+        if grad_weight is not None:
+            grad_weight.zero_()
         return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
 
     # fp16/bf16 on the torch path: one fp32 copy of the weight (CPU low-precision matmuls are emulated and slow).
     weight_acc = weight if weight.dtype == acc else weight.to(acc)
     bias_acc = None if bias is None else (bias if bias.dtype == acc else bias.to(acc))
     rows_per_chunk = chunk_rows or default_chunk_rows(n_work, vocab, dim)
-    # flat storage, viewed per chunk as a contiguous [V, count] block (see the module docstring for the layout)
+    # flat storage, viewed per chunk as a contiguous [count, V] block
     logits_storage = torch.empty(vocab * min(rows_per_chunk, n_work), dtype=acc, device=device)
     deriv_storage = torch.empty_like(logits_storage) if (softcap is not None and want_grads) else None
 
@@ -113,6 +128,7 @@ def chunked_linear_cross_entropy(
         if grad_scale.dim() == 0:
             grad_scale = grad_scale.expand(n_tokens)
     smoothing_keep = 1.0 - label_smoothing
+    onehot_storage = torch.full((min(rows_per_chunk, n_work), 1), -smoothing_keep, dtype=acc, device=device)
 
     for start in range(0, n_work, rows_per_chunk):
         stop = min(start + rows_per_chunk, n_work)
@@ -133,28 +149,50 @@ def chunked_linear_cross_entropy(
         if hidden_chunk.dtype != acc:
             hidden_chunk = hidden_chunk.to(acc)
 
-        # logits_t [V, count]: one column per token
-        logits_t = logits_storage[: vocab * count].view(vocab, count)
+        # logits [count, V]: one row per token
+        logits = logits_storage[: vocab * count].view(count, vocab)
         if bias_acc is None:
-            torch.mm(weight_acc, hidden_chunk.T, out=logits_t)
+            torch.mm(hidden_chunk, weight_acc.T, out=logits)
         else:
-            torch.addmm(bias_acc.unsqueeze(1), weight_acc, hidden_chunk.T, out=logits_t)
-        deriv_t = None
+            torch.addmm(bias_acc, hidden_chunk, weight_acc.T, out=logits)
+        deriv = None
         if softcap is not None:
-            logits_t.mul_(1.0 / softcap).tanh_()
+            logits.mul_(1.0 / softcap).tanh_()
             if deriv_storage is not None:
                 # d(c*tanh(y/c))/dy = 1 - tanh(y/c)^2
-                deriv_t = deriv_storage[: vocab * count].view(vocab, count)
-                torch.mul(logits_t, logits_t, out=deriv_t).neg_().add_(1.0)
-            logits_t.mul_(softcap)
-        target_row = target_chunk.unsqueeze(0)
-        target_logit = logits_t.gather(0, target_row).squeeze(0)
-        logit_sum = logits_t.sum(0) if label_smoothing else None
+                deriv = deriv_storage[: vocab * count].view(count, vocab)
+                torch.mul(logits, logits, out=deriv).neg_().add_(1.0)
+            logits.mul_(softcap)
+        target_col = target_chunk.unsqueeze(1)
+        target_logit = logits.gather(1, target_col).squeeze(1)
+        logit_sum = logits.sum(1) if label_smoothing else None
 
         # Softmax from log_softmax ((z - max) - log sum), even in a backward that could reuse the forward's lse:
-        # exp(z - lse) with lse rounded to fp32 loses p_t - 1 when p_t ~ 1 (a peaked softmax).
-        torch.log_softmax(logits_t, 0, out=logits_t)
-        target_log_prob = logits_t.gather(0, target_row).squeeze(0)
+        # exp(z - lse) with lse rounded to fp32 loses p_t - 1 when p_t ~ 1 (a peaked softmax). Each elementwise
+        # step runs on the whole chunk: slicing it to stay in L2 measured slower (more parallel regions).
+        if want_grads:
+            if uniform_scale:
+                token_scale, alpha = None, float(grad_scale)
+            else:
+                token_scale, alpha = grad_scale[tokens], 1.0
+                if chunk_valid is not None:
+                    token_scale = torch.where(chunk_valid, token_scale, torch.zeros_like(token_scale))
+            onehot = onehot_storage[:count]
+        torch.log_softmax(logits, 1, out=logits)
+        target_log_prob = logits.gather(1, target_col).squeeze(1)
+        if want_grads:
+            # dloss_n/dz_nj = p_nj (1 + 2 z_loss lse_n) - (1 - eps) [j == t_n] - eps / V, times the upstream grad
+            logits.exp_()
+            if z_loss:
+                logits.mul_((1.0 + 2.0 * z_loss * (target_logit - target_log_prob)).unsqueeze(1))
+            # subtract the one-hot before scaling: p_t - 1 is exact when p_t ~ 1, (g p_t) - g is not
+            logits.scatter_add_(1, target_col, onehot)
+            if label_smoothing:
+                logits.sub_(label_smoothing / vocab)
+            if token_scale is not None:
+                logits.mul_(token_scale.unsqueeze(1))
+            if deriv is not None:
+                logits.mul_(deriv)
         chunk_lse = target_logit - target_log_prob
         # -log p_t straight from log_softmax: lse - z_t would cancel badly when p_t ~ 1
         chunk_loss = -smoothing_keep * target_log_prob
@@ -169,42 +207,32 @@ def chunked_linear_cross_entropy(
         lse[tokens] = chunk_lse
         if not want_grads:
             continue
-
-        # dloss_n/dz_nj = p_nj * (1 + 2 z_loss lse_n) - (1 - eps) [j == t_n] - eps / V, times the upstream grad.
-        probs_t = logits_t.exp_()
-        if uniform_scale:
-            token_scale = None
-            alpha = float(grad_scale)
-        else:
-            token_scale = grad_scale[tokens]
-            if chunk_valid is not None:
-                token_scale = torch.where(chunk_valid, token_scale, torch.zeros_like(token_scale))
-            alpha = 1.0
-        if z_loss:
-            probs_t.mul_((1.0 + 2.0 * z_loss * chunk_lse).unsqueeze(0))
-        # subtract the one-hot before scaling: p_t - 1 is exact when p_t ~ 1, (g p_t) - g is not
-        onehot = torch.full((1, count), -smoothing_keep, dtype=acc, device=device)
-        grad_t = probs_t.scatter_add_(0, target_row, onehot)
-        if label_smoothing:
-            grad_t.sub_(label_smoothing / vocab)
-        if token_scale is not None:
-            grad_t.mul_(token_scale.unsqueeze(0))
-        if deriv_t is not None:
-            grad_t.mul_(deriv_t)
+        grad = logits
 
         if grad_hidden is not None:
             if isinstance(rows, slice):
-                torch.mm(grad_t.T, weight_acc, out=grad_hidden[rows])
-                if alpha != 1.0:
-                    grad_hidden[rows].mul_(alpha)
+                torch.addmm(grad_hidden[rows], grad, weight_acc, beta=0.0, alpha=alpha, out=grad_hidden[rows])
             else:
-                grad_hidden.index_add_(0, rows, grad_t.T @ weight_acc, alpha=alpha)
+                grad_hidden.index_add_(0, rows, grad @ weight_acc, alpha=alpha)
         if grad_weight is not None:
-            grad_weight.addmm_(grad_t, hidden_chunk, alpha=alpha)
+            grad_weight.addmm_(grad.T, hidden_chunk, beta=0.0 if start == 0 else 1.0, alpha=alpha)
         if grad_bias is not None:
-            grad_bias.add_(grad_t.sum(1), alpha=alpha)
+            grad_bias.add_(grad.sum(0), alpha=alpha)
 
     return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
+
+
+def emulate_grad_tile_cast(dz: torch.Tensor, dtype: torch.dtype, headroom: int = GRAD_TILE_HEADROOM):
+    """What the Triton kernels do to a logits-gradient tile before a half-precision tensor-core dot
+    (``triton_common.grad_tile_for_dot``), in torch with the same bit arithmetic: (dz / s cast to ``dtype``, s),
+    s a power of two putting max|dz| in (2^(headroom-1), 2^headroom]; s = 1 for an all-zero tile."""
+    amax = dz.detach().abs().max().to(torch.float32).reshape(1)
+    bits = amax.view(torch.int32)
+    exponent = (bits + 0x7FFFFF) >> 23
+    exponent = torch.where(amax > 0, exponent - headroom, torch.full_like(exponent, 127)).clamp(1, 253)
+    scale = (exponent << 23).view(torch.float32)
+    inverse = ((254 - exponent) << 23).view(torch.float32)
+    return (dz * inverse).to(dtype), scale.reshape(())
 
 
 def _rows_of(tokens, row_index: Optional[torch.Tensor]):

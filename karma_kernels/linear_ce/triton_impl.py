@@ -1,255 +1,43 @@
-"""Triton kernels for the fused linear + cross-entropy op, and their launchers.
+"""Launchers of the fused linear + cross-entropy Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
-Forward: one program per block of BLOCK_N tokens walks the vocabulary in tiles of BLOCK_V; each logits tile is
-built from BLOCK_D-wide ``tl.dot`` steps with fp32 accumulation, softcapped in registers, and folded into an
-online log-sum-exp. The target logit is picked out of the tile it falls in (the same fp32 value the lse saw),
-and the row sum of logits is tracked for label smoothing. Only per-token statistics reach memory: the loss, the
-row max and log-sum-exp relative to it (kept apart: their fp32 sum, the lse, is too coarse to recover p_t - 1
-for a peaked softmax in the backward).
-
-Backward recomputes the tiles. Two kernels, both deterministic (no atomics):
-  - grad_hidden: token-parallel. A program owns BLOCK_N token rows of an fp32 dHidden buffer and adds
-    dz @ W_tile into them for every vocabulary tile.
-  - grad_weight: vocabulary-parallel. A program owns BLOCK_V rows of the fp32 dWeight buffer (the gradient
-    itself, no other [V, D] temporary) and adds dz^T @ X over every token block, in token order.
+Kernels: ``triton_forward.py`` (2-D forward grid, split partials merged deterministically), ``triton_backward.py``
+(one-pass filtered backward, and the deterministic pair), ``triton_common.py`` (shared tile math, the
+power-of-two scaled cast of gradient tiles). Tiles, grids and the matmul work of each launch come from
+``triton_configs.py``, which the kernel audit reads too (``audit_plans``).
 
 Ignored tokens are removed before compute without a host sync: tokens are reordered so the valid ones come
 first (a stable device-side argsort) and the valid count is read by the kernels from device memory; blocks past
-it exit at once, and the weight-gradient loop stops there.
+it exit at once.
 
-Loads are upcast to fp32 before any arithmetic when the interpreter runs the kernels (its bf16 arithmetic and
-bf16 ``tl.dot`` are wrong) and for fp32 inputs (which then use exact fp32 dots, not TF32). fp16/bf16 on a GPU
-feed the tensor cores in their own dtype with fp32 accumulation.
-
-A fixed block configuration is used by default; ``KARMA_AUTOTUNE=1`` (read at import) autotunes instead.
+Options of the backward:
+  filter_eps    tiles whose |dz| (the logits gradient before the upstream gradient) is below it everywhere are
+                skipped; 0 = exact. The op's "auto" resolves it per dtype (``op.resolve_filter_eps``).
+  accum_dtype   None: fp16/bf16 dWeight is accumulated in fp32 bands of <= 16 MiB, each cast into the gradient
+                (memory: the gradient plus one band); "fp32": one fp32 [V, D] buffer, cast at the end.
+  deterministic the two-kernel variant without atomics (taken when torch.are_deterministic_algorithms_enabled()).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 
 from .._backend import interpreter_active
 from .torch_impl import cast_grads_like
+from .triton_configs import audit_plans, backward_launches, forward_launch  # noqa: F401  (audit_plans: the audit)
+from .triton_forward import merge_partials
 
-AUTOTUNE = os.environ.get("KARMA_AUTOTUNE") == "1"
-
-
-def _block_config(device: torch.device, kernel: str) -> dict:
-    """Fixed launch configuration of ``kernel`` ("forward", "grad_hidden", "grad_weight") on ``device``."""
-    if device.type != "cuda":
-        # interpreter: a program instance costs ~1 ms, blocks are numpy arrays; fewer, mid-sized blocks
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, num_warps=4)
-    if kernel == "grad_weight":
-        # each token block re-reads and re-writes the program's fp32 dWeight rows: larger token blocks, fewer passes
-        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+_ELEMENT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-_AUTOTUNE_CONFIGS = [
-    triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd), num_warps=w, num_stages=s)
-    for bn, bv, bd, w, s in [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-                             (128, 64, 64, 4, 4), (32, 128, 128, 4, 3)]
-]
+def _on_gpu(hidden: torch.Tensor) -> bool:
+    return hidden.device.type == "cuda" and not interpreter_active()
 
 
-@triton.jit
-def _tanh(x):
-    # from exp rather than libdevice (not available under the interpreter); saturates cleanly for large |x|
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w, softcap,
-                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Logits of a [BLOCK_N, BLOCK_V] tile in fp32, softcapped; also returns tanh(y / softcap) (or y)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        x = tl.load(h_ptr + rows[:, None] * stride_h + offs_d[None, :],
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
-                    mask=v_mask[:, None] & d_mask[None, :], other=0.0)
-        if UPCAST:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    tanh_val = acc
-    if HAS_SOFTCAP:
-        tanh_val = _tanh(acc / softcap)
-        acc = softcap * tanh_val
-    return acc, tanh_val
-
-
-@triton.jit
-def _grad_logits(z, tanh_val, row_max, log_sum, target, offs_v, v_mask, row_mask, grad_scale, z_factor, smoothing, V,
-                 HAS_SOFTCAP: tl.constexpr):
-    """d(sum_n g_n loss_n)/dy for a tile: g ((1 + 2 z_loss lse) p - (1 - eps) [j == t] - eps / V), times the
-    softcap derivative 1 - tanh^2. p = exp((z - max) - log_sum): the lse rounded to fp32 would lose p_t - 1
-    when p_t ~ 1; and the one-hot is subtracted before scaling by g for the same reason."""
-    probs = tl.exp((z - row_max[:, None]) - log_sum[:, None])
-    is_target = offs_v[None, :] == target[:, None]
-    dz = probs * z_factor[:, None] - tl.where(is_target, 1.0 - smoothing, 0.0) - smoothing / V
-    dz = dz * grad_scale[:, None]
-    if HAS_SOFTCAP:
-        dz = dz * (1.0 - tanh_val * tanh_val)
-    return tl.where(row_mask[:, None] & v_mask[None, :], dz, 0.0)
-
-
-@triton.jit
-def _add_dot_into(out_ptrs, out_mask, lhs, rhs_ptrs, rhs_mask, UPCAST: tl.constexpr):
-    """out += lhs @ rhs, fp32 read-modify-write of a block that only this program writes."""
-    rhs = tl.load(rhs_ptrs, mask=rhs_mask, other=0.0)
-    acc = tl.load(out_ptrs, mask=out_mask, other=0.0)
-    if UPCAST:
-        acc = tl.dot(lhs, rhs.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(lhs.to(rhs.dtype), rhs, acc)
-    tl.store(out_ptrs, acc, mask=out_mask)
-
-
-@triton.jit
-def _token_block(n_valid_ptr, BLOCK_N: tl.constexpr):
-    """This program's block of token slots: offsets, mask, and whether it holds any (slots past the valid count
-    are ignored tokens; their programs skip all work)."""
-    n_valid = tl.load(n_valid_ptr)
-    start = tl.program_id(0) * BLOCK_N
-    offs_n = start + tl.arange(0, BLOCK_N)
-    return offs_n, offs_n < n_valid, start < n_valid
-
-
-@triton.jit
-def _lce_forward_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot_target_ptr, n_valid_ptr,
-                        loss_ptr, max_ptr, log_sum_ptr, V, D, stride_h, stride_w, smoothing, z_loss, softcap,
-                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                        UPCAST: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_n, row_mask, active = _token_block(n_valid_ptr, BLOCK_N)
-    if active:
-        rows = tl.load(slot_row_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
-        target = tl.load(slot_target_ptr + offs_n, mask=row_mask, other=0)
-        row_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        sum_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            offs_v = v0 + tl.arange(0, BLOCK_V)
-            v_mask = offs_v < V
-            z, tanh_val = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w,
-                                       softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-            target_logit += tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
-            if HAS_SMOOTHING:
-                logit_sum += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
-            z = tl.where(v_mask[None, :], z, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(z, axis=1))
-            sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-            row_max = new_max
-        log_sum = tl.log(sum_exp)
-        lse = row_max + log_sum
-        # lse - (1 - eps) z_t - eps mean(z), arranged so that no two large numbers cancel when p_t ~ 1
-        loss = log_sum + (1.0 - smoothing) * (row_max - target_logit) + z_loss * lse * lse
-        if HAS_SMOOTHING:
-            loss += smoothing * (row_max - logit_sum / V)
-        token = tl.load(slot_token_ptr + offs_n, mask=row_mask, other=0)
-        tl.store(loss_ptr + token, loss, mask=row_mask)
-        tl.store(max_ptr + token, row_max, mask=row_mask)
-        tl.store(log_sum_ptr + token, log_sum, mask=row_mask)
-
-
-@triton.jit
-def _load_grad_terms(offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target_ptr, grad_scale_ptr,
-                     grad_scale_stride, max_ptr, log_sum_ptr, z_loss):
-    rows = tl.load(slot_row_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
-    target = tl.load(slot_target_ptr + offs_n, mask=row_mask, other=0)
-    token = tl.load(slot_token_ptr + offs_n, mask=row_mask, other=0)
-    g = tl.load(grad_scale_ptr + token * grad_scale_stride, mask=row_mask, other=0.0).to(tl.float32)
-    row_max = tl.load(max_ptr + token, mask=row_mask, other=0.0)
-    log_sum = tl.load(log_sum_ptr + token, mask=row_mask, other=0.0)
-    z_factor = 1.0 + 2.0 * z_loss * (row_max + log_sum)
-    return rows, target, row_max, log_sum, g, z_factor
-
-
-@triton.jit
-def _lce_grad_hidden_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot_target_ptr, n_valid_ptr,
-                            grad_scale_ptr, grad_scale_stride, max_ptr, log_sum_ptr, grad_h_ptr,
-                            V, D, stride_h, stride_w, stride_gh, smoothing, z_loss, softcap,
-                            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_n, row_mask, active = _token_block(n_valid_ptr, BLOCK_N)
-    if active:
-        rows, target, row_max, log_sum, grad_scale, z_factor = _load_grad_terms(
-            offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride,
-            max_ptr, log_sum_ptr, z_loss)
-        for v0 in range(0, V, BLOCK_V):
-            offs_v = v0 + tl.arange(0, BLOCK_V)
-            v_mask = offs_v < V
-            z, tanh_val = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w,
-                                       softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-            dz = _grad_logits(z, tanh_val, row_max, log_sum, target, offs_v, v_mask, row_mask, grad_scale, z_factor,
-                              smoothing, V, HAS_SOFTCAP)
-            # this program owns these token rows of the fp32 buffer: plain read-modify-write, deterministic
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                d_mask = offs_d < D
-                _add_dot_into(grad_h_ptr + rows[:, None] * stride_gh + offs_d[None, :],
-                              row_mask[:, None] & d_mask[None, :], dz,
-                              w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
-                              v_mask[:, None] & d_mask[None, :], UPCAST)
-
-
-@triton.jit
-def _lce_grad_weight_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot_target_ptr, n_valid_ptr,
-                            grad_scale_ptr, grad_scale_stride, max_ptr, log_sum_ptr, grad_w_ptr, grad_b_ptr,
-                            V, D, stride_h, stride_w, stride_gw, smoothing, z_loss, softcap,
-                            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                            NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_mask = offs_v < V
-    n_valid = tl.load(n_valid_ptr)
-    bias_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for n0 in range(0, n_valid, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        row_mask = offs_n < n_valid
-        rows, target, row_max, log_sum, grad_scale, z_factor = _load_grad_terms(
-            offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride,
-            max_ptr, log_sum_ptr, z_loss)
-        z, tanh_val = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w,
-                                   softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-        dz = _grad_logits(z, tanh_val, row_max, log_sum, target, offs_v, v_mask, row_mask, grad_scale, z_factor,
-                          smoothing, V, HAS_SOFTCAP)
-        if NEED_BIAS:
-            bias_acc += tl.sum(dz, axis=0)
-        if NEED_WEIGHT:
-            # this program owns these vocabulary rows of the fp32 gradient: deterministic accumulation
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                d_mask = offs_d < D
-                _add_dot_into(grad_w_ptr + offs_v.to(tl.int64)[:, None] * stride_gw + offs_d[None, :],
-                              v_mask[:, None] & d_mask[None, :], tl.trans(dz),
-                              h_ptr + rows[:, None] * stride_h + offs_d[None, :],
-                              row_mask[:, None] & d_mask[None, :], UPCAST)
-    if NEED_BIAS:
-        tl.store(grad_b_ptr + offs_v, bias_acc, mask=v_mask)
-
-
-if AUTOTUNE:
-    _KEY = ["V", "D"]
-    _lce_forward_kernel = triton.autotune(_AUTOTUNE_CONFIGS, key=_KEY)(_lce_forward_kernel)
-    _lce_grad_hidden_kernel = triton.autotune(_AUTOTUNE_CONFIGS, key=_KEY,
-                                              reset_to_zero=["grad_h_ptr"])(_lce_grad_hidden_kernel)
-    _lce_grad_weight_kernel = triton.autotune(_AUTOTUNE_CONFIGS, key=_KEY,
-                                              reset_to_zero=["grad_w_ptr"])(_lce_grad_weight_kernel)
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda" or interpreter_active():
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def unsupported_reason(hidden: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
@@ -259,20 +47,6 @@ def unsupported_reason(hidden: torch.Tensor, weight: torch.Tensor) -> Optional[s
     if hidden.stride(-1) != 1 or weight.stride(-1) != 1:
         return "hidden and weight need a contiguous last dimension"
     return None
-
-
-def _upcast(hidden: torch.Tensor) -> bool:
-    return interpreter_active() or hidden.device.type != "cuda" or hidden.dtype == torch.float32
-
-
-def _launch_config(device: torch.device, kernel: str):
-    return {} if AUTOTUNE else _block_config(device, kernel)
-
-
-def _grid_over(count: int, block_key: str, config: dict):
-    if AUTOTUNE:
-        return lambda meta: (max(1, triton.cdiv(count, meta[block_key])),)
-    return (max(1, triton.cdiv(count, config[block_key])),)
 
 
 def token_slots(target: torch.Tensor, row_index: Optional[torch.Tensor], ignore_index: int):
@@ -285,6 +59,15 @@ def token_slots(target: torch.Tensor, row_index: Optional[torch.Tensor], ignore_
     return slot_token, slot_row.contiguous(), slot_target.contiguous(), n_valid
 
 
+def _vocab_order(hidden, weight, bias, row_index) -> torch.Tensor:
+    """Classes by descending mean logit over the batch's hidden rows (the logit of the mean hidden state)."""
+    rows = hidden if row_index is None else hidden.index_select(0, row_index)
+    mean_logit = torch.mv(weight, rows.float().mean(0).to(weight.dtype)).float()   # no fp32 copy of W
+    if bias is not None:
+        mean_logit = mean_logit + bias.float()
+    return torch.argsort(mean_logit, descending=True)
+
+
 def forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
             row_index: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
             ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -293,91 +76,92 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
     fp32, 0 at ignored tokens. hidden [R, D], weight [V, D], target [N]. The backward takes the statistics."""
     n_tokens = target.numel()
     vocab, dim = weight.shape
-    loss = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)
-    stats = torch.zeros((2, n_tokens), dtype=torch.float32, device=hidden.device)
     if n_tokens == 0:
-        return loss, stats
+        return (torch.zeros(0, dtype=torch.float32, device=hidden.device),
+                torch.zeros((2, 0), dtype=torch.float32, device=hidden.device))
     slot_token, slot_row, slot_target, n_valid = token_slots(target, row_index, ignore_index)
-    config = _launch_config(hidden.device, "forward")
-    _lce_forward_kernel[_grid_over(n_tokens, "BLOCK_N", config)](
-        hidden, weight, bias if bias is not None else hidden, slot_token, slot_row, slot_target, n_valid,
-        loss, stats[0], stats[1], vocab, dim, hidden.stride(0), weight.stride(0),
-        float(label_smoothing), float(z_loss), float(softcap or 1.0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0,
-        UPCAST=_upcast(hidden), **config)
-    return loss, stats
+    launch = forward_launch(n_tokens, vocab, dim, _ELEMENT[hidden.dtype], on_gpu=_on_gpu(hidden),
+                            sms=_sms(hidden.device), has_bias=bias is not None, has_softcap=softcap is not None,
+                            has_smoothing=label_smoothing > 0)
+    splits = launch.extra["splits"]
+    part = torch.zeros((4, splits, n_tokens), dtype=torch.float32, device=hidden.device)
+    launch.kernel[launch.grid](
+        hidden, weight, bias if bias is not None else hidden, slot_token, slot_row, slot_target, n_valid, part,
+        n_tokens, vocab, dim, hidden.stride(0), weight.stride(0), launch.extra["tiles_per_split"], splits,
+        float(softcap or 1.0), **launch.options())
+    return merge_partials(part, target != ignore_index, vocab, label_smoothing, z_loss)
 
 
 def backward(grad_scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
              stats: torch.Tensor, *, row_index: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
              ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
              softcap: Optional[float] = None, need_grad_hidden: bool = True, need_grad_weight: bool = True,
-             need_grad_bias: bool = True):
+             need_grad_bias: bool = True, filter_eps: float = 0.0, accum_dtype: Optional[str] = None,
+             vocab_order: bool = False, deterministic: Optional[bool] = None):
     """Gradients of sum_n grad_scale_n * loss_n. ``grad_scale`` is [N] or a 0-d tensor (broadcast); ``stats``
-    is the forward's [2, N] softmax statistics."""
+    is the forward's [2, N] softmax statistics. ``deterministic=None`` follows
+    ``torch.are_deterministic_algorithms_enabled()``. ``vocab_order``: tiles walk the classes by descending mean
+    logit over the batch (one GEMV and a sort), so that filtered tiles cluster (one-pass backward only)."""
     n_tokens = target.numel()
     vocab, dim = weight.shape
     device = hidden.device
     need_grad_bias = need_grad_bias and bias is not None
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    element = _ELEMENT[hidden.dtype]
+    launches = backward_launches(
+        max(n_tokens, 1), vocab, dim, element, on_gpu=_on_gpu(hidden), deterministic=deterministic,
+        has_bias=bias is not None, has_softcap=softcap is not None, filtering=filter_eps > 0,
+        need_hidden=need_grad_hidden, need_weight=need_grad_weight, need_bias=need_grad_bias, accum_dtype=accum_dtype,
+        vocab_order=vocab_order and not deterministic)
+    rows = vocab if deterministic else launches[0].extra["band_rows"]
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_grad_hidden else None
-    grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=device) if need_grad_weight else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_grad_bias else None
+    grad_weight = scratch = None
+    if need_grad_weight:
+        if rows == vocab:       # fp32 gradient, or one full fp32 buffer
+            grad_weight = scratch = torch.zeros((vocab, dim), dtype=torch.float32, device=device)
+        else:                   # fp32 bands, each cast into the fp16/bf16 gradient
+            grad_weight = torch.empty((vocab, dim), dtype=weight.dtype, device=device)
+            scratch = torch.zeros((rows, dim), dtype=torch.float32, device=device)
     if n_tokens and (need_grad_hidden or need_grad_weight or need_grad_bias):
         grad_scale = grad_scale.to(torch.float32)
-        grad_scale_stride = 0 if grad_scale.dim() == 0 else grad_scale.stride(0)
-        slot_token, slot_row, slot_target, n_valid = token_slots(target, row_index, ignore_index)
-        common = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=_upcast(hidden))
-        scalars = (float(label_smoothing), float(z_loss), float(softcap or 1.0))
-        bias_arg = bias if bias is not None else hidden
+        scale_stride = 0 if grad_scale.dim() == 0 else grad_scale.stride(0)
+        slots = token_slots(target, row_index, ignore_index)
         stats = stats.contiguous()
-        if need_grad_hidden:
-            config = _launch_config(device, "grad_hidden")
-            _lce_grad_hidden_kernel[_grid_over(n_tokens, "BLOCK_N", config)](
-                hidden, weight, bias_arg, slot_token, slot_row, slot_target, n_valid, grad_scale,
-                grad_scale_stride, stats[0], stats[1], grad_hidden, vocab, dim, hidden.stride(0), weight.stride(0),
-                grad_hidden.stride(0), *scalars, **common, **config)
-        if need_grad_weight or need_grad_bias:
-            config = _launch_config(device, "grad_weight")
-            _lce_grad_weight_kernel[_grid_over(vocab, "BLOCK_V", config)](
-                hidden, weight, bias_arg, slot_token, slot_row, slot_target, n_valid, grad_scale,
-                grad_scale_stride, stats[0], stats[1], grad_weight if grad_weight is not None else hidden,
-                grad_bias if grad_bias is not None else hidden, vocab, dim, hidden.stride(0), weight.stride(0),
-                dim, *scalars, NEED_WEIGHT=need_grad_weight, NEED_BIAS=need_grad_bias, **common, **config)
+        head = (hidden, weight, bias if bias is not None else hidden) + slots + (grad_scale, scale_stride,
+                                                                                stats[0], stats[1])
+        scalars = (float(label_smoothing), float(z_loss), float(softcap or 1.0), float(filter_eps))
+        unused = hidden  # pointer placeholder for an output that is not asked for
+        if deterministic:
+            for launch in launches:
+                if launch.name == "grad_hidden":
+                    launch.kernel[launch.grid](*head, grad_hidden, vocab, dim, hidden.stride(0), weight.stride(0),
+                                               grad_hidden.stride(0), *scalars, **launch.options())
+                else:
+                    launch.kernel[launch.grid](
+                        *head, scratch if scratch is not None else unused,
+                        grad_bias if grad_bias is not None else unused, vocab, dim, hidden.stride(0),
+                        weight.stride(0), dim, *scalars, **launch.options())
+        else:
+            launch = launches[0]
+            order = _vocab_order(hidden, weight, bias, row_index) if launch.constexprs["VOCAB_ORDER"] else None
+            for v_start in range(0, vocab, rows):
+                v_count = min(rows, vocab - v_start)
+                launch.kernel[launch.grid](
+                    *head, grad_hidden if grad_hidden is not None else unused,
+                    scratch if scratch is not None else unused, grad_bias if grad_bias is not None else unused,
+                    order if order is not None else slots[0], n_tokens, vocab, v_start, v_count, dim,
+                    hidden.stride(0), weight.stride(0), grad_hidden.stride(0) if grad_hidden is not None else 0,
+                    dim, *scalars, **launch.options())
+                if scratch is not None and scratch is not grad_weight:
+                    if order is None:
+                        grad_weight[v_start:v_start + v_count].copy_(scratch[:v_count])
+                    else:
+                        grad_weight.index_copy_(0, order[v_start:v_start + v_count],
+                                                scratch[:v_count].to(grad_weight.dtype))
+                    if v_start + rows < vocab:
+                        scratch.zero_()
+    elif scratch is not None and scratch is not grad_weight:
+        grad_weight.zero_()
     return cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))
-
-
-def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> dict:
-    """Compile the three kernels for an NVIDIA target without a GPU (Triton's bundled ptxas), so CI on a
-    CPU-only machine still sees GPU compile errors. Needs TRITON_INTERPRET unset when this module was imported.
-    Returns {kernel name: bytes of shared memory it needs}."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    element = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    pointer_types = {"h_ptr": f"*{element}", "w_ptr": f"*{element}", "b_ptr": f"*{element}",
-                     "slot_token_ptr": "*i64", "slot_row_ptr": "*i64", "slot_target_ptr": "*i64",
-                     "n_valid_ptr": "*i32"}
-    float_args = ("smoothing", "z_loss", "softcap")
-    flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, NEED_WEIGHT=True, NEED_BIAS=True,
-                 UPCAST=dtype == torch.float32)
-    shared = {}
-    for name, kernel in (("forward", _lce_forward_kernel), ("grad_hidden", _lce_grad_hidden_kernel),
-                         ("grad_weight", _lce_grad_weight_kernel)):
-        if not isinstance(kernel, triton.JITFunction):
-            raise RuntimeError("compile_for_gpu needs the compiled kernels: import with TRITON_INTERPRET unset "
-                               "and KARMA_AUTOTUNE unset")
-        config = _block_config(torch.device("cuda"), name)
-        launch = {k: config.pop(k) for k in ("num_warps", "num_stages")}
-        signature, constants = {}, {}
-        for index, arg in enumerate(kernel.arg_names):
-            if arg in config or arg in flags:
-                signature[arg] = "constexpr"
-                constants[(index,)] = config.get(arg, flags.get(arg))
-            elif arg.endswith("_ptr"):
-                signature[arg] = pointer_types.get(arg, "*fp32")
-            else:
-                signature[arg] = "fp32" if arg in float_args else "i32"
-        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
-                                  options=launch)
-        shared[name] = compiled.metadata.shared
-    return shared

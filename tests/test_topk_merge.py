@@ -483,3 +483,17 @@ def test_large_random_matches_reference(metric, dedup, merge):
     for sorted_rows in (True, False):
         result = merge(distances, ids, 100, metric=metric, dedup=dedup, sorted=sorted_rows)
         assert_same(result, expect(distances, ids, 100, metric=metric, dedup=dedup))
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_every_backend_returns_plus_zero_for_minus_zero(metric):
+    """-0.0 ranks equal to +0.0 and comes back as +0.0 on every backend (the README's contract)."""
+    distances = [np.array([[-0.0, 1.0], [0.0, -0.0]], np.float32), np.array([[-0.0, 2.0], [-0.0, 0.0]], np.float32)]
+    ids = [np.array([[3, 4], [1, 2]]), np.array([[5, 6], [7, 8]])]
+    if metric == "ip":
+        distances = [-d for d in distances]
+    for backend in ("reference", "compiled", "device_emulation"):
+        out_distances, out_ids = topk_merge(distances, ids, 3, metric=metric, backend=backend)
+        zeros = out_distances == 0
+        assert zeros.sum() == 5, backend
+        assert not np.signbit(out_distances[zeros]).any(), backend

@@ -34,7 +34,8 @@ def topk_merge_reference(distances: Sequence[np.ndarray], ids: Sequence[np.ndarr
     Order: ascending distance (``largest=False``, "l2") or descending score (``largest=True``, "ip"); NaN after
     every number; equal distances by smaller global id. A negative id is padding: never offset, never ranked;
     rows with fewer than k real candidates end with id -1 and +inf ("l2") / -inf ("ip"). ``dedup`` keeps only
-    the best occurrence of each global id. Returns float64 distances (exact copies of the inputs) and int64 ids.
+    the best occurrence of each global id. Returns float64 distances (exact copies of the inputs, except that
+    -0.0 is returned as +0.0 and every NaN as the canonical NaN) and int64 ids.
     """
     num_queries = distances[0].shape[0]
     all_distances = np.concatenate([np.asarray(d, dtype=np.float64) for d in distances], axis=1)
@@ -68,6 +69,8 @@ def topk_merge_reference(distances: Sequence[np.ndarray], ids: Sequence[np.ndarr
     out_distances = np.take_along_axis(ranked_distances, selected, axis=1)
     out_ids = np.take_along_axis(ranked_ids, selected, axis=1)
     is_real = np.arange(k) < keep.sum(axis=1, keepdims=True)
-    out_distances = np.where(is_real, out_distances, -np.inf if largest else np.inf)
+    # Like the compiled op: -0.0 comes back as +0.0 (x + 0.0 rounds -0.0 to +0.0), every NaN as the canonical NaN.
+    out_distances = np.where(is_real, np.where(np.isnan(out_distances), np.nan, out_distances + 0.0),
+                             -np.inf if largest else np.inf)
     out_ids = np.where(is_real, out_ids, np.int64(-1))
     return out_distances.reshape(num_queries, k), out_ids.reshape(num_queries, k).astype(np.int64)

@@ -323,8 +323,38 @@ def test_rows_read_out_of_order_with_sorted_true_raise(metric, merge):
     with pytest.raises(ValueError, match=r"row 0 of distances\[0\] is not sorted best-first.*sorted=False"):
         merge(distances, ids, 4, metric=metric)
     assert merge(distances, ids, 4, metric=metric, sorted=False)[1].tolist() == [[1, 5, 3, 6]]
-    # Only what the merge reads is checked: a disorder past the k-th candidate cannot change the result.
-    assert merge(distances, ids, 2, metric=metric)[1].tolist() == [[1, 5]]
+    if not is_warp(merge):  # the CPU op checks whole rows: a disorder past the candidates it reads raises too
+        with pytest.raises(ValueError, match=r"row 0 of distances\[0\] is not sorted best-first"):
+            merge(distances, ids, 2, metric=metric)
+    else:  # the GPU algorithm checks only the candidates it reads (docs/topk_merge_gpu.md)
+        assert merge(distances, ids, 2, metric=metric)[1].tolist() == [[1, 5]]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+def test_sorted_true_checks_whole_rows_on_every_cpu_backend(metric, backend):
+    """A row out of order outside the candidates the merge reads (issue 15): the CPU backends raise alike,
+    never a silently wrong top-k (compiled) or a silent sort (reference). Padding anywhere is skipped."""
+    sign = 1.0 if metric == "l2" else -1.0
+    good = sign * np.array([[0.15, 0.25, 0.35, 0.45, 0.55]], np.float32)
+    bad = sign * np.array([[0.1, 0.2, 0.3, 0.4, 0.0]], np.float32)  # the best candidate last
+    ids = np.array([[1, 2, 3, 4, 5]])
+    for layout in ("list", "stacked"):  # the stacked numpy input takes the small-call path
+        d = [good, bad] if layout == "list" else np.stack([bad, bad])
+        i = [ids, ids + 10] if layout == "list" else np.stack([ids, ids + 10])
+        shard = 1 if layout == "list" else 0
+        with pytest.raises(ValueError, match=rf"row 0 of distances\[{shard}\] is not sorted best-first.*sorted=False"):
+            topk_merge(d, i, 2, metric=metric, backend=backend)
+        expected = [[15, 11]] if layout == "list" else [[5, 15]]
+        assert topk_merge(d, i, 2, metric=metric, backend=backend, sorted=False)[1].tolist() == expected
+    # Padding (id -1) out of order is not a disorder; NaN last is sorted; a number after a NaN is not.
+    padded = sign * np.array([[0.1, 9.0, 0.2, -9.0, 0.3]], np.float32)
+    padded_ids = np.array([[1, -1, 2, -1, 3]])
+    assert topk_merge([padded], [padded_ids], 3, metric=metric, backend=backend)[1].tolist() == [[1, 2, 3]]
+    nan_last = np.array([[sign * 0.1, np.nan, np.nan]], np.float32)
+    assert topk_merge([nan_last], [ids[:, :3]], 1, metric=metric, backend=backend)[1].tolist() == [[1]]
+    with pytest.raises(ValueError, match="not sorted best-first"):
+        topk_merge([nan_last[:, ::-1].copy()], [ids[:, :3]], 1, metric=metric, backend=backend)
 
 
 def test_deterministic_across_runs_and_thread_counts():

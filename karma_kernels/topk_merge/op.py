@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .._validation import check_choice
-from .reference import topk_merge_reference
+from .reference import check_rows_sorted, topk_merge_reference
 
 OP = "topk_merge"
 METRICS = ("l2", "ip")
@@ -186,9 +186,13 @@ def _validate_shard(d: torch.Tensor, i: torch.Tensor, index: str, dtype, device,
 
 
 def _reference(distances: list[torch.Tensor], ids: list[torch.Tensor], k: int, largest: bool,
-               offsets: Optional[torch.Tensor], dedup: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               offsets: Optional[torch.Tensor], sorted: bool, dedup: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    host_distances = [d.detach().cpu().to(torch.float64).numpy() for d in distances]
+    host_ids = [i.cpu().numpy() for i in ids]
+    if sorted:  # the contract the compiled CPU op checks, checked alike: the backends raise on the same inputs
+        check_rows_sorted(host_distances, host_ids, largest)
     out_distances, out_ids = topk_merge_reference(
-        [d.detach().cpu().to(torch.float64).numpy() for d in distances], [i.cpu().numpy() for i in ids], k,
+        host_distances, host_ids, k,
         largest=largest, id_offsets=None if offsets is None else offsets.cpu().tolist(), dedup=dedup)
     device = distances[0].device
     return (torch.from_numpy(out_distances).to(device=device, dtype=distances[0].dtype),
@@ -209,8 +213,13 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
         id_offsets: S integers added to each shard's local ids (e.g. the shard's first global row). A global
             id outside [0, 2^63-1] raises ValueError (never wraps).
         sorted: True when every shard row is sorted best-first by distance (faiss output; ties in any id
-            order; padding may sit anywhere): a k-way merge reads about k+S candidates per query, and a row
-            found out of order among the candidates it reads raises ValueError (CPU). False accepts any order.
+            order; NaN last; padding may sit anywhere): a k-way merge reads about k+S candidates per query.
+            On the CPU ("compiled", "reference", the small-call path) every row is checked whole (a pass
+            over the distances, the ids read again only for a row that fails it; about the cost of the merge's
+            own reads, see docs/topk_merge_gpu.md) and a row out of order anywhere raises ValueError naming the
+            shard and query, so no backend returns a wrong top-k silently. On CUDA (and "device_emulation")
+            only the candidates the merge reads are checked against their row neighbours: a disorder past
+            them goes unseen there. False accepts any order.
         dedup: keep only the best occurrence of each global id (replicated shards).
         backend: "auto" (the compiled op, else the reference with a warning), "compiled", "reference", or
             "device_emulation": the CUDA kernel's warp algorithm run on the CPU, 32 lanes in lockstep (the op
@@ -272,7 +281,7 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
             largest, offsets, bool(sorted), bool(dedup))
     else:
         out_distances, out_ids = _reference(_shard_list(distance_shards), _shard_list(id_shards), k, largest,
-                                            offsets, bool(dedup))
+                                            offsets, bool(sorted), bool(dedup))
     if library == "numpy":
         return out_distances.numpy(), out_ids.numpy()
     return out_distances, out_ids

@@ -26,6 +26,29 @@ def translate_ids(local_ids: np.ndarray, offset: int, shard: int) -> np.ndarray:
     return np.where(padding, np.int64(-1), local_ids + np.int64(offset))
 
 
+def check_rows_sorted(distances: Sequence[np.ndarray], ids: Sequence[np.ndarray], largest: bool) -> None:
+    """sorted=True's contract over whole rows, as the compiled CPU op checks it: in every shard row, each real
+    candidate (id >= 0; padding anywhere is skipped) is no better than the real candidate before it, NaN last.
+    Raises the compiled op's ValueError naming the first bad (query, shard)."""
+    first_bad = None  # (query, shard)
+    for s, (d, i) in enumerate(zip(distances, ids)):
+        d = np.asarray(d, dtype=np.float64)
+        real = np.asarray(i) >= 0
+        nan = np.isnan(d) & real
+        number = real & ~nan
+        key = np.where(number, -d if largest else d, -np.inf)
+        before = np.maximum.accumulate(key, axis=1)[:, :-1]  # the worst real number so far
+        nan_before = np.logical_or.accumulate(nan, axis=1)[:, :-1]
+        bad = number[:, 1:] & ((key[:, 1:] < before) | nan_before)
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size and (first_bad is None or rows[0] < first_bad[0]):
+            first_bad = (int(rows[0]), s)
+    if first_bad is not None:
+        raise ValueError(f"topk_merge: row {first_bad[0]} of distances[{first_bad[1]}] is not sorted best-first "
+                         f"({'descending' if largest else 'ascending'}, NaN last); pass sorted=False for "
+                         "unsorted rows")
+
+
 def topk_merge_reference(distances: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int, *,
                          largest: bool = False, id_offsets: Optional[Sequence[int]] = None,
                          dedup: bool = False) -> tuple[np.ndarray, np.ndarray]:

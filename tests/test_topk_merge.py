@@ -527,3 +527,22 @@ def test_every_backend_returns_plus_zero_for_minus_zero(metric):
         zeros = out_distances == 0
         assert zeros.sum() == 5, backend
         assert not np.signbit(out_distances[zeros]).any(), backend
+
+
+def test_the_python_wrapper_compiles_with_fullgraph():
+    """torch.compile(fullgraph=True) of topk_merge itself (not only of the op), on a fresh interpreter so that
+    the extension is loaded inside the traced call."""
+    code = textwrap.dedent("""
+        import torch
+        from karma_kernels import topk_merge
+        d = [torch.tensor([[0.1, 0.3], [0.2, 0.4]]), torch.tensor([[0.0, 0.5], [0.3, 0.6]])]
+        i = [torch.tensor([[1, 2], [3, 4]]), torch.tensor([[5, 6], [7, 8]])]
+        compiled = torch.compile(lambda a, b: topk_merge([a, d[1]], [b, i[1]], 3, id_offsets=[0, 10]),
+                                 fullgraph=True, backend="aot_eager")
+        out_d, out_i = compiled(d[0], i[0])
+        want_d, want_i = topk_merge(d, i, 3, id_offsets=[0, 10])
+        assert torch.equal(out_i, want_i) and torch.equal(out_d, want_d), (out_i, want_i)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

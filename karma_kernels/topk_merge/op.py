@@ -6,7 +6,6 @@ build it and the numpy reference (``reference.py``) answers instead.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import numbers
 import threading
@@ -42,6 +41,9 @@ def _register_fake() -> None:
         torch.library.register_fake(name)(fake)
 
 
+# Run eagerly even under torch.compile: Dynamo calls these at trace time and keeps their answer as a constant
+# (it cannot trace a lock or an import), so topk_merge compiles with fullgraph=True on its first call too.
+@torch.compiler.assume_constant_result
 def _extension_loaded() -> bool:
     """Imports karma_kernels._C once; warns once when it is not built."""
     with _load_lock:
@@ -60,9 +62,15 @@ def _extension_loaded() -> bool:
         return _extension_state["loaded"]
 
 
-@functools.lru_cache(maxsize=None)
+_kernel_for_device: dict = {}  # device type -> whether the op has a kernel for it
+
+
+@torch.compiler.assume_constant_result
 def _compiled_supports(device_type: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("karma::topk_merge", device_type.upper())
+    if device_type not in _kernel_for_device:
+        _kernel_for_device[device_type] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            "karma::topk_merge", device_type.upper())
+    return _kernel_for_device[device_type]
 
 
 def _library_of(name: str, value) -> str:
@@ -236,7 +244,8 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     # The small-call path: a stacked numpy input merged straight from its buffers (csrc/topk_merge_numpy.cpp),
     # without tensors or the dispatcher, which cost more than merging one query. It answers False for
     # anything it does not take (or an error to raise), and the general path below handles the call.
-    merge_numpy = _extension_state.get("merge_numpy")
+    # (Not under torch.compile: there the inputs are tensors, and the state may be filled during the trace.)
+    merge_numpy = None if torch.compiler.is_compiling() else _extension_state.get("merge_numpy")
     if (merge_numpy is not None and type(distances) is np.ndarray and type(ids) is np.ndarray
             and distances.ndim == 3 and id_offsets is None and dedup is False and backend == "auto"
             and type(k) is int and k > 0 and (metric == "l2" or metric == "ip") and (sorted is True or sorted is False)):

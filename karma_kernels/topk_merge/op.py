@@ -23,6 +23,8 @@ METRICS = ("l2", "ip")
 BACKENDS = ("auto", "compiled", "reference", "device_emulation")
 DISTANCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BUILD_HINT = "pip install --no-build-isolation -e ."
+MAX_K = 2**31 - 1  # results per query at most
+MAX_PADDED_OUTPUT = 2**31  # entries of a (Q, k) output at most when k exceeds the candidates per query
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -89,9 +91,12 @@ def _library_of(name: str, value) -> str:
                     f"got {type(value).__name__}")
 
 
-def _as_tensor(array: ArrayLike) -> torch.Tensor:
+def _as_tensor(name: str, array: ArrayLike) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array
+    if array.dtype.kind not in "biufc" or array.dtype == np.longdouble:  # which torch has no dtype for
+        raise TypeError(f"{OP}: {name} must be float32, float16, bfloat16 or float64 (distances) / int64 (ids), "
+                        f"got numpy {array.dtype}")
     if any(stride < 0 for stride in array.strides):
         array = np.ascontiguousarray(array)
     if not array.flags.writeable:  # read only here; torch warns about any non-writable array
@@ -104,12 +109,12 @@ def _as_tensor(array: ArrayLike) -> torch.Tensor:
 def _shards(name: str, value) -> Union[torch.Tensor, list[torch.Tensor]]:
     """(S, Q, k_s) -> that tensor (stacked; no copy, no tensor per shard), a list of S (Q, k_s) -> S tensors."""
     if isinstance(value, (list, tuple)):
-        shards = [_as_tensor(v) for v in value]
+        shards = [_as_tensor(f"{name}[{s}]", v) for s, v in enumerate(value)]
         for s, shard in enumerate(shards):
             if shard.dim() != 2:
                 raise ValueError(f"{OP}: {name}[{s}] must be 2-D (Q, k_s), got shape {tuple(shard.shape)}")
         return shards
-    stacked = _as_tensor(value)
+    stacked = _as_tensor(name, value)
     if stacked.dim() != 3:
         raise ValueError(f"{OP}: {name} must be 3-D (S, Q, k_s) or a list of 2-D (Q, k_s) arrays, "
                          f"got shape {tuple(stacked.shape)}")
@@ -162,6 +167,8 @@ def _validate(distances: Union[torch.Tensor, list[torch.Tensor]], ids: Union[tor
         raise TypeError(f"{OP}: k must be an int, got {type(k).__name__}")
     if k <= 0:
         raise ValueError(f"{OP}: k must be >= 1, got {k}")
+    if k > MAX_K:
+        raise ValueError(f"{OP}: k must be <= 2^31-1, got {k}")
     if isinstance(distances, torch.Tensor):  # stacked: one check for every shard
         if ids.shape[0] != distances.shape[0]:
             raise ValueError(f"{OP}: distances has {distances.shape[0]} shards but ids has {ids.shape[0]}")
@@ -171,6 +178,19 @@ def _validate(distances: Union[torch.Tensor, list[torch.Tensor]], ids: Union[tor
         raise ValueError(f"{OP}: distances has {len(distances)} shards but ids has {len(ids)}")
     for s, (d, i) in enumerate(zip(distances, ids)):
         _validate_shard(d, i, f"[{s}]", distances[0].dtype, distances[0].device, distances[0].shape[0])
+
+
+def _check_padding_size(distances: Union[torch.Tensor, list[torch.Tensor]], k: int) -> None:
+    """k may exceed the candidates per query (the rows end with padding), but not into an output of more than
+    2^31 entries that is mostly padding: that is a wrong k, not a request for a huge padded result."""
+    if isinstance(distances, torch.Tensor):
+        num_queries, candidates = distances.shape[1], distances.shape[0] * distances.shape[2]
+    else:
+        num_queries, candidates = distances[0].shape[0], sum(d.shape[1] for d in distances)
+    if k > candidates and num_queries * k > MAX_PADDED_OUTPUT:
+        raise ValueError(f"{OP}: k = {k} exceeds the {candidates} candidates per query, and the ({num_queries}, "
+                         f"k) output would hold {num_queries * k} entries, mostly padding (more than 2^31); "
+                         "pass a k of at most the candidates per query")
 
 
 def _validate_shard(d: torch.Tensor, i: torch.Tensor, index: str, dtype, device, num_queries: int) -> None:
@@ -216,7 +236,8 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
             (CPU, or CUDA when the extension was built with CUDA). float32, float16, bfloat16 or float64.
         ids: int64, same shapes as ``distances``. Any negative id is padding (an empty slot): it is never
             offset and never outranks a real result, wherever it appears in a row.
-        k: results per query (k >= 1; it may exceed the number of candidates).
+        k: results per query, 1 <= k <= 2^31-1; it may exceed the number of candidates (the rows then end
+            with padding), as long as such a padded (Q, k) output holds at most 2^31 entries (ValueError).
         metric: "l2" (ascending distance) or "ip" (descending score).
         id_offsets: S integers added to each shard's local ids (e.g. the shard's first global row). A global
             id outside [0, 2^63-1] raises ValueError (never wraps).
@@ -248,7 +269,7 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     merge_numpy = None if torch.compiler.is_compiling() else _extension_state.get("merge_numpy")
     if (merge_numpy is not None and type(distances) is np.ndarray and type(ids) is np.ndarray
             and distances.ndim == 3 and id_offsets is None and dedup is False and backend == "auto"
-            and type(k) is int and k > 0 and (metric == "l2" or metric == "ip") and (sorted is True or sorted is False)):
+            and type(k) is int and 0 < k <= distances.shape[0] * distances.shape[2] and (metric == "l2" or metric == "ip") and (sorted is True or sorted is False)):
         out = (np.empty((distances.shape[1], k), distances.dtype), np.empty((distances.shape[1], k), np.int64))
         if merge_numpy(distances, ids, k, metric == "ip", sorted, out[0], out[1]):
             return out
@@ -267,6 +288,7 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     _validate(distance_shards, id_shards, k)
     k = int(k)
     num_shards = len(distance_shards)  # a stacked tensor's first dimension
+    _check_padding_size(distance_shards, k)
     device = distance_shards[0].device
     offsets = _offsets_tensor(id_offsets, num_shards, device)
     largest = metric == "ip"

@@ -534,16 +534,16 @@ template <typename scalar_t, bool Largest>
 bool row_sorted(const ShardRows<scalar_t>& shard, int64_t q) {
   using Key = at::opmath_type<scalar_t>;
   const scalar_t* distances = shard.distances + q * shard.distance_row_stride;
-  bool monotone = true;
-  uint64_t previous = 0;
-  for (int64_t j = 0; j < shard.width; ++j) {
-    const uint64_t key = topk::sort_key<Largest>(static_cast<Key>(distances[j]));
-    monotone &= key >= previous;
-    previous = key;
+  // Plain comparisons, no branch: the compiler vectorises this pass. A NaN compares false, so a row holding one
+  // takes the exact pass below (NaN last is sorted there).
+  int monotone = 1;
+  for (int64_t j = 1; j < shard.width; ++j) {
+    const Key before = static_cast<Key>(distances[j - 1]), here = static_cast<Key>(distances[j]);
+    monotone &= static_cast<int>(Largest ? here <= before : here >= before);
   }
   if (monotone) return true;
   const int64_t* ids = shard.ids + q * shard.id_row_stride;
-  previous = 0;
+  uint64_t previous = 0;
   for (int64_t j = 0; j < shard.width; ++j) {
     if (ids[j] < 0) continue;
     const uint64_t key = topk::sort_key<Largest>(static_cast<Key>(distances[j]));

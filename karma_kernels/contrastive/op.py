@@ -17,7 +17,7 @@ from .. import _backend
 from .._autocast import autocast_inputs
 from .._validation import check_choice, check_reduction, check_same_device, check_tensor
 from . import torch_impl
-from .reference import compute_dtype_for, contrastive_loss_reference
+from .reference import compute_dtype_for, contrastive_loss_reference, zero_rows_without_negative
 
 OP = "contrastive_loss"
 MODES = ("softmax", "pairwise")
@@ -248,6 +248,7 @@ def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = Non
     target = target.long().contiguous()
     if key_ids is not None:
         key_ids = key_ids.long().contiguous()
+    query = zero_rows_without_negative(query, key_ids, target, keys.shape[0])  # reference.py: the mask decides
     if logq is not None:
         logq = logq.contiguous()
     if target.device.type == "cuda":

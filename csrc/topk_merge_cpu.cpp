@@ -525,6 +525,46 @@ int64_t small_merge(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, i
   return collector.count;
 }
 
+// sorted=True's contract checked over the whole row, not only the candidates the merge reads: every real
+// candidate of row q of a shard against the real candidate before it (padding, wherever it sits, skipped), so a
+// row out of order anywhere raises instead of giving a wrong top-k. A first pass reads the distances alone: a row
+// sorted including its padding (faiss's rows: padding at the end) passes there; only a row that fails it is
+// read again with its ids.
+template <typename scalar_t, bool Largest>
+bool row_sorted(const ShardRows<scalar_t>& shard, int64_t q) {
+  using Key = at::opmath_type<scalar_t>;
+  const scalar_t* distances = shard.distances + q * shard.distance_row_stride;
+  // Plain comparisons, no branch: the compiler vectorises this pass. A NaN compares false, so a row holding one
+  // takes the exact pass below (NaN last is sorted there).
+  int monotone = 1;
+  for (int64_t j = 1; j < shard.width; ++j) {
+    const Key before = static_cast<Key>(distances[j - 1]), here = static_cast<Key>(distances[j]);
+    monotone &= static_cast<int>(Largest ? here <= before : here >= before);
+  }
+  if (monotone) return true;
+  const int64_t* ids = shard.ids + q * shard.id_row_stride;
+  uint64_t previous = 0;
+  for (int64_t j = 0; j < shard.width; ++j) {
+    if (ids[j] < 0) continue;
+    const uint64_t key = topk::sort_key<Largest>(static_cast<Key>(distances[j]));
+    if (key < previous) return false;
+    previous = key;
+  }
+  return true;
+}
+
+// Records the first shard whose row q is out of order; false then.
+template <typename scalar_t, bool Largest>
+bool rows_sorted(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, InputErrorReport& errors) {
+  for (size_t s = 0; s < shards.size(); ++s) {
+    if (__builtin_expect(!row_sorted<scalar_t, Largest>(shards[s], q), 0)) {
+      errors.record_unsorted(static_cast<int64_t>(s), q);
+      return false;
+    }
+  }
+  return true;
+}
+
 template <typename scalar_t, bool Largest>
 void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queries, int64_t k, bool sorted,
                bool dedup, scalar_t* out_distances, int64_t* out_ids, InputErrorReport& errors) {
@@ -569,6 +609,7 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
     at::parallel_for(0, num_queries, grain, [&](int64_t begin, int64_t end) {
       std::vector<Candidate> buffer(k);
       for (int64_t q = begin; q < end && !errors.failed.load(std::memory_order_relaxed); ++q) {
+        if (!rows_sorted<scalar_t, Largest>(shards, q, errors)) return;
         const int64_t count = small_merge<scalar_t, Largest>(shards, q, k, buffer.data(), errors);
         if (count < 0) return;
         for (int64_t j = 0; j < count; ++j) {
@@ -594,6 +635,7 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
         // The rows of the query this many ahead are prefetched while a query merges.
         constexpr int64_t kPrefetchAhead = 2;
         for (int64_t q = begin; q < end && !errors.failed.load(std::memory_order_relaxed); ++q) {
+          if (!rows_sorted<scalar_t, Largest>(shards, q, errors)) return;
           const int64_t upcoming = q + kPrefetchAhead < end ? q + kPrefetchAhead : -1;
           const int64_t count =
               merge.template run<kDepth, kDedup>(q, k, out_distances + q * k, out_ids + q * k, errors, upcoming);

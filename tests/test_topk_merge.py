@@ -323,8 +323,38 @@ def test_rows_read_out_of_order_with_sorted_true_raise(metric, merge):
     with pytest.raises(ValueError, match=r"row 0 of distances\[0\] is not sorted best-first.*sorted=False"):
         merge(distances, ids, 4, metric=metric)
     assert merge(distances, ids, 4, metric=metric, sorted=False)[1].tolist() == [[1, 5, 3, 6]]
-    # Only what the merge reads is checked: a disorder past the k-th candidate cannot change the result.
-    assert merge(distances, ids, 2, metric=metric)[1].tolist() == [[1, 5]]
+    if not is_warp(merge):  # the CPU op checks whole rows: a disorder past the candidates it reads raises too
+        with pytest.raises(ValueError, match=r"row 0 of distances\[0\] is not sorted best-first"):
+            merge(distances, ids, 2, metric=metric)
+    else:  # the GPU algorithm checks only the candidates it reads (docs/topk_merge_gpu.md)
+        assert merge(distances, ids, 2, metric=metric)[1].tolist() == [[1, 5]]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+def test_sorted_true_checks_whole_rows_on_every_cpu_backend(metric, backend):
+    """A row out of order outside the candidates the merge reads (issue 15): the CPU backends raise alike,
+    never a silently wrong top-k (compiled) or a silent sort (reference). Padding anywhere is skipped."""
+    sign = 1.0 if metric == "l2" else -1.0
+    good = sign * np.array([[0.15, 0.25, 0.35, 0.45, 0.55]], np.float32)
+    bad = sign * np.array([[0.1, 0.2, 0.3, 0.4, 0.0]], np.float32)  # the best candidate last
+    ids = np.array([[1, 2, 3, 4, 5]])
+    for layout in ("list", "stacked"):  # the stacked numpy input takes the small-call path
+        d = [good, bad] if layout == "list" else np.stack([bad, bad])
+        i = [ids, ids + 10] if layout == "list" else np.stack([ids, ids + 10])
+        shard = 1 if layout == "list" else 0
+        with pytest.raises(ValueError, match=rf"row 0 of distances\[{shard}\] is not sorted best-first.*sorted=False"):
+            topk_merge(d, i, 2, metric=metric, backend=backend)
+        expected = [[15, 11]] if layout == "list" else [[5, 15]]
+        assert topk_merge(d, i, 2, metric=metric, backend=backend, sorted=False)[1].tolist() == expected
+    # Padding (id -1) out of order is not a disorder; NaN last is sorted; a number after a NaN is not.
+    padded = sign * np.array([[0.1, 9.0, 0.2, -9.0, 0.3]], np.float32)
+    padded_ids = np.array([[1, -1, 2, -1, 3]])
+    assert topk_merge([padded], [padded_ids], 3, metric=metric, backend=backend)[1].tolist() == [[1, 2, 3]]
+    nan_last = np.array([[sign * 0.1, np.nan, np.nan]], np.float32)
+    assert topk_merge([nan_last], [ids[:, :3]], 1, metric=metric, backend=backend)[1].tolist() == [[1]]
+    with pytest.raises(ValueError, match="not sorted best-first"):
+        topk_merge([nan_last[:, ::-1].copy()], [ids[:, :3]], 1, metric=metric, backend=backend)
 
 
 def test_deterministic_across_runs_and_thread_counts():
@@ -357,6 +387,14 @@ def test_bad_inputs_raise_clear_errors():
         (dict(k=-3), ValueError, "k must be >= 1"),
         (dict(k=2.0), TypeError, "k must be an int"),
         (dict(k=True), TypeError, "k must be an int"),
+        (dict(k=2**63), ValueError, r"k must be <= 2\^31-1, got 9223372036854775808"),
+        (dict(k=2**62), ValueError, r"k must be <= 2\^31-1"),
+        (dict(k=2**40), ValueError, r"k must be <= 2\^31-1"),
+        (dict(k=2**31 - 1), ValueError, r"k = 2147483647 exceeds the 8 candidates per query"),
+        (dict(distances=list(d), ids=list(i), k=2**30), ValueError, r"k = 1073741824 exceeds the 8 candidates"),
+        (dict(distances=d.astype(np.longdouble)), TypeError, r"distances must be float32.*got numpy (float128|longdouble|float96)"),
+        (dict(distances=list(d.astype(np.longdouble))), TypeError, r"distances\[0\] must be float32"),
+        (dict(distances=d.astype(object)), TypeError, r"distances must be float32.*got numpy object"),
         (dict(ids=i.astype(np.int32)), TypeError, r"ids must be int64"),
         (dict(distances=d.astype(np.int64)), TypeError, r"distances must be float32"),
         (dict(distances=list(d), ids=list(i.astype(np.int32))), TypeError, r"ids\[0\] must be int64"),
@@ -483,3 +521,36 @@ def test_large_random_matches_reference(metric, dedup, merge):
     for sorted_rows in (True, False):
         result = merge(distances, ids, 100, metric=metric, dedup=dedup, sorted=sorted_rows)
         assert_same(result, expect(distances, ids, 100, metric=metric, dedup=dedup))
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_every_backend_returns_plus_zero_for_minus_zero(metric):
+    """-0.0 ranks equal to +0.0 and comes back as +0.0 on every backend (the README's contract)."""
+    distances = [np.array([[-0.0, 1.0], [0.0, -0.0]], np.float32), np.array([[-0.0, 2.0], [-0.0, 0.0]], np.float32)]
+    ids = [np.array([[3, 4], [1, 2]]), np.array([[5, 6], [7, 8]])]
+    if metric == "ip":
+        distances = [-d for d in distances]
+    for backend in ("reference", "compiled", "device_emulation"):
+        out_distances, out_ids = topk_merge(distances, ids, 3, metric=metric, backend=backend)
+        zeros = out_distances == 0
+        assert zeros.sum() == 5, backend
+        assert not np.signbit(out_distances[zeros]).any(), backend
+
+
+def test_the_python_wrapper_compiles_with_fullgraph():
+    """torch.compile(fullgraph=True) of topk_merge itself (not only of the op), on a fresh interpreter so that
+    the extension is loaded inside the traced call."""
+    code = textwrap.dedent("""
+        import torch
+        from karma_kernels import topk_merge
+        d = [torch.tensor([[0.1, 0.3], [0.2, 0.4]]), torch.tensor([[0.0, 0.5], [0.3, 0.6]])]
+        i = [torch.tensor([[1, 2], [3, 4]]), torch.tensor([[5, 6], [7, 8]])]
+        compiled = torch.compile(lambda a, b: topk_merge([a, d[1]], [b, i[1]], 3, id_offsets=[0, 10]),
+                                 fullgraph=True, backend="aot_eager")
+        out_d, out_i = compiled(d[0], i[0])
+        want_d, want_i = topk_merge(d, i, 3, id_offsets=[0, 10])
+        assert torch.equal(out_i, want_i) and torch.equal(out_d, want_d), (out_i, want_i)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

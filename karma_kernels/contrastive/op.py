@@ -10,6 +10,7 @@ import math
 import numbers
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -17,7 +18,7 @@ from .. import _backend
 from .._autocast import autocast_inputs
 from .._validation import check_choice, check_reduction, check_same_device, check_tensor
 from . import torch_impl
-from .reference import compute_dtype_for, contrastive_loss_reference
+from .reference import compute_dtype_for, contrastive_loss_reference, zero_rows_without_negative
 
 OP = "contrastive_loss"
 MODES = ("softmax", "pairwise")
@@ -141,6 +142,22 @@ def _backward(ctx, grad_loss, *unused_grads):
 _contrastive_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_process_group(process_group) -> None:
+    import torch.distributed as dist
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"{OP}: process_group must be a torch.distributed ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD) or None, got {type(process_group).__name__}")
+
+
+def _check_temperature_value(temperature: Tensor) -> None:
+    """A 0-d temperature tensor's value, where reading it is free: on the CPU, outside torch.compile. A CUDA
+    temperature is not read (a host sync): 0, a negative or NaN there gives NaN losses."""
+    if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
+        value = float(temperature.detach())
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{OP}: temperature must be > 0 and finite, got a tensor holding {value!r}")
+
+
 def _validate(query, keys, target, temperature, key_ids, logq, mode, symmetric, reduction):
     check_tensor(OP, "query", query, ndim=2, floating=True)
     check_tensor(OP, "keys", keys, ndim=2, floating=True)
@@ -162,6 +179,7 @@ def _validate(query, keys, target, temperature, key_ids, logq, mode, symmetric, 
         if temperature.dim() != 0 or not temperature.is_floating_point():
             raise ValueError(f"{OP}: temperature must be a python float or a 0-d floating tensor, got a "
                              f"{temperature.dtype} tensor of shape {tuple(temperature.shape)}")
+        _check_temperature_value(temperature)
     elif isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
         # python numbers are checked here; a tensor is not (that would be a host sync on a GPU)
         if not (math.isfinite(temperature) and temperature > 0):
@@ -211,22 +229,26 @@ def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = Non
 
     Args:
         target: [B] int64 index of each query's positive key (default ``arange(B)``, needs M >= B).
-        temperature: python float (> 0, checked) or 0-d tensor (not checked: that would sync a GPU); a tensor that
+        temperature: python float or 0-d tensor, > 0 and finite (checked for floats and CPU tensors; a CUDA
+            tensor is not checked, that would sync: 0, a negative or NaN there gives NaN losses); a tensor that
             requires grad receives its gradient (learnable temperature).
         key_ids: [M] int64 item id of each key; a key with the same id as the row's positive is a false negative
             and is excluded (the positive itself is kept).
         logq: [M] log sampling probability of each key, subtracted from its logit after the temperature scaling.
         mode: "softmax" (InfoNCE) or "pairwise" (mean softplus(s_neg - s_pos) over valid negatives, BPR).
-        symmetric: CLIP-style mean of the query->key and key->query losses (softmax, M == B, target=None).
+        symmetric (bool or numpy bool): CLIP-style mean of the query->key and key->query losses (softmax, M == B, target=None).
         reduction: "mean" (over all B rows), "sum" or "none" ([B]).
         backend: "auto" (Triton on CUDA, else the chunked torch path), "triton", "torch" or "reference".
-        process_group: a ``torch.distributed`` group (``torch.distributed.group.WORLD`` for all ranks): every
+        process_group: a ``torch.distributed`` ProcessGroup (anything else is a TypeError) (``torch.distributed.group.WORLD`` for all ranks): every
             rank's keys become negatives of the local queries (see ``karma_kernels.contrastive.distributed`` for
             the target offsets and how each reduction scales). None: this process's keys only.
 
     Returns float32 (float64 for float64 inputs). A row with no valid negative has loss 0 and zero gradients.
     """
+    if isinstance(symmetric, np.bool_):  # numpy bools are bools (torch accepts them likewise)
+        symmetric = bool(symmetric)
     if process_group is not None:
+        _check_process_group(process_group)
         from .distributed import distributed_contrastive_loss  # torch.distributed is imported only when used
         return distributed_contrastive_loss(query, keys, target, process_group=process_group, key_ids=key_ids,
                                             logq=logq, temperature=temperature, mode=mode, symmetric=symmetric,
@@ -248,6 +270,7 @@ def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = Non
     target = target.long().contiguous()
     if key_ids is not None:
         key_ids = key_ids.long().contiguous()
+    query = zero_rows_without_negative(query, key_ids, target, keys.shape[0])  # reference.py: the mask decides
     if logq is not None:
         logq = logq.contiguous()
     if target.device.type == "cuda":

@@ -36,6 +36,18 @@ part of it) with the same mask rule transposed (with target = arange the mask is
     col_loss_i = logsumexp_{r valid(r, i)} s_ri - s_ii
     loss_i     = (loss_i + col_loss_i) / 2
 
+Rows with no valid negative (every other key masked as a false negative, or M == 1) have loss exactly 0 and zero
+gradients whatever the query row holds (NaN included): the mask decides, not the arithmetic. Every backend
+zeroes such query rows before the logits (``zero_rows_without_negative``), so a NaN there cannot reach the loss,
+the key gradients or the temperature gradient.
+
+Non-finite logits follow IEEE arithmetic on the formulas above, alike on every backend: ``logq_j = -inf`` (a key
+with sampling probability 0) makes s_ij = +inf, so a row holding that key as a valid negative has loss +inf
+(softmax: lse = +inf; pairwise: softplus(+inf) = +inf), the limit of the math as q_j -> 0; as the row's own
+positive (all negatives finite) it gives softmax loss NaN (+inf - +inf, undefined) and pairwise loss 0
+(softplus(-inf)); with a +inf negative as well, NaN in both modes. Gradients of an
+infinite or NaN loss are not defined (NaN).
+
 ``reduction``: "mean" averages over all B rows (rows with no valid negative count, like ``F.cross_entropy``
 without ``ignore_index``), "sum" adds them, "none" returns the [B] vector.
 
@@ -64,6 +76,27 @@ def valid_mask(key_ids: Optional[torch.Tensor], target: torch.Tensor, num_keys: 
     return ~(same_item & (columns[None, :] != target[:, None]))
 
 
+def rows_without_negative(key_ids: Optional[torch.Tensor], target: torch.Tensor,
+                          num_keys: int) -> Optional[torch.Tensor]:
+    """[B] bool: rows whose every key but the positive is masked (None: every row has a negative). O(M log M)."""
+    if key_ids is None:
+        return None if num_keys > 1 else torch.ones_like(target, dtype=torch.bool)
+    sorted_ids = key_ids.sort().values
+    positive_ids = key_ids[target]
+    same = (torch.searchsorted(sorted_ids, positive_ids, right=True)
+            - torch.searchsorted(sorted_ids, positive_ids, right=False))
+    return same == num_keys  # every key carries the positive's id
+
+
+def zero_rows_without_negative(query: torch.Tensor, key_ids: Optional[torch.Tensor], target: torch.Tensor,
+                               num_keys: int) -> torch.Tensor:
+    """The query with the rows that have no valid negative set to 0 (differentiably: their gradient is 0)."""
+    empty = rows_without_negative(key_ids, target, num_keys)
+    if empty is None:
+        return query
+    return torch.where(empty[:, None], torch.zeros((), dtype=query.dtype, device=query.device), query)
+
+
 def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, target: Optional[torch.Tensor] = None,
                                temperature: Union[float, torch.Tensor] = 0.05, key_ids: Optional[torch.Tensor] = None,
                                logq: Optional[torch.Tensor] = None, mode: str = "softmax", symmetric: bool = False,
@@ -78,6 +111,7 @@ def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, target: 
     if target is None:
         target = torch.arange(batch, device=query.device)
     target = target.long()
+    query = zero_rows_without_negative(query, None if key_ids is None else key_ids.long(), target, num_keys)
     if not isinstance(temperature, torch.Tensor):
         temperature = torch.tensor(temperature, dtype=dtype, device=query.device)
     logits = (query.to(dtype) @ keys.to(dtype).T) / temperature.to(dtype)

@@ -99,9 +99,11 @@ def _exp_in_place(block: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Turn logits into exp(s_ij - max_i) in place (probabilities up to the row factor 1 / row_sum);
     returns (row lse, row_sum). Leaving the normalisation to the caller saves a pass over the block."""
     row_max = block.amax(dim=1)
-    block.sub_(row_max[:, None]).exp_()
+    # a +inf logit (logq = -inf) shifts by 0, so that the lse is +inf (reference.py), not inf - inf = NaN
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    block.sub_(shift[:, None]).exp_()
     row_sum = block.sum(dim=1)
-    return row_max + row_sum.log(), row_sum
+    return shift + row_sum.log(), row_sum
 
 
 def _update_column_stats(block: torch.Tensor, col_max: torch.Tensor, col_sum: torch.Tensor) -> None:

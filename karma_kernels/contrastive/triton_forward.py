@@ -74,7 +74,10 @@ def _forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature
         else:
             masked = tl.where(valid, s, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(masked, axis=1))
-            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(masked - new_max[:, None]), axis=1)
+            # once a +inf logit (logq = -inf) is seen the shift is 0 and the sum +inf: lse = +inf, not NaN
+            old_shift = tl.where(row_max == float("inf"), 0.0, row_max)
+            shift = tl.where(new_max == float("inf"), 0.0, new_max)
+            row_sum = row_sum * tl.exp(old_shift - shift) + tl.sum(tl.exp(masked - shift[:, None]), axis=1)
             row_max = new_max
             positive += tl.sum(tl.where(is_target & row_ok[:, None], s, 0.0), axis=1)
     if PAIRWISE:
@@ -84,7 +87,7 @@ def _forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature
         tl.store(stats_ptr + B + rows, inv_count, mask=row_ok)
         tl.store(stats_ptr + 2 * B + rows, sigmoid_sum * inv_count, mask=row_ok)
     else:
-        lse = row_max + tl.log(tl.where(row_ok, row_sum, 1.0))
+        lse = tl.where(row_max == float("inf"), 0.0, row_max) + tl.log(tl.where(row_ok, row_sum, 1.0))
         tl.store(loss_ptr + rows, lse - positive, mask=row_ok)
         tl.store(stats_ptr + rows, lse, mask=row_ok)
         tl.store(stats_ptr + 2 * B + rows, positive, mask=row_ok)

@@ -6,7 +6,6 @@ build it and the numpy reference (``reference.py``) answers instead.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import numbers
 import threading
@@ -17,13 +16,15 @@ import numpy as np
 import torch
 
 from .._validation import check_choice
-from .reference import topk_merge_reference
+from .reference import check_rows_sorted, topk_merge_reference
 
 OP = "topk_merge"
 METRICS = ("l2", "ip")
 BACKENDS = ("auto", "compiled", "reference", "device_emulation")
 DISTANCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BUILD_HINT = "pip install --no-build-isolation -e ."
+MAX_K = 2**31 - 1  # results per query at most
+MAX_PADDED_OUTPUT = 2**31  # entries of a (Q, k) output at most when k exceeds the candidates per query
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -42,6 +43,9 @@ def _register_fake() -> None:
         torch.library.register_fake(name)(fake)
 
 
+# Run eagerly even under torch.compile: Dynamo calls these at trace time and keeps their answer as a constant
+# (it cannot trace a lock or an import), so topk_merge compiles with fullgraph=True on its first call too.
+@torch.compiler.assume_constant_result
 def _extension_loaded() -> bool:
     """Imports karma_kernels._C once; warns once when it is not built."""
     with _load_lock:
@@ -60,9 +64,15 @@ def _extension_loaded() -> bool:
         return _extension_state["loaded"]
 
 
-@functools.lru_cache(maxsize=None)
+_kernel_for_device: dict = {}  # device type -> whether the op has a kernel for it
+
+
+@torch.compiler.assume_constant_result
 def _compiled_supports(device_type: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("karma::topk_merge", device_type.upper())
+    if device_type not in _kernel_for_device:
+        _kernel_for_device[device_type] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            "karma::topk_merge", device_type.upper())
+    return _kernel_for_device[device_type]
 
 
 def _library_of(name: str, value) -> str:
@@ -81,9 +91,12 @@ def _library_of(name: str, value) -> str:
                     f"got {type(value).__name__}")
 
 
-def _as_tensor(array: ArrayLike) -> torch.Tensor:
+def _as_tensor(name: str, array: ArrayLike) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array
+    if array.dtype.kind not in "biufc" or array.dtype == np.longdouble:  # which torch has no dtype for
+        raise TypeError(f"{OP}: {name} must be float32, float16, bfloat16 or float64 (distances) / int64 (ids), "
+                        f"got numpy {array.dtype}")
     if any(stride < 0 for stride in array.strides):
         array = np.ascontiguousarray(array)
     if not array.flags.writeable:  # read only here; torch warns about any non-writable array
@@ -96,12 +109,12 @@ def _as_tensor(array: ArrayLike) -> torch.Tensor:
 def _shards(name: str, value) -> Union[torch.Tensor, list[torch.Tensor]]:
     """(S, Q, k_s) -> that tensor (stacked; no copy, no tensor per shard), a list of S (Q, k_s) -> S tensors."""
     if isinstance(value, (list, tuple)):
-        shards = [_as_tensor(v) for v in value]
+        shards = [_as_tensor(f"{name}[{s}]", v) for s, v in enumerate(value)]
         for s, shard in enumerate(shards):
             if shard.dim() != 2:
                 raise ValueError(f"{OP}: {name}[{s}] must be 2-D (Q, k_s), got shape {tuple(shard.shape)}")
         return shards
-    stacked = _as_tensor(value)
+    stacked = _as_tensor(name, value)
     if stacked.dim() != 3:
         raise ValueError(f"{OP}: {name} must be 3-D (S, Q, k_s) or a list of 2-D (Q, k_s) arrays, "
                          f"got shape {tuple(stacked.shape)}")
@@ -154,6 +167,8 @@ def _validate(distances: Union[torch.Tensor, list[torch.Tensor]], ids: Union[tor
         raise TypeError(f"{OP}: k must be an int, got {type(k).__name__}")
     if k <= 0:
         raise ValueError(f"{OP}: k must be >= 1, got {k}")
+    if k > MAX_K:
+        raise ValueError(f"{OP}: k must be <= 2^31-1, got {k}")
     if isinstance(distances, torch.Tensor):  # stacked: one check for every shard
         if ids.shape[0] != distances.shape[0]:
             raise ValueError(f"{OP}: distances has {distances.shape[0]} shards but ids has {ids.shape[0]}")
@@ -163,6 +178,19 @@ def _validate(distances: Union[torch.Tensor, list[torch.Tensor]], ids: Union[tor
         raise ValueError(f"{OP}: distances has {len(distances)} shards but ids has {len(ids)}")
     for s, (d, i) in enumerate(zip(distances, ids)):
         _validate_shard(d, i, f"[{s}]", distances[0].dtype, distances[0].device, distances[0].shape[0])
+
+
+def _check_padding_size(distances: Union[torch.Tensor, list[torch.Tensor]], k: int) -> None:
+    """k may exceed the candidates per query (the rows end with padding), but not into an output of more than
+    2^31 entries that is mostly padding: that is a wrong k, not a request for a huge padded result."""
+    if isinstance(distances, torch.Tensor):
+        num_queries, candidates = distances.shape[1], distances.shape[0] * distances.shape[2]
+    else:
+        num_queries, candidates = distances[0].shape[0], sum(d.shape[1] for d in distances)
+    if k > candidates and num_queries * k > MAX_PADDED_OUTPUT:
+        raise ValueError(f"{OP}: k = {k} exceeds the {candidates} candidates per query, and the ({num_queries}, "
+                         f"k) output would hold {num_queries * k} entries, mostly padding (more than 2^31); "
+                         "pass a k of at most the candidates per query")
 
 
 def _validate_shard(d: torch.Tensor, i: torch.Tensor, index: str, dtype, device, num_queries: int) -> None:
@@ -186,9 +214,13 @@ def _validate_shard(d: torch.Tensor, i: torch.Tensor, index: str, dtype, device,
 
 
 def _reference(distances: list[torch.Tensor], ids: list[torch.Tensor], k: int, largest: bool,
-               offsets: Optional[torch.Tensor], dedup: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               offsets: Optional[torch.Tensor], sorted: bool, dedup: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    host_distances = [d.detach().cpu().to(torch.float64).numpy() for d in distances]
+    host_ids = [i.cpu().numpy() for i in ids]
+    if sorted:  # the contract the compiled CPU op checks, checked alike: the backends raise on the same inputs
+        check_rows_sorted(host_distances, host_ids, largest)
     out_distances, out_ids = topk_merge_reference(
-        [d.detach().cpu().to(torch.float64).numpy() for d in distances], [i.cpu().numpy() for i in ids], k,
+        host_distances, host_ids, k,
         largest=largest, id_offsets=None if offsets is None else offsets.cpu().tolist(), dedup=dedup)
     device = distances[0].device
     return (torch.from_numpy(out_distances).to(device=device, dtype=distances[0].dtype),
@@ -204,13 +236,19 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
             (CPU, or CUDA when the extension was built with CUDA). float32, float16, bfloat16 or float64.
         ids: int64, same shapes as ``distances``. Any negative id is padding (an empty slot): it is never
             offset and never outranks a real result, wherever it appears in a row.
-        k: results per query (k >= 1; it may exceed the number of candidates).
+        k: results per query, 1 <= k <= 2^31-1; it may exceed the number of candidates (the rows then end
+            with padding), as long as such a padded (Q, k) output holds at most 2^31 entries (ValueError).
         metric: "l2" (ascending distance) or "ip" (descending score).
         id_offsets: S integers added to each shard's local ids (e.g. the shard's first global row). A global
             id outside [0, 2^63-1] raises ValueError (never wraps).
         sorted: True when every shard row is sorted best-first by distance (faiss output; ties in any id
-            order; padding may sit anywhere): a k-way merge reads about k+S candidates per query, and a row
-            found out of order among the candidates it reads raises ValueError (CPU). False accepts any order.
+            order; NaN last; padding may sit anywhere): a k-way merge reads about k+S candidates per query.
+            On the CPU ("compiled", "reference", the small-call path) every row is checked whole (a pass
+            over the distances, the ids read again only for a row that fails it; about the cost of the merge's
+            own reads, see docs/topk_merge_gpu.md) and a row out of order anywhere raises ValueError naming the
+            shard and query, so no backend returns a wrong top-k silently. On CUDA (and "device_emulation")
+            only the candidates the merge reads are checked against their row neighbours: a disorder past
+            them goes unseen there. False accepts any order.
         dedup: keep only the best occurrence of each global id (replicated shards).
         backend: "auto" (the compiled op, else the reference with a warning), "compiled", "reference", or
             "device_emulation": the CUDA kernel's warp algorithm run on the CPU, 32 lanes in lockstep (the op
@@ -227,10 +265,11 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     # The small-call path: a stacked numpy input merged straight from its buffers (csrc/topk_merge_numpy.cpp),
     # without tensors or the dispatcher, which cost more than merging one query. It answers False for
     # anything it does not take (or an error to raise), and the general path below handles the call.
-    merge_numpy = _extension_state.get("merge_numpy")
+    # (Not under torch.compile: there the inputs are tensors, and the state may be filled during the trace.)
+    merge_numpy = None if torch.compiler.is_compiling() else _extension_state.get("merge_numpy")
     if (merge_numpy is not None and type(distances) is np.ndarray and type(ids) is np.ndarray
             and distances.ndim == 3 and id_offsets is None and dedup is False and backend == "auto"
-            and type(k) is int and k > 0 and (metric == "l2" or metric == "ip") and (sorted is True or sorted is False)):
+            and type(k) is int and 0 < k <= distances.shape[0] * distances.shape[2] and (metric == "l2" or metric == "ip") and (sorted is True or sorted is False)):
         out = (np.empty((distances.shape[1], k), distances.dtype), np.empty((distances.shape[1], k), np.int64))
         if merge_numpy(distances, ids, k, metric == "ip", sorted, out[0], out[1]):
             return out
@@ -249,6 +288,7 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     _validate(distance_shards, id_shards, k)
     k = int(k)
     num_shards = len(distance_shards)  # a stacked tensor's first dimension
+    _check_padding_size(distance_shards, k)
     device = distance_shards[0].device
     offsets = _offsets_tensor(id_offsets, num_shards, device)
     largest = metric == "ip"
@@ -272,7 +312,7 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
             largest, offsets, bool(sorted), bool(dedup))
     else:
         out_distances, out_ids = _reference(_shard_list(distance_shards), _shard_list(id_shards), k, largest,
-                                            offsets, bool(dedup))
+                                            offsets, bool(sorted), bool(dedup))
     if library == "numpy":
         return out_distances.numpy(), out_ids.numpy()
     return out_distances, out_ids

@@ -26,6 +26,29 @@ def translate_ids(local_ids: np.ndarray, offset: int, shard: int) -> np.ndarray:
     return np.where(padding, np.int64(-1), local_ids + np.int64(offset))
 
 
+def check_rows_sorted(distances: Sequence[np.ndarray], ids: Sequence[np.ndarray], largest: bool) -> None:
+    """sorted=True's contract over whole rows, as the compiled CPU op checks it: in every shard row, each real
+    candidate (id >= 0; padding anywhere is skipped) is no better than the real candidate before it, NaN last.
+    Raises the compiled op's ValueError naming the first bad (query, shard)."""
+    first_bad = None  # (query, shard)
+    for s, (d, i) in enumerate(zip(distances, ids)):
+        d = np.asarray(d, dtype=np.float64)
+        real = np.asarray(i) >= 0
+        nan = np.isnan(d) & real
+        number = real & ~nan
+        key = np.where(number, -d if largest else d, -np.inf)
+        before = np.maximum.accumulate(key, axis=1)[:, :-1]  # the worst real number so far
+        nan_before = np.logical_or.accumulate(nan, axis=1)[:, :-1]
+        bad = number[:, 1:] & ((key[:, 1:] < before) | nan_before)
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size and (first_bad is None or rows[0] < first_bad[0]):
+            first_bad = (int(rows[0]), s)
+    if first_bad is not None:
+        raise ValueError(f"topk_merge: row {first_bad[0]} of distances[{first_bad[1]}] is not sorted best-first "
+                         f"({'descending' if largest else 'ascending'}, NaN last); pass sorted=False for "
+                         "unsorted rows")
+
+
 def topk_merge_reference(distances: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int, *,
                          largest: bool = False, id_offsets: Optional[Sequence[int]] = None,
                          dedup: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +57,8 @@ def topk_merge_reference(distances: Sequence[np.ndarray], ids: Sequence[np.ndarr
     Order: ascending distance (``largest=False``, "l2") or descending score (``largest=True``, "ip"); NaN after
     every number; equal distances by smaller global id. A negative id is padding: never offset, never ranked;
     rows with fewer than k real candidates end with id -1 and +inf ("l2") / -inf ("ip"). ``dedup`` keeps only
-    the best occurrence of each global id. Returns float64 distances (exact copies of the inputs) and int64 ids.
+    the best occurrence of each global id. Returns float64 distances (exact copies of the inputs, except that
+    -0.0 is returned as +0.0 and every NaN as the canonical NaN) and int64 ids.
     """
     num_queries = distances[0].shape[0]
     all_distances = np.concatenate([np.asarray(d, dtype=np.float64) for d in distances], axis=1)
@@ -68,6 +92,8 @@ def topk_merge_reference(distances: Sequence[np.ndarray], ids: Sequence[np.ndarr
     out_distances = np.take_along_axis(ranked_distances, selected, axis=1)
     out_ids = np.take_along_axis(ranked_ids, selected, axis=1)
     is_real = np.arange(k) < keep.sum(axis=1, keepdims=True)
-    out_distances = np.where(is_real, out_distances, -np.inf if largest else np.inf)
+    # Like the compiled op: -0.0 comes back as +0.0 (x + 0.0 rounds -0.0 to +0.0), every NaN as the canonical NaN.
+    out_distances = np.where(is_real, np.where(np.isnan(out_distances), np.nan, out_distances + 0.0),
+                             -np.inf if largest else np.inf)
     out_ids = np.where(is_real, out_ids, np.int64(-1))
     return out_distances.reshape(num_queries, k), out_ids.reshape(num_queries, k).astype(np.int64)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import _dot, _dz_tile, _grouped_tile, _load_grad_terms, _scaled_grad, _skip_tile
+from .triton_common import (_dot, _dz_tile, _grouped_tile, _load_grad_terms, _scaled_grad, _skip_tile,
+                            _token_block_dz)
 
 
 @triton.jit
@@ -51,12 +52,10 @@ def _lce_backward_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot
             offs_v = tl.load(vocab_order_ptr + offs_v, mask=v_mask, other=0)
         # dWeight rows: class ids when the buffer is the whole gradient, else positions in the band
         dw_rows = offs_v if DW_BY_ID else local_v
-        rows, target, row_max, log_sum, g, z_factor = _load_grad_terms(
-            offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride,
-            max_ptr, log_sum_ptr, z_loss)
-        dz = _dz_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, target, row_max, log_sum, z_factor, D,
-                      stride_h, stride_w, smoothing, softcap, V, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N,
-                      BLOCK_V, BLOCK_D)
+        rows, g, dz = _token_block_dz(h_ptr, w_ptr, b_ptr, offs_n, row_mask, offs_v, v_mask, slot_token_ptr,
+                                      slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride, max_ptr,
+                                      log_sum_ptr, z_loss, D, stride_h, stride_w, smoothing, softcap, V, HAS_BIAS,
+                                      HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         if not _skip_tile(dz, filter_eps, FILTER):
             if NEED_BIAS:
                 tl.atomic_add(grad_b_ptr + offs_v, tl.sum(dz * g[:, None], axis=0), mask=v_mask, sem="relaxed")
@@ -136,12 +135,10 @@ def _lce_grad_weight_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, s
     for n0 in range(0, n_valid, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         row_mask = offs_n < n_valid
-        rows, target, row_max, log_sum, g, z_factor = _load_grad_terms(
-            offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride,
-            max_ptr, log_sum_ptr, z_loss)
-        dz = _dz_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, target, row_max, log_sum, z_factor, D,
-                      stride_h, stride_w, smoothing, softcap, V, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N,
-                      BLOCK_V, BLOCK_D)
+        rows, g, dz = _token_block_dz(h_ptr, w_ptr, b_ptr, offs_n, row_mask, offs_v, v_mask, slot_token_ptr,
+                                      slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride, max_ptr,
+                                      log_sum_ptr, z_loss, D, stride_h, stride_w, smoothing, softcap, V, HAS_BIAS,
+                                      HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         if not _skip_tile(dz, filter_eps, FILTER):
             if NEED_BIAS:
                 bias_acc += tl.sum(dz * g[:, None], axis=0)

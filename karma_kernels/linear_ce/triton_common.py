@@ -131,6 +131,22 @@ def _load_grad_terms(offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target
 
 
 @triton.jit
+def _token_block_dz(h_ptr, w_ptr, b_ptr, offs_n, row_mask, offs_v, v_mask, slot_token_ptr, slot_row_ptr,
+                    slot_target_ptr, grad_scale_ptr, grad_scale_stride, max_ptr, log_sum_ptr, z_loss, D, stride_h,
+                    stride_w, smoothing, softcap, V, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A block of token slots against a vocabulary tile: (hidden rows, upstream gradient g, dz tile)."""
+    rows, target, row_max, log_sum, g, z_factor = _load_grad_terms(
+        offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride,
+        max_ptr, log_sum_ptr, z_loss)
+    dz = _dz_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, target, row_max, log_sum, z_factor, D,
+                  stride_h, stride_w, smoothing, softcap, V, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N,
+                  BLOCK_V, BLOCK_D)
+    return rows, g, dz
+
+
+@triton.jit
 def _scaled_grad(dz, g, dtype: tl.constexpr, HALF_GRAD: tl.constexpr, HEADROOM: tl.constexpr):
     """The tile g * dz as a dot operand, and the factor to multiply the dot by (1, or the power of two)."""
     dz = dz * g[:, None]

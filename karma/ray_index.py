@@ -309,6 +309,8 @@ class RayShardedIndex:
         dedup = len(distances) > self.num_shards
         merged_d, merged_i = topk_merge(distances, ids, pending.k, metric=self.metric, id_offsets=offsets,
                                         sorted=True, dedup=dedup)
+        from .retrieval import faiss_layout  # faiss's padding and tie order, as ShardedIndex returns them
+        merged_d, merged_i = faiss_layout(merged_d, merged_i, self.metric)
         done = time.perf_counter()
         self.last_timing = {"total_s": done - pending.started, "fanout_s": fanout_done - pending.started,
                             "merge_s": done - fanout_done}

@@ -2,8 +2,15 @@
 with ``karma_kernels.topk_merge``.
 
 Each shard answers its own top-k; the merge keeps the global best k per query in a total order (ties by smaller
-global id), so for exact indexes the result equals one unsharded ``faiss.IndexFlat`` over all items, ids and
-distances. Global id = local id + the shard's id offset (default: the cumulative ``ntotal`` of the shards before
+global id), then the results are laid out as faiss lays out its own (``faiss_layout``). What equals one unsharded
+exact index over all items (checked against faiss 1.15's ``IndexFlatL2`` / ``IndexFlatIP`` in tests/test_retrieval.py):
+  "l2"  everything: ids, distances, the order of tied distances (ascending id), which items tied at the k-th
+        distance are kept (the smallest ids), and the padding (id -1, distance +FLT_MAX) when k > ntotal.
+  "ip"  ids and distances wherever the k-th distance is not tied with an item left out; tied distances in
+        descending id order, as IndexFlatIP returns them; padding id -1, distance -FLT_MAX. Not equal: which of
+        several items tied exactly at the k-th distance are kept. IndexFlatIP's choice there depends on its scan
+        (neither the smallest nor the largest ids); the merge keeps the smallest ids.
+Distances are each item's own faiss distance (the same per-pair arithmetic as unsharded), so they are equal too. Global id = local id + the shard's id offset (default: the cumulative ``ntotal`` of the shards before
 it, i.e. the row index for ``build``).
 
 Two paths, chosen once when the index is made (``device="auto" | "cpu" | "cuda"``):
@@ -33,6 +40,35 @@ GPU_FLAT_TYPES = ("IndexFlat", "IndexFlatL2", "IndexFlatIP", "GpuIndexFlat", "Gp
 # faiss GPU's k-selection handles k <= 2048 per search.
 GPU_MAX_K = 2048
 INT64_MAX = 2**63 - 1
+# faiss fills missing results (k > ntotal) with id -1 and this distance (+ for L2, - for IP): FLT_MAX, not inf.
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def faiss_layout(distances, ids, metric: str):
+    """``topk_merge``'s sorted rows laid out as a faiss exact index returns them (numpy arrays or torch tensors,
+    no host sync): padding distances (id -1) become +FLT_MAX ("l2") / -FLT_MAX ("ip") instead of +-inf, and for
+    "ip" every run of equal distances is put in descending id order (IndexFlatIP's order; for "l2" the merge's
+    ascending order is already IndexFlatL2's). NaN distances are never equal, so they are left in place."""
+    pad = FLT_MAX if metric == "l2" else -FLT_MAX
+    if isinstance(distances, np.ndarray):
+        distances = np.where(ids < 0, np.float32(pad), distances).astype(np.float32, copy=False)
+        if metric == "ip" and distances.shape[1] > 1:
+            run = np.cumsum(np.concatenate([np.zeros_like(ids[:, :1]), distances[:, 1:] != distances[:, :-1]],
+                                           axis=1), axis=1)
+            order = np.lexsort((-ids, run), axis=1)
+            distances, ids = np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
+        return distances, ids
+    import torch
+
+    distances = torch.where(ids < 0, torch.full((), pad, dtype=distances.dtype, device=distances.device), distances)
+    if metric == "ip" and distances.shape[1] > 1:
+        starts = torch.cat([torch.zeros_like(ids[:, :1]), (distances[:, 1:] != distances[:, :-1]).long()], dim=1)
+        run = starts.cumsum(dim=1)
+        # descending id inside a run, runs kept in place: two stable sorts (id, then run index)
+        order = torch.sort(-ids, dim=1, stable=True).indices
+        order = order.gather(1, torch.sort(run.gather(1, order), dim=1, stable=True).indices)
+        distances, ids = distances.gather(1, order), ids.gather(1, order)
+    return distances, ids
 
 
 def _import_faiss():
@@ -253,7 +289,8 @@ class ShardedIndex:
 
     def search(self, queries, k: int):
         """Top-``k`` of every query over all shards: (Q, k) float32 distances and int64 global ids, best first;
-        id -1 with +inf ("l2") / -inf ("ip") where fewer than k items exist.
+        id -1 with +FLT_MAX ("l2") / -FLT_MAX ("ip") where fewer than k items exist, as faiss pads. Ties as
+        one exact faiss index orders them (see the module docstring for what equals it exactly).
 
         ``queries`` (Q, D): a numpy array (results are numpy) or a torch tensor (results are torch tensors on
         the queries' device). On the cuda path CUDA queries never leave the device and nothing syncs the host.
@@ -278,6 +315,7 @@ class ShardedIndex:
         # faiss returns rows sorted best-first, padded with -1: the k-way merge reads about k + S per query.
         distances, ids = topk_merge([r[0] for r in results], [r[1] for r in results], k, metric=self.metric,
                                     id_offsets=self.id_offsets, sorted=True)
+        distances, ids = faiss_layout(distances, ids, self.metric)
         if is_tensor:
             return torch.from_numpy(distances).to(queries.device), torch.from_numpy(ids).to(queries.device)
         return distances, ids
@@ -324,6 +362,7 @@ class ShardedIndex:
         with torch.cuda.device(merge_device):
             distances, ids = topk_merge([r[1] for r in results], [r[2] for r in results], k, metric=self.metric,
                                         sorted=True)
+            distances, ids = faiss_layout(distances, ids, self.metric)
         if is_tensor:
             return distances.to(queries.device), ids.to(queries.device)
         return distances.cpu().numpy(), ids.cpu().numpy()

@@ -56,14 +56,60 @@ def test_ivf_with_every_list_probed_is_exact(data, metric):
     np.testing.assert_allclose(distances, want_distances, rtol=1e-5, atol=1e-5)
 
 
-def test_k_beyond_the_items_pads_with_minus_one_and_inf(data):
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_k_beyond_the_items_pads_like_faiss(data, metric):
     vectors, queries = data
-    index = ShardedIndex.build(vectors[:7], 3, metric="l2")  # shards of 3, 2, 2 items
+    index = ShardedIndex.build(vectors[:7], 3, metric=metric)  # shards of 3, 2, 2 items
     distances, ids = index.search(queries[:4], 10)
-    assert (ids[:, 7:] == -1).all() and np.isinf(distances[:, 7:]).all() and (distances[:, 7:] > 0).all()
+    flt_max = np.finfo(np.float32).max
+    assert (ids[:, 7:] == -1).all() and (distances[:, 7:] == (flt_max if metric == "l2" else -flt_max)).all()
     assert sorted(ids[0, :7].tolist()) == list(range(7))
-    want_distances, want_ids = exact_search(vectors[:7], queries[:4], 7, "l2")
-    np.testing.assert_array_equal(ids[:, :7], want_ids)
+    want_distances, want_ids = exact_search(vectors[:7], queries[:4], 10, metric)  # faiss pads with +-FLT_MAX
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(distances, want_distances)
+    tensor_distances, tensor_ids = index.search(torch.from_numpy(queries[:4]), 10)  # the torch layout too
+    np.testing.assert_array_equal(tensor_distances.numpy(), want_distances)
+
+
+def kth_tie_groups(distances, full_scores, k_th):
+    """Per row: True when an item left out of the top k has the row's k-th distance (a tie faiss decides)."""
+    return [(full_scores[row] == k_th[row]).sum() > (distances[row] == k_th[row]).sum()
+            for row in range(len(distances))]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("num_queries", [5, 40])  # faiss's sequential and BLAS search paths (threshold 20)
+def test_ties_are_ordered_like_one_exact_faiss_index(metric, num_queries):
+    """Integer data: exact distances and many ties. L2: equal to IndexFlatL2 in everything. IP: equal to
+    IndexFlatIP (descending ids inside a tie) except which items tied at the k-th distance are kept."""
+    vectors, queries = integer_data(300, num_queries, dim=4, seed=3)
+    vectors[::7] = 0  # zero vectors: whole groups tied at distance |q|^2 / 0
+    index = ShardedIndex.build(vectors, 4, metric=metric)
+    exact = vectors.astype(np.float64)
+    full = (((exact[None] - queries[:, None].astype(np.float64)) ** 2).sum(-1) if metric == "l2"
+            else queries.astype(np.float64) @ exact.T)
+    boundary_ties = 0
+    for k in (1, 7, 50, 301):
+        distances, ids = index.search(queries, k)
+        want_distances, want_ids = exact_search(vectors, queries, k, metric)
+        np.testing.assert_array_equal(distances, want_distances)
+        if metric == "l2":
+            np.testing.assert_array_equal(ids, want_ids)
+            continue
+        k_th = distances[:, -1]
+        undecided = kth_tie_groups(distances, full, k_th)
+        boundary_ties += sum(undecided)
+        for row in range(num_queries):
+            if not undecided[row]:
+                np.testing.assert_array_equal(ids[row], want_ids[row])
+                continue
+            decided = distances[row] > k_th[row]
+            np.testing.assert_array_equal(ids[row][decided], want_ids[row][decided])
+            kept = ids[row][~decided]  # the smallest tied ids, in descending order like faiss's
+            group = np.flatnonzero(full[row] == k_th[row])
+            np.testing.assert_array_equal(kept, np.sort(group)[:len(kept)][::-1])
+    if metric == "ip":
+        assert boundary_ties > 0  # the data exercises the one documented difference
 
 
 def test_explicit_id_offsets_and_an_empty_shard(data):
@@ -203,7 +249,8 @@ def integer_data(num_items, num_queries, dim=8, seed=1):
 
 def assert_same_up_to_boundary_ties(vectors, queries, distances, ids, want_distances, want_ids, metric):
     """Equal distances; equal ids wherever the distance is strictly better than the row's k-th (those items are
-    determined); at the k-th distance, any real items at that distance, in ascending id order."""
+    determined); at the k-th distance, any real items at that distance, in faiss's order (ascending id for l2,
+    descending for ip), padding last."""
     np.testing.assert_array_equal(distances, want_distances)
     kth = distances[:, -1:]
     determined = distances < kth if metric == "l2" else distances > kth
@@ -212,7 +259,8 @@ def assert_same_up_to_boundary_ties(vectors, queries, distances, ids, want_dista
     for row in range(len(queries)):
         tied = ids[row][~determined[row]]
         real = tied[tied >= 0]
-        assert (np.diff(real) > 0).all() and (tied[len(real):] == -1).all(), (row, tied)
+        step = np.diff(real) if metric == "l2" else -np.diff(real)
+        assert (step > 0).all() and (tied[len(real):] == -1).all(), (row, tied)
         query = queries[row].astype(np.float64)
         true = ((exact[real] - query) ** 2).sum(1) if metric == "l2" else exact[real] @ query
         np.testing.assert_array_equal(true.astype(np.float32), distances[row][~determined[row]][:len(real)])
@@ -249,7 +297,8 @@ def test_cuda_path_pads_and_offsets_like_the_cpu_path(metric):
         want = ShardedIndex.build(vectors, metric=metric, device="cpu", **build).search(queries, 10)
         got = ShardedIndex.build(vectors, metric=metric, device="cuda", **build).search(queries, 10)
         assert_same_up_to_boundary_ties(vectors, queries, *got, *want, metric)
-        assert (got[1][:, 7:] == -1).all() and np.isinf(got[0][:, 7:]).all()
+        flt_max = np.finfo(np.float32).max
+        assert (got[1][:, 7:] == -1).all() and (np.abs(got[0][:, 7:]) == flt_max).all()
     vectors, queries = integer_data(900, 50, seed=2)
     flat = faiss.IndexFlatL2 if metric == "l2" else faiss.IndexFlatIP
     full, empty, rest = flat(8), flat(8), flat(8)
@@ -294,3 +343,22 @@ def test_cuda_path_bad_arguments():
         ShardedIndex([gpu_shard, faiss.IndexFlatL2(8)])
     with pytest.raises(ValueError, match=r"id_offsets\[0\] = -1"):
         ShardedIndex([faiss.IndexFlatL2(8)], id_offsets=[-1], device="cuda")
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_faiss_layout_is_the_same_on_tensors_and_arrays(metric):
+    """The cuda path lays out tensors with torch ops: the same result as the numpy layout (run here on CPU)."""
+    from karma.retrieval import faiss_layout
+    rng = np.random.default_rng(4)
+    distances = np.sort(rng.integers(-2, 3, (30, 9)).astype(np.float32), axis=1)
+    distances = distances[:, ::-1].copy() if metric == "ip" else distances
+    ids = np.sort(rng.integers(0, 50, (30, 9)), axis=1)
+    ids[:, -2:] = -1
+    distances[:, -2:] = np.inf if metric == "l2" else -np.inf
+    distances[3, 1] = np.nan
+    want = faiss_layout(distances, ids, metric)
+    got = faiss_layout(torch.from_numpy(distances), torch.from_numpy(ids), metric)
+    np.testing.assert_array_equal(got[0].numpy(), want[0])
+    np.testing.assert_array_equal(got[1].numpy(), want[1])
+    if metric == "ip":
+        assert (want[1] != ids).any()  # some ties were reordered

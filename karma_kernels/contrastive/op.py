@@ -111,27 +111,50 @@ def _setup_context(ctx, inputs, output):
     precompute = _precomputes(precompute, reduction, backend)
     ctx.options = (mode, symmetric, reduction, backend, precompute, logq_grad)
     ctx.dtypes = (query.dtype, keys.dtype, None if logq is None else logq.dtype)
-    if precompute:
-        ctx.save_for_backward(dq, dk, dtemperature, dlogq)
-    else:
-        ctx.save_for_backward(query, keys, target, temperature, key_ids, logq, stats)
+    # the inputs are saved in every case: a double backward (create_graph=True) differentiates through them
+    ctx.save_for_backward(query, keys, target, temperature, key_ids, logq, stats, dq, dk, dtemperature, dlogq)
+
+
+def _row_coef(grad_loss: Tensor, reduction: str, batch: int) -> Tensor:
+    """The upstream gradient of each row's loss."""
+    if reduction == "none":
+        return grad_loss
+    return grad_loss.expand(batch) / batch if reduction == "mean" else grad_loss.expand(batch)
+
+
+def _differentiable_backward(ctx, grad_loss: Tensor) -> tuple:
+    """The gradients as a differentiable function of the inputs and ``grad_loss`` (double backward: gradient
+    penalties, Hessian-vector products): autograd through the reference formulas, which hold the B x M logits."""
+    mode, symmetric, reduction, _, _, logq_grad = ctx.options
+    query, keys, target, temperature, key_ids, logq, _ = ctx.saved_tensors[:7]
+    wanted = [(0, query), (1, keys), (3, temperature)] + ([(5, logq)] if logq_grad else [])
+    wanted = [(slot, t) for slot, t in wanted if ctx.needs_input_grad[slot]]
+    grads = [None] * 12
+    if not wanted:
+        return tuple(grads)
+    per_row = contrastive_loss_reference(query, keys, target, temperature, key_ids, logq, mode, symmetric,
+                                         reduction="none")
+    row_coef = _row_coef(grad_loss, reduction, query.shape[0]).to(per_row.dtype)
+    found = torch.autograd.grad(per_row, [t for _, t in wanted], grad_outputs=row_coef, create_graph=True,
+                                allow_unused=True)
+    for (slot, t), grad in zip(wanted, found):
+        grads[slot] = torch.zeros_like(t) if grad is None else grad.to(t.dtype)
+    return tuple(grads)
 
 
 def _backward(ctx, grad_loss, *unused_grads):
     mode, symmetric, reduction, backend, precompute, logq_grad = ctx.options
     query_dtype, keys_dtype, logq_dtype = ctx.dtypes
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        return _differentiable_backward(ctx, grad_loss)
     if precompute:
-        dq, dk, dtemperature, dlogq = ctx.saved_tensors
+        dq, dk, dtemperature, dlogq = ctx.saved_tensors[7:]
         grad_loss = grad_loss.to(dq.dtype)
         dlogq = (dlogq * grad_loss).to(logq_dtype) if logq_grad else None
         return ((dq * grad_loss).to(query_dtype), (dk * grad_loss).to(keys_dtype), None, dtemperature * grad_loss,
                 None, dlogq, None, None, None, None, None, None)
-    query, keys, target, temperature, key_ids, logq, stats = ctx.saved_tensors
-    batch = query.shape[0]
-    if reduction == "none":
-        row_coef = grad_loss
-    else:
-        row_coef = grad_loss.expand(batch) / batch if reduction == "mean" else grad_loss.expand(batch)
+    query, keys, target, temperature, key_ids, logq, stats = ctx.saved_tensors[:7]
+    row_coef = _row_coef(grad_loss, reduction, query.shape[0])
     dq, dk, dtemperature, dlogq = torch.ops.karma.contrastive_loss_backward(
         row_coef.contiguous(), query, keys, target, temperature, key_ids, logq, stats, mode, symmetric, backend,
         logq_grad)
@@ -244,6 +267,10 @@ def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = Non
             the target offsets and how each reduction scales). None: this process's keys only.
 
     Returns float32 (float64 for float64 inputs). A row with no valid negative has loss 0 and zero gradients.
+
+    Autograd: ``retain_graph=True`` backwards repeat exactly; ``create_graph=True`` (gradient penalties,
+    Hessian-vector products) returns gradients that are differentiable, formed by autograd through the reference
+    formulas (that backward holds the B x M logits, like the reference). Meta tensors give the output shapes.
     """
     if isinstance(symmetric, np.bool_):  # numpy bools are bools (torch accepts them likewise)
         symmetric = bool(symmetric)

@@ -69,6 +69,8 @@ _kernel_for_device: dict = {}  # device type -> whether the op has a kernel for 
 
 @torch.compiler.assume_constant_result
 def _compiled_supports(device_type: str) -> bool:
+    if device_type == "meta":  # shape inference: the op's fake kernel (registered with the extension) answers
+        return True
     if device_type not in _kernel_for_device:
         _kernel_for_device[device_type] = torch._C._dispatch_has_kernel_for_dispatch_key(
             "karma::topk_merge", device_type.upper())

@@ -419,7 +419,7 @@ def _bad_cases():
         (dict(logq=torch.zeros(5, dtype=torch.int64)), TypeError, "logq"),
         (dict(mode="bpr"), ValueError, "mode"),
         (dict(reduction="avg"), ValueError, "reduction"),
-        (dict(symmetric=True), ValueError, "symmetric"),  # M != B
+        (dict(symmetric=True, keys=torch.randn(3, 3)), ValueError, "M >= B"),  # M < B (M > B: hard negatives)
         (dict(symmetric=True, keys=torch.randn(4, 3), mode="pairwise"), ValueError, "symmetric"),
         (dict(symmetric=True, keys=torch.randn(4, 3), target=torch.arange(4)), ValueError, "symmetric"),
         (dict(symmetric=1), TypeError, "symmetric"),

@@ -1,7 +1,8 @@
 """``contrastive_loss``: the public functional API, its ``torch.library`` custom op and the ``ContrastiveLoss`` module.
 
 Drop-in for ``F.cross_entropy(query @ keys.T / temperature, target)`` and its relatives (false-negative masking,
-logQ correction, pairwise BPR mode, symmetric CLIP mode) that never stores the B x M logit matrix. The math is
+logQ correction, pairwise BPR mode, symmetric CLIP / MNSRL mode, SigLIP sigmoid mode, per-row sample weights) that
+never stores the B x M logit matrix. The math is
 documented in ``reference.py``.
 """
 from __future__ import annotations
@@ -16,12 +17,11 @@ from torch import Tensor, nn
 
 from .. import _backend
 from .._autocast import autocast_inputs
-from .._validation import check_choice, check_reduction, check_same_device, check_tensor
+from .._validation import check_choice, check_reduction
 from . import torch_impl
+from .arguments import MODES, OP, check_process_group, validate
 from .reference import compute_dtype_for, contrastive_loss_reference, zero_rows_without_negative
 
-OP = "contrastive_loss"
-MODES = ("softmax", "pairwise")
 
 
 def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -165,90 +165,33 @@ def _backward(ctx, grad_loss, *unused_grads):
 _contrastive_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_process_group(process_group) -> None:
-    import torch.distributed as dist
-    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-        raise TypeError(f"{OP}: process_group must be a torch.distributed ProcessGroup (e.g. "
-                        f"torch.distributed.group.WORLD) or None, got {type(process_group).__name__}")
+def _triton_rejects(query: Tensor, keys: Tensor, mode: str, symmetric: bool) -> Optional[str]:
+    if symmetric and keys.shape[0] != query.shape[0]:
+        return "symmetric=True with hard negatives (M > B) runs on the torch path (backend='torch')"
+    if mode == "sigmoid":
+        from .triton_sigmoid import sigmoid_rejects
+        reason = sigmoid_rejects(query.shape[1])
+        if reason is not None:
+            return reason
+    return _triton().triton_rejects(query)
 
 
-def _check_temperature_value(temperature: Tensor) -> None:
-    """A 0-d temperature tensor's value, where reading it is free: on the CPU, outside torch.compile. A CUDA
-    temperature is not read (a host sync): 0, a negative or NaN there gives NaN losses."""
-    if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
-        value = float(temperature.detach())
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{OP}: temperature must be > 0 and finite, got a tensor holding {value!r}")
-
-
-def _validate(query, keys, target, temperature, key_ids, logq, mode, symmetric, reduction):
-    check_tensor(OP, "query", query, ndim=2, floating=True)
-    check_tensor(OP, "keys", keys, ndim=2, floating=True)
-    batch, dim = query.shape
-    num_keys = keys.shape[0]
-    if batch == 0 or dim == 0:
-        raise ValueError(f"{OP}: query must be non-empty [B, D], got shape {tuple(query.shape)}")
-    if num_keys == 0:
-        raise ValueError(f"{OP}: keys must hold at least one key, got shape {tuple(keys.shape)}")
-    if keys.shape[1] != dim:
-        raise ValueError(f"{OP}: keys must be [M, D] with the query's D={dim}, got shape {tuple(keys.shape)}")
-    if keys.dtype != query.dtype:
-        raise TypeError(f"{OP}: keys must have the query's dtype {query.dtype}, got {keys.dtype}")
-    check_choice(OP, "mode", mode, MODES)
-    check_reduction(OP, reduction)
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"{OP}: symmetric must be a bool, got {type(symmetric).__name__}")
-    if isinstance(temperature, Tensor):
-        if temperature.dim() != 0 or not temperature.is_floating_point():
-            raise ValueError(f"{OP}: temperature must be a python float or a 0-d floating tensor, got a "
-                             f"{temperature.dtype} tensor of shape {tuple(temperature.shape)}")
-        _check_temperature_value(temperature)
-    elif isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
-        # python numbers are checked here; a tensor is not (that would be a host sync on a GPU)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"{OP}: temperature must be > 0, got {temperature!r}")
-    else:
-        raise TypeError(f"{OP}: temperature must be a python float or a 0-d tensor, got {type(temperature).__name__}")
-    if target is not None:
-        check_tensor(OP, "target", target, ndim=1, integer=True)
-        if target.shape[0] != batch:
-            raise ValueError(f"{OP}: target must have B={batch} entries (one per query), got {target.shape[0]}")
-    elif num_keys < batch:
-        raise ValueError(f"{OP}: target=None means target = arange(B), which needs M >= B keys; got B={batch}, "
-                         f"M={num_keys} (pass target to pick the positives)")
-    if key_ids is not None:
-        check_tensor(OP, "key_ids", key_ids, ndim=1, integer=True)
-        if key_ids.shape[0] != num_keys:
-            raise ValueError(f"{OP}: key_ids must have M={num_keys} entries (one per key), got {key_ids.shape[0]}")
-    if logq is not None:
-        check_tensor(OP, "logq", logq, ndim=1, floating=True)
-        if logq.shape[0] != num_keys:
-            raise ValueError(f"{OP}: logq must have M={num_keys} entries (one per key), got {logq.shape[0]}")
-    if symmetric:
-        if mode != "softmax":
-            raise ValueError(f"{OP}: symmetric=True needs mode='softmax', got mode={mode!r}")
-        if target is not None:
-            raise ValueError(f"{OP}: symmetric=True pairs query i with key i; pass target=None")
-        if num_keys != batch:
-            raise ValueError(f"{OP}: symmetric=True needs as many keys as queries (M == B), got B={batch}, "
-                             f"M={num_keys}")
-    device = check_same_device(OP, query=query, keys=keys, target=target, key_ids=key_ids, logq=logq)
-    if target is not None and device.type == "cpu" and not torch.compiler.is_compiling():
-        # a value check: on CPU it costs no device sync; on GPUs it is left to the kernels' masked loads
-        if bool(((target < 0) | (target >= num_keys)).any()):
-            raise ValueError(f"{OP}: target values must index keys, in [0, {num_keys}); got min "
-                             f"{int(target.min())}, max {int(target.max())}")
-    return device
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    return loss.sum() if reduction == "sum" else loss
 
 
 @autocast_inputs("query", "keys")
 def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = None, *,
                      temperature: Union[float, Tensor] = 0.05, key_ids: Optional[Tensor] = None,
                      logq: Optional[Tensor] = None, mode: str = "softmax", symmetric: bool = False,
-                     reduction: str = "mean", backend: str = "auto", process_group=None) -> Tensor:
+                     reduction: str = "mean", backend: str = "auto", process_group=None,
+                     sample_weight: Optional[Tensor] = None, bias: Union[None, float, Tensor] = None) -> Tensor:
     """In-batch contrastive loss of ``query`` [B, D] against ``keys`` [M, D] without the B x M logit matrix.
 
-    With the defaults it equals ``F.cross_entropy(query @ keys.T / temperature, torch.arange(B))``.
+    With the defaults it equals ``F.cross_entropy(query @ keys.T / temperature, torch.arange(B))``. The math of
+    every option is in ``reference.py``'s docstring.
 
     Args:
         target: [B] int64 index of each query's positive key (default ``arange(B)``, needs M >= B).
@@ -258,15 +201,27 @@ def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = Non
         key_ids: [M] int64 item id of each key; a key with the same id as the row's positive is a false negative
             and is excluded (the positive itself is kept).
         logq: [M] log sampling probability of each key, subtracted from its logit after the temperature scaling.
-        mode: "softmax" (InfoNCE) or "pairwise" (mean softplus(s_neg - s_pos) over valid negatives, BPR).
-        symmetric (bool or numpy bool): CLIP-style mean of the query->key and key->query losses (softmax, M == B, target=None).
+        mode: "softmax" (InfoNCE), "pairwise" (mean softplus(s_neg - s_pos) over valid negatives, BPR) or
+            "sigmoid" (SigLIP: softplus(-(s_pos + bias)) + sum over valid negatives of softplus(s_neg + bias)).
+        symmetric (bool or numpy bool): mean of the query->key and key->query losses (softmax, target=None); the
+            key->query direction covers the first B keys (the positives): M == B is CLIP's loss, M = 2B (B
+            positives, then B hard negatives) sentence-transformers' MultipleNegativesSymmetricRankingLoss.
+            M > B runs on the torch path (the Triton kernels take M == B).
         reduction: "mean" (over all B rows), "sum" or "none" ([B]).
         backend: "auto" (Triton on CUDA, else the chunked torch path), "triton", "torch" or "reference".
-        process_group: a ``torch.distributed`` ProcessGroup (anything else is a TypeError) (``torch.distributed.group.WORLD`` for all ranks): every
-            rank's keys become negatives of the local queries (see ``karma_kernels.contrastive.distributed`` for
-            the target offsets and how each reduction scales). None: this process's keys only.
+        process_group: a ``torch.distributed`` ProcessGroup (anything else is a TypeError)
+            (``torch.distributed.group.WORLD`` for all ranks): every rank's keys become negatives of the local
+            queries (see ``karma_kernels.contrastive.distributed`` for the target offsets and how each reduction
+            scales). None: this process's keys only.
+        sample_weight: [B] floating per-row weight (TF-Recommenders): loss_i * w_i, then the reduction ("mean"
+            divides by B, as Keras does; for a weighted average use "sum" / w.sum()). A tensor that requires
+            grad receives its gradient. With weights the torch path recomputes the logits in the backward.
+        bias: mode="sigmoid" only: python float or 0-d tensor added to every logit (SigLIP's learnable bias;
+            default 0); a tensor that requires grad receives its gradient. SigLIP's logit_scale = exp(t) is
+            ``temperature = exp(-t)``.
 
-    Returns float32 (float64 for float64 inputs). A row with no valid negative has loss 0 and zero gradients.
+    Returns float32 (float64 for float64 inputs). In the softmax and pairwise modes a row with no valid negative
+    has loss 0 and zero gradients.
 
     Autograd: ``retain_graph=True`` backwards repeat exactly; ``create_graph=True`` (gradient penalties,
     Hessian-vector products) returns gradients that are differentiable, formed by autograd through the reference
@@ -275,18 +230,21 @@ def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = Non
     if isinstance(symmetric, np.bool_):  # numpy bools are bools (torch accepts them likewise)
         symmetric = bool(symmetric)
     if process_group is not None:
-        _check_process_group(process_group)
+        check_process_group(process_group)
         from .distributed import distributed_contrastive_loss  # torch.distributed is imported only when used
+        extra = {name: value for name, value in (("sample_weight", sample_weight), ("bias", bias))
+                 if value is not None}
         return distributed_contrastive_loss(query, keys, target, process_group=process_group, key_ids=key_ids,
                                             logq=logq, temperature=temperature, mode=mode, symmetric=symmetric,
-                                            reduction=reduction, backend=backend)
-    device = _validate(query, keys, target, temperature, key_ids, logq, mode, symmetric, reduction)
+                                            reduction=reduction, backend=backend, **extra)
+    device = validate(query, keys, target, temperature, key_ids, logq, mode, symmetric, reduction, sample_weight,
+                       bias)
 
     # asked only once Triton can run on this device, so importing the kernels here costs nothing extra
-    resolved = _backend.choose(OP, backend, device, lambda: _triton().triton_rejects(query))
+    resolved = _backend.choose(OP, backend, device, lambda: _triton_rejects(query, keys, mode, symmetric))
     if resolved == "reference":
         return contrastive_loss_reference(query, keys, target, temperature, key_ids, logq, mode, symmetric,
-                                          reduction)
+                                          reduction, sample_weight=sample_weight, bias=bias)
     compute_dtype = compute_dtype_for(query.dtype)
     if isinstance(temperature, Tensor):
         temperature = temperature.to(device=device, dtype=compute_dtype)
@@ -297,7 +255,13 @@ def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = Non
     target = target.long().contiguous()
     if key_ids is not None:
         key_ids = key_ids.long().contiguous()
-    query = zero_rows_without_negative(query, key_ids, target, keys.shape[0])  # reference.py: the mask decides
+    if mode != "sigmoid":  # sigmoid rows keep their positive's term without negatives
+        query = zero_rows_without_negative(query, key_ids, target, keys.shape[0])  # reference.py: the mask decides
+    if bias is not None:
+        # s + b = q.k / T - (logq - b): the kernels see the bias as part of logq, its gradient is -sum(dlogq)
+        bias = bias.to(device=device, dtype=compute_dtype) if isinstance(bias, Tensor) else float(bias)
+        base = torch.zeros(keys.shape[0], dtype=compute_dtype, device=device) if logq is None else logq
+        logq = base.to(compute_dtype) - bias
     if logq is not None:
         logq = logq.contiguous()
     if target.device.type == "cuda":
@@ -306,9 +270,12 @@ def contrastive_loss(query: Tensor, keys: Tensor, target: Optional[Tensor] = Non
     grad_enabled = torch.is_grad_enabled()
     needs_grad = grad_enabled and any(t is not None and t.requires_grad for t in (query, keys, temperature, logq))
     logq_grad = bool(grad_enabled and logq is not None and logq.requires_grad)
-    precompute = needs_grad and resolved == "torch" and reduction != "none"
+    op_reduction = reduction if sample_weight is None else "none"
+    precompute = needs_grad and resolved == "torch" and op_reduction != "none"
     loss = torch.ops.karma.contrastive_loss(query, keys, target, temperature, key_ids, logq, mode, symmetric,
-                                            reduction, resolved, precompute, logq_grad)[0]
+                                            op_reduction, resolved, precompute, logq_grad)[0]
+    if sample_weight is not None:
+        loss = _reduce(loss * sample_weight.to(loss.dtype), reduction)
     return loss
 
 
@@ -316,12 +283,24 @@ class ContrastiveLoss(nn.Module):
     """Module form of :func:`contrastive_loss`.
 
     ``learn_temperature=True`` stores log(temperature) as a Parameter (``log_temperature``) so the temperature
-    stays positive while it is learned.
+    stays positive while it is learned. ``bias`` (mode="sigmoid"): the logit bias, a Parameter when
+    ``learn_bias``; SigLIP starts from ``ContrastiveLoss(0.1, learn_temperature=True, mode="sigmoid", bias=-10.0,
+    learn_bias=True)``.
     """
 
     def __init__(self, temperature: float = 0.05, *, learn_temperature: bool = False, mode: str = "softmax",
-                 symmetric: bool = False, reduction: str = "mean", backend: str = "auto"):
+                 symmetric: bool = False, reduction: str = "mean", backend: str = "auto",
+                 bias: Optional[float] = None, learn_bias: bool = False):
         super().__init__()
+        if (bias is not None or learn_bias) and mode != "sigmoid":
+            raise ValueError(f"ContrastiveLoss: bias / learn_bias need mode='sigmoid', got mode={mode!r}")
+        if bias is not None and not (isinstance(bias, numbers.Real) and not isinstance(bias, bool)
+                                     and math.isfinite(bias)):
+            raise ValueError(f"ContrastiveLoss: bias must be a finite float, got {bias!r}")
+        if learn_bias:
+            self.bias = nn.Parameter(torch.tensor(float(bias or 0.0), dtype=torch.float32))
+        else:
+            self.bias = bias
         if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
                 and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"ContrastiveLoss: temperature must be a float > 0, got {temperature!r}")
@@ -340,10 +319,10 @@ class ContrastiveLoss(nn.Module):
         return self.log_temperature.exp() if self.learn_temperature else self.fixed_temperature
 
     def forward(self, query: Tensor, keys: Tensor, target: Optional[Tensor] = None, key_ids: Optional[Tensor] = None,
-                logq: Optional[Tensor] = None) -> Tensor:
+                logq: Optional[Tensor] = None, sample_weight: Optional[Tensor] = None) -> Tensor:
         return contrastive_loss(query, keys, target, temperature=self.temperature, key_ids=key_ids, logq=logq,
                                 mode=self.mode, symmetric=self.symmetric, reduction=self.reduction,
-                                backend=self.backend)
+                                backend=self.backend, sample_weight=sample_weight, bias=self.bias)
 
     def extra_repr(self) -> str:
         temperature = "learned" if self.learn_temperature else self.fixed_temperature

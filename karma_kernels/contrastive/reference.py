@@ -29,14 +29,30 @@ valid key is exactly 1.
 
 and 0 (with zero gradients) when the row has no valid negative.
 
-``symmetric=True`` (softmax only; M == B and target=None, so target_i = i): CLIP-style average of both
-directions. The column direction is the softmax of column i over the queries, on the same logit matrix (logq is
-part of it) with the same mask rule transposed (with target = arange the mask is symmetric)::
+``mode="sigmoid"`` (SigLIP, open_clip's ``SigLipLoss``): every valid pair is a binary classification, the
+positive labelled +1 and every other valid key -1, with a learnable ``bias`` b (python float or 0-d tensor)::
+
+    loss_i = softplus(-(s_i,target_i + b)) + sum_{j valid, j != target_i} softplus(s_ij + b)
+
+(reduction "mean" divides the sum over rows by B, like open_clip; SigLIP's parametrisation logit_scale = exp(t)
+is temperature = exp(-t) here.) Sigmoid rows do not need a negative: a row with none keeps its positive term.
+
+``symmetric=True`` (softmax only; target=None, so target_i = i; M >= B): the average of both directions. The
+column direction is the softmax of column i over the queries, for the first B columns (the positives), on the
+same logit matrix (logq is part of it) with the same mask rule transposed (with target = arange the mask is
+symmetric)::
 
     col_loss_i = logsumexp_{r valid(r, i)} s_ri - s_ii
     loss_i     = (loss_i + col_loss_i) / 2
 
-Rows with no valid negative (every other key masked as a false negative, or M == 1) have loss exactly 0 and zero
+M == B is CLIP's loss; M = 2B (keys = B positives then B hard negatives) is sentence-transformers'
+``MultipleNegativesSymmetricRankingLoss``: the hard negatives enter the query->key direction only.
+
+``sample_weight`` [B] (TF-Recommenders): loss_i is multiplied by w_i before the reduction; "mean" is then
+sum_i w_i loss_i / B (Keras' sum-over-batch-size; for a weighted average use "sum" and divide by sum(w)).
+IEEE arithmetic: a weight of 0 on a NaN row gives NaN.
+
+In the softmax and pairwise modes, rows with no valid negative (every other key masked as a false negative, or M == 1) have loss exactly 0 and zero
 gradients whatever the query row holds (NaN included): the mask decides, not the arithmetic. Every backend
 zeroes such query rows before the logits (``zero_rows_without_negative``), so a NaN there cannot reach the loss,
 the key gradients or the temperature gradient.
@@ -100,7 +116,9 @@ def zero_rows_without_negative(query: torch.Tensor, key_ids: Optional[torch.Tens
 def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, target: Optional[torch.Tensor] = None,
                                temperature: Union[float, torch.Tensor] = 0.05, key_ids: Optional[torch.Tensor] = None,
                                logq: Optional[torch.Tensor] = None, mode: str = "softmax", symmetric: bool = False,
-                               reduction: str = "mean", compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                               reduction: str = "mean", compute_dtype: Optional[torch.dtype] = None,
+                               sample_weight: Optional[torch.Tensor] = None,
+                               bias: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
     """Naive ``contrastive_loss`` (see the module docstring). Differentiable by autograd.
 
     ``compute_dtype`` overrides the accumulation dtype: tests use float64 for the truth and the input dtype for
@@ -111,7 +129,8 @@ def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, target: 
     if target is None:
         target = torch.arange(batch, device=query.device)
     target = target.long()
-    query = zero_rows_without_negative(query, None if key_ids is None else key_ids.long(), target, num_keys)
+    if mode != "sigmoid":
+        query = zero_rows_without_negative(query, None if key_ids is None else key_ids.long(), target, num_keys)
     if not isinstance(temperature, torch.Tensor):
         temperature = torch.tensor(temperature, dtype=dtype, device=query.device)
     logits = (query.to(dtype) @ keys.to(dtype).T) / temperature.to(dtype)
@@ -124,7 +143,7 @@ def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, target: 
         masked = logits if valid is None else logits.masked_fill(~valid, float("-inf"))
         loss = torch.logsumexp(masked, dim=1) - positive
         if symmetric:
-            column_loss = torch.logsumexp(masked, dim=0) - positive
+            column_loss = torch.logsumexp(masked[:, :batch], dim=0) - positive
             loss = (loss + column_loss) / 2
     elif mode == "pairwise":
         negative = torch.ones(batch, num_keys, dtype=torch.bool, device=query.device) if valid is None else valid
@@ -132,8 +151,18 @@ def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, target: 
         margins = F.softplus(logits - positive[:, None])
         total = torch.where(negative, margins, torch.zeros((), dtype=dtype, device=query.device)).sum(dim=1)
         loss = total / negative.sum(dim=1).clamp_min(1).to(dtype)
+    elif mode == "sigmoid":
+        if bias is not None:
+            logits = logits + (bias.to(dtype) if isinstance(bias, torch.Tensor) else bias)
+        label = torch.full_like(logits, -1.0)
+        label[rows, target] = 1.0
+        terms = torch.logaddexp(-label * logits, torch.zeros((), dtype=dtype, device=query.device))  # softplus
+        loss = (terms if valid is None else torch.where(valid, terms, torch.zeros((), dtype=dtype,
+                                                                                   device=query.device))).sum(dim=1)
     else:
-        raise ValueError(f"mode must be 'softmax' or 'pairwise', got {mode!r}")
+        raise ValueError(f"mode must be 'softmax', 'pairwise' or 'sigmoid', got {mode!r}")
+    if sample_weight is not None:
+        loss = loss * sample_weight.to(dtype)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

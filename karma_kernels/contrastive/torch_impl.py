@@ -22,6 +22,13 @@ Saved statistics ``stats`` [3, B] in the compute dtype:
   softmax:  [row lse, column lse (symmetric only, else 0), target logit s_i,target]
   pairwise: [target logit s_i,target, 1 / (number of valid negatives) (0 when none),
              sum_j sigmoid(s_ij - s_i,target) / (number of valid negatives)]
+  sigmoid:  [target logit s_i,target, 0, 0]
+
+Symmetric with M > B keys (hard negatives after the B positives): the column direction covers the first B
+columns only, so column statistics and the column part of G are kept for those.
+
+Sigmoid mode: the op folds the bias into logq (s + b = q.k / T - (logq - b)), so here it is logq; with the target
+column at -inf in the block, G = a_i sigmoid(s_ij) - a_i sigmoid(-s_i,target) [j == target_i].
 """
 from __future__ import annotations
 
@@ -168,6 +175,19 @@ def _pairwise_chunk(p: _Problem, r0: int, r1: int, block: torch.Tensor, invalid:
     return loss, positive, inv_count, sigmoid_mean
 
 
+def _sigmoid_chunk(p: _Problem, r0: int, r1: int, block: torch.Tensor, scratch: torch.Tensor):
+    """Sigmoid-mode loss of rows r0:r1; leaves sigmoid(s_ij) (target column 0) in ``block`` and returns
+    (loss, target logit, sigmoid(-target logit))."""
+    rows = torch.arange(r1 - r0, device=block.device)
+    target = p.target[r0:r1]
+    positive = _target_logits(block, target)
+    block[rows, target] = float("-inf")  # the positive's term is softplus(-s), added below
+    zero = torch.zeros((), dtype=block.dtype, device=block.device)  # softplus(x) = logaddexp(x, 0), exactly
+    loss = torch.logaddexp(block, zero, out=scratch[: r1 - r0]).sum(dim=1) + torch.logaddexp(-positive, zero)
+    block.sigmoid_()
+    return loss, positive, torch.sigmoid(-positive)
+
+
 def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, symmetric,
                         grad_row_coef: Optional[float] = None, want_logq_grad: bool = False,
                         chunk_rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[Grads]]:
@@ -181,6 +201,17 @@ def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, s
     fused_grads = grad_row_coef is not None and not symmetric
     acc = _GradAccumulator(p, want_logq_grad) if fused_grads else None
 
+    if mode == "sigmoid":
+        scratch = torch.empty_like(buffer)
+        for r0 in range(0, batch, p.chunk):
+            r1 = min(r0 + p.chunk, batch)
+            block, _ = _logits_chunk(p, r0, r1, buffer)
+            loss[r0:r1], stats[0, r0:r1], positive_grad = _sigmoid_chunk(p, r0, r1, block, scratch)
+            if acc is not None:
+                coef = torch.full((r1 - r0,), grad_row_coef, dtype=dtype, device=device)
+                acc.add(r0, r1, block, coef, coef * positive_grad)
+        return loss, stats, (acc.finish() if acc is not None else None)
+
     if mode == "pairwise":
         scratch = torch.empty_like(buffer)
         for r0 in range(0, batch, p.chunk):
@@ -193,15 +224,15 @@ def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, s
                 acc.add(r0, r1, block, coef * stats[1, r0:r1], coef * stats[2, r0:r1])
         return loss, stats, (acc.finish() if acc is not None else None)
 
-    column_copy = torch.empty_like(buffer) if symmetric else None
-    col_max = torch.full((num_keys,), float("-inf"), dtype=dtype, device=device)
-    col_sum = torch.zeros(num_keys, dtype=dtype, device=device)
+    column_copy = torch.empty(p.chunk, batch, dtype=dtype, device=device) if symmetric else None
+    col_max = torch.full((batch,), float("-inf"), dtype=dtype, device=device)  # columns 0..B-1 (symmetric)
+    col_sum = torch.zeros(batch, dtype=dtype, device=device)
     for r0 in range(0, batch, p.chunk):
         r1 = min(r0 + p.chunk, batch)
         block, _ = _logits_chunk(p, r0, r1, buffer)
         positive = _target_logits(block, p.target[r0:r1])
         if symmetric:
-            _update_column_stats(column_copy[: r1 - r0].copy_(block), col_max, col_sum)
+            _update_column_stats(column_copy[: r1 - r0].copy_(block[:, :batch]), col_max, col_sum)
         lse, row_sum = _exp_in_place(block)
         stats[0, r0:r1] = lse
         stats[2, r0:r1] = positive
@@ -235,12 +266,17 @@ def _backward_pass(p: _Problem, stats: torch.Tensor, row_coef: torch.Tensor, wan
             block[rows, p.target[r0:r1]] = float("-inf")
             block.sub_(stats[0, r0:r1, None]).sigmoid_()
             acc.add(r0, r1, block, coef * stats[1, r0:r1], coef * stats[2, r0:r1])
+        elif p.mode == "sigmoid":
+            rows = torch.arange(r1 - r0, device=block.device)
+            block[rows, p.target[r0:r1]] = float("-inf")
+            acc.add(r0, r1, block.sigmoid_(), coef, coef * torch.sigmoid(-stats[0, r0:r1]))
         elif p.symmetric:
-            # G = c_i/2 P_ij + c_j/2 Pc_ij - (c_i + c_i)/2 [i == j]: both directions folded into one block
+            # G = c_i/2 P_ij + [j < B] c_j/2 Pc_ij - (c_i + c_i)/2 [i == j]: both directions in one block
             half = coef / 2
-            column = scratch[: r1 - r0].copy_(block)
+            column = scratch[: r1 - r0].copy_(block[:, :p.batch])
             column.sub_(stats[1][None, :]).exp_().mul_((row_coef / 2)[None, :])
-            block.sub_(stats[0, r0:r1, None]).exp_().mul_(half[:, None]).add_(column)
+            block.sub_(stats[0, r0:r1, None]).exp_().mul_(half[:, None])
+            block[:, :p.batch].add_(column)
             acc.add(r0, r1, block, None, half + half)
         else:
             block.sub_(stats[0, r0:r1, None]).exp_()
@@ -253,5 +289,5 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
     """Gradients of ``sum_i row_coef_i * loss_i`` given the forward's ``stats`` (recomputes the logits)."""
     p = _prepare(query, keys, target, temperature, key_ids, logq, mode, symmetric, chunk_rows)
     buffer = torch.empty(p.chunk, p.num_keys, dtype=p.query.dtype, device=p.query.device)
-    scratch = torch.empty_like(buffer) if symmetric else None
+    scratch = torch.empty(p.chunk, p.batch, dtype=p.query.dtype, device=p.query.device) if symmetric else None
     return _backward_pass(p, stats.to(p.query.dtype), row_coef.to(p.query.dtype), want_logq_grad, buffer, scratch)

@@ -59,6 +59,9 @@ def _bucket(batch: int, num_keys: int, dim: int) -> tuple:
 def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, symmetric,
                         config: Optional[Config] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss [B] float32 and statistics [3, B] float32 (layout of torch_impl)."""
+    if mode == "sigmoid":  # its own kernels: triton_sigmoid
+        from .triton_sigmoid import sigmoid_forward
+        return sigmoid_forward(query, keys, target, temperature, key_ids, logq)
     query, keys = query.contiguous(), keys.contiguous()
     batch, dim = query.shape
     num_keys = keys.shape[0]
@@ -89,6 +92,9 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
 
     ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``) picks the schedule without
     atomics."""
+    if mode == "sigmoid":  # its own kernels (no atomics: deterministic either way)
+        from .triton_sigmoid import sigmoid_backward
+        return sigmoid_backward(row_coef, query, keys, target, temperature, key_ids, logq, want_logq_grad)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     query, keys = query.contiguous(), keys.contiguous()

@@ -9,7 +9,10 @@ from karma_kernels import contrastive_loss
 from tests.conftest import TRITON_DEVICE
 
 B, M, D = 3, 5, 4
-OPTIONS = [dict(), dict(mode="pairwise"), dict(symmetric=True), dict(key_ids=torch.tensor([0, 1, 1, 2, 0]))]
+OPTIONS = [dict(), dict(mode="pairwise"), dict(symmetric=True), dict(key_ids=torch.tensor([0, 1, 1, 2, 0])),
+           dict(symmetric=True, hard_negatives=True),
+           dict(mode="sigmoid", bias=-1.0, sample_weight=torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64))]
+IDS = ["softmax", "pairwise", "symmetric", "key_ids", "symmetric_hard_negatives", "sigmoid_weighted"]
 
 
 def make_inputs(dtype, device, symmetric=False, seed=0):
@@ -21,11 +24,12 @@ def make_inputs(dtype, device, symmetric=False, seed=0):
                                                                         logq)]
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=["softmax", "pairwise", "symmetric", "key_ids"])
+@pytest.mark.parametrize("options", OPTIONS, ids=IDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradgradcheck_on_the_torch_path(options, reduction):
     """Second derivatives (query, keys, temperature, logq) equal finite differences of the first ones."""
-    symmetric = options.get("symmetric", False)
+    options = dict(options)
+    symmetric = options.get("symmetric", False) and not options.pop("hard_negatives", False)
 
     def loss(query, keys, temperature, logq):
         return contrastive_loss(query, keys, temperature=temperature, logq=logq, backend="torch",

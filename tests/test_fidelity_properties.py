@@ -1,6 +1,8 @@
 """Property-based fidelity (issue 15): random shapes, dtypes, masks and non-finite values; every backend agrees
 with the reference (topk_merge: exactly; contrastive_loss: within tests/tolerances.py, NaN/inf in the same
-places). Few examples and tiny shapes: CI time (the Triton path runs under the interpreter)."""
+places), over every mode (softmax, pairwise, sigmoid with a bias), symmetric with and without hard negatives and
+per-row sample weights; bad arguments name the op and the argument. Few examples and tiny shapes: CI time (the
+Triton path runs under the interpreter)."""
 from __future__ import annotations
 
 import numpy as np
@@ -69,13 +71,13 @@ def test_topk_merge_bad_k_names_k(k, stacked):
 
 
 @st.composite
-def contrastive_cases(draw, max_batch=6, max_dim=12, dtypes=(torch.float32, torch.float64)):
+def contrastive_cases(draw, max_batch=6, max_dim=12, dtypes=(torch.float32, torch.float64), hard_negatives=True):
     batch = draw(st.integers(1, max_batch))
     num_keys = draw(st.integers(batch, batch + 3))
-    mode = draw(st.sampled_from(["softmax", "pairwise"]))
+    mode = draw(st.sampled_from(["softmax", "pairwise", "sigmoid"]))
     symmetric = mode == "softmax" and draw(st.booleans())
-    if symmetric:
-        num_keys = batch
+    if symmetric:  # M == B (CLIP) or M > B (MNSRL: hard negatives after the B positives)
+        num_keys = draw(st.integers(batch + 1, 2 * batch + 1)) if hard_negatives and draw(st.booleans()) else batch
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     query = torch.randn(batch, draw(st.integers(1, max_dim)), generator=gen, dtype=torch.float64)
     keys = torch.randn(num_keys, query.shape[1], generator=gen, dtype=torch.float64)
@@ -84,9 +86,15 @@ def contrastive_cases(draw, max_batch=6, max_dim=12, dtypes=(torch.float32, torc
     logq = -3 * torch.rand(num_keys, generator=gen, dtype=torch.float64) if draw(st.booleans()) else None
     if draw(st.booleans()):  # a non-finite query row
         query[draw(st.integers(0, batch - 1))] = draw(st.sampled_from([float("nan"), float("inf")]))
+    options = {}
+    if mode == "sigmoid" and draw(st.booleans()):
+        options["bias"] = draw(st.sampled_from([-10.0, -1.0, 0.5]))
+    if draw(st.booleans()):  # zero and large weights too
+        options["sample_weight"] = torch.rand(batch, generator=gen, dtype=torch.float64) * 3
+        options["sample_weight"][0] = 0.0
     return dict(query=query, keys=keys, target=target, key_ids=key_ids, logq=logq, mode=mode, symmetric=symmetric,
                 temperature=draw(st.sampled_from([0.05, 0.5, 1.0])),
-                dtype=draw(st.sampled_from(dtypes)))
+                dtype=draw(st.sampled_from(dtypes)), **options)
 
 
 def per_row_losses(case, backend, device="cpu"):
@@ -114,13 +122,41 @@ def assert_agree(case, backend, device="cpu"):
         assert err <= K[dtype] * base + EPS[dtype], (backend, err, base)
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=80, **SETTINGS)
 @given(contrastive_cases())
 def test_contrastive_torch_backend_agrees_with_the_reference(case):
     assert_agree(case, "torch")
 
 
-@settings(max_examples=6, **SETTINGS)
-@given(contrastive_cases(max_batch=3, max_dim=4, dtypes=(torch.float32,)))  # the kernels' dtypes
+@settings(max_examples=10, **SETTINGS)
+@given(contrastive_cases(max_batch=3, max_dim=4, dtypes=(torch.float32,), hard_negatives=False))  # kernels' dtypes
 def test_contrastive_triton_backend_agrees_with_the_reference(case):
     assert_agree(case, "triton", TRITON_DEVICE)
+
+
+BAD_CONTRASTIVE = {  # argument -> (bad values, the error they raise)
+    "temperature": ([0.0, -1.0, float("nan"), float("inf"), "0.1", torch.tensor([0.1]), torch.tensor(0.0)], None),
+    "bias": ([float("nan"), "1", True, torch.tensor([1.0]), torch.tensor(float("inf"))], None),
+    "sample_weight": ([torch.ones(2), torch.ones(3, 1), torch.ones(3, dtype=torch.long), [1.0, 1.0, 1.0]], None),
+    "target": ([torch.tensor([0, 1, 9]), torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0, 1])], None),
+    "key_ids": ([torch.arange(3), torch.rand(4)], None),
+    "logq": ([torch.zeros(3), torch.zeros(4, dtype=torch.long)], None),
+    "mode": (["bpr", None], None),
+    "reduction": (["avg", None], None),
+    "symmetric": ([1, "yes"], None),
+    "backend": (["cuda", None], None),
+}
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(st.sampled_from(sorted(BAD_CONTRASTIVE)).flatmap(
+    lambda name: st.tuples(st.just(name), st.sampled_from(BAD_CONTRASTIVE[name][0]))),
+    st.sampled_from(["softmax", "pairwise", "sigmoid"]))
+def test_contrastive_bad_arguments_name_the_op_and_the_argument(bad, mode):
+    """Every bad argument is a ValueError or TypeError whose message names the op and the argument."""
+    name, value = bad
+    query, keys = torch.randn(3, 2), torch.randn(4, 2)
+    options = {"mode": mode, "bias": -1.0 if mode == "sigmoid" else None, name: value}
+    with pytest.raises((ValueError, TypeError)) as info:
+        contrastive_loss(query, keys, options.pop("target", None), **options)
+    assert str(info.value).startswith("contrastive_loss") and name in str(info.value), str(info.value)

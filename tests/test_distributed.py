@@ -31,6 +31,7 @@ CASES = {
     "pairwise": dict(mode="pairwise"),
     "pairwise_ids_logq_targets": dict(mode="pairwise", key_ids=True, logq=True, target=True),
     "symmetric_ids_logq": dict(mode="softmax", symmetric=True, key_ids=True, logq=True, square=True),
+    "sigmoid_ids_logq": dict(mode="sigmoid", key_ids=True, logq=True),  # SigLIP across ranks: gathered keys
 }
 BACKENDS = ("torch", "reference")
 REDUCTIONS = ("sum", "mean", "none")

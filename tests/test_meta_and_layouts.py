@@ -24,6 +24,16 @@ def test_contrastive_loss_on_meta_tensors(backend, reduction, autocast):
     assert query.grad.shape == query.shape and keys.grad.shape == keys.shape and query.grad.device.type == "meta"
 
 
+def test_contrastive_loss_options_on_meta_tensors():
+    query = torch.randn(4, 3, device="meta", requires_grad=True)
+    bias = torch.zeros((), device="meta", requires_grad=True)
+    loss = contrastive_loss(query, torch.randn(6, 3, device="meta"), mode="sigmoid", bias=bias,
+                            sample_weight=torch.ones(4, device="meta"), temperature=torch.ones((), device="meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
+    loss.backward()
+    assert bias.grad.shape == () and query.grad.shape == (4, 3)
+
+
 @pytest.mark.parametrize("stacked", [False, True])
 def test_topk_merge_on_meta_tensors(stacked):
     distances = torch.randn(3, 5, 4, device="meta")
@@ -42,7 +52,7 @@ def strided(values, strides):
     return out
 
 
-@pytest.mark.parametrize("mode", ["softmax", "pairwise"])
+@pytest.mark.parametrize("mode", ["softmax", "pairwise", "sigmoid"])
 def test_triton_takes_contiguous_tensors_with_odd_strides_on_size_one_dims(mode):
     """D = 1 with column stride != 1, and B = 1 with an odd row stride: is_contiguous() tensors the kernels take."""
     gen = torch.Generator().manual_seed(0)

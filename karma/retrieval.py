@@ -9,7 +9,8 @@ exact index over all items (checked against faiss 1.15's ``IndexFlatL2`` / ``Ind
   "ip"  ids and distances wherever the k-th distance is not tied with an item left out; tied distances in
         descending id order, as IndexFlatIP returns them; padding id -1, distance -FLT_MAX. Not equal: which of
         several items tied exactly at the k-th distance are kept. IndexFlatIP's choice there depends on its scan
-        (neither the smallest nor the largest ids); the merge keeps the smallest ids.
+        (neither the smallest nor the largest ids), in one unsharded index as in each shard; the merge keeps the
+        smallest ids among those the shards returned.
 Distances are each item's own faiss distance (the same per-pair arithmetic as unsharded), so they are equal too. Global id = local id + the shard's id offset (default: the cumulative ``ntotal`` of the shards before
 it, i.e. the row index for ``build``).
 

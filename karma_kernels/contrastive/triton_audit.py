@@ -67,4 +67,6 @@ def audit_plans(quick: bool = False) -> List[AuditPlan]:
                   audit_plan(16384, 128, torch.bfloat16),
                   audit_plan(16384, 64, torch.bfloat16, "pairwise"),
                   audit_plan(16384, 512, torch.bfloat16)]
+        from .triton_sigmoid import audit_plan as sigmoid_audit_plan  # the sigmoid mode's own kernels
+        plans += [sigmoid_audit_plan(16384, 256, torch.bfloat16), sigmoid_audit_plan(16384, 128, torch.float32)]
     return plans

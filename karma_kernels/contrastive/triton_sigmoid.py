@@ -137,12 +137,18 @@ def _dk_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature_ptr,
         tl.store(dlogq_ptr + cols, dlogq, mask=col_ok)
 
 
+def launch_options(block_d: int) -> dict:
+    """Warps and stages: from BLOCK_D = 128 on, 4 warps spill the dq / dk accumulators on sm_90 (ptxas), 8 do not
+    (2 stages keep the shared memory of BLOCK_D = 512 within the limit)."""
+    return dict(num_warps=8, num_stages=2) if block_d >= 128 else dict(num_warps=4, num_stages=3)
+
+
 def _common(query, keys, target, key_ids, logq):
     query, keys = query.contiguous(), keys.contiguous()
     batch, dim = query.shape
     block_d = max(16, triton.next_power_of_2(dim))
     flags = dict(HAS_KEY_IDS=key_ids is not None, HAS_LOGQ=logq is not None, BLOCK_B=BLOCK_ROWS,
-                 BLOCK_M=BLOCK_KEYS, BLOCK_D=block_d)
+                 BLOCK_M=BLOCK_KEYS, BLOCK_D=block_d, **launch_options(block_d))
     pointers = (query, keys, target, key_ids if key_ids is not None else target,
                 logq if logq is not None else query)
     return query, keys, batch, dim, flags, pointers
@@ -174,3 +180,28 @@ def sigmoid_backward(row_coef, query, keys, target, temperature, key_ids, logq, 
     inv_temperature = 1.0 / temperature.to(torch.float32)
     dtemperature = -(query.to(torch.float32) * dq).sum() * inv_temperature
     return dq, dk, dtemperature, dlogq
+
+
+def audit_plan(batch: int, dim: int, dtype: torch.dtype):
+    """The sm_90 kernel-audit plan of one sigmoid-mode call at B = M = ``batch`` (``triton_audit.audit_plans``).
+    float32 "ieee" dots: no tensor cores expected; the forward's operand loads are not pipelined into
+    asynchronous copies for half inputs. Work: forward 1F, dq 2F, dk 2F (both backward kernels recompute)."""
+    from .._audit import TRITON_ELEMENT, AuditPlan, KernelLaunch, signature_for
+
+    element = "*" + TRITON_ELEMENT[str(dtype).replace("torch.", "")]
+    pointers = dict(q_ptr=element, k_ptr=element, target_ptr="*i64", key_ids_ptr="*i64")
+    block_d = max(16, triton.next_power_of_2(dim))
+    flags = dict(HAS_KEY_IDS=True, HAS_LOGQ=True, BLOCK_B=BLOCK_ROWS, BLOCK_M=BLOCK_KEYS, BLOCK_D=block_d)
+    unit = 2.0 * batch * batch * dim
+    launches = []
+    for name, kernel, extra, grid_rows, work, phase in (
+            ("sigmoid_forward", _row_kernel, dict(DQ=False), BLOCK_ROWS, 1.0, "forward"),
+            ("sigmoid_dq", _row_kernel, dict(DQ=True), BLOCK_ROWS, 2.0, "backward"),
+            ("sigmoid_dk", _dk_kernel, dict(WANT_LOGQ=True), BLOCK_KEYS, 2.0, "backward")):
+        constexprs = dict(flags, **extra)
+        launches.append(KernelLaunch(
+            name=name, kernel=kernel, constexprs=constexprs, signature=signature_for(kernel, constexprs, pointers),
+            grid=(triton.cdiv(batch, grid_rows),), matmul_flops=work * unit, phase=phase, tensor_cores=False,
+            pipelined=dtype == torch.float32 or name != "sigmoid_forward", **launch_options(block_d)))
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    return AuditPlan("contrastive", f"B=M={batch} D={dim} {name} sigmoid key_ids+logq", unit, 5.0, tuple(launches))

@@ -1,7 +1,7 @@
 """karma_kernels: fused ops for KARMA-style LLM recommendation training.
 
 Public API (mirrors torch.nn.functional):
-    contrastive_loss, ContrastiveLoss                 in-batch contrastive (InfoNCE / pairwise) loss
+    contrastive_loss, ContrastiveLoss                 in-batch contrastive (InfoNCE / pairwise / SigLIP) loss
     linear_cross_entropy, LinearCrossEntropyLoss      fused LM head + cross-entropy
     prefix_reconstruction_loss                        decode text from an embedding prefix
     topk_merge                                        merge top-k results of sharded ANN searches

@@ -326,5 +326,6 @@ class ContrastiveLoss(nn.Module):
 
     def extra_repr(self) -> str:
         temperature = "learned" if self.learn_temperature else self.fixed_temperature
+        bias = "" if self.bias is None else f", bias={'learned' if isinstance(self.bias, Tensor) else self.bias}"
         return (f"temperature={temperature}, mode={self.mode!r}, symmetric={self.symmetric}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, backend={self.backend!r}{bias}")

@@ -2,8 +2,8 @@
 
 Built from ``triton_configs.forward_launches`` / ``backward_launches``, the functions the launchers call, so the
 audit compiles exactly what runs. F = 2·B·M·D (one pass of logits); budgets: forward + backward <= 4F with the
-atomic backward (1F forward + 3F) and <= 5F with the deterministic one (1F + 4F); the symmetric mode's column
-pass adds 1F. With D > 256 (float32: any D) the backward splits D into slices that each recompute the logits
+atomic backward (1F forward + 3F) and <= 5F with the deterministic one (1F + 4F), the symmetric mode included
+(its row and column statistics come from one pass over the tiles). With D > 256 (float32: any D) the backward splits D into slices that each recompute the logits
 (the budget grows by that recomputation).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def audit_plan(batch: int, dim: int, dtype: torch.dtype, mode: str = "softmax", 
             matmul_flops=launch.matmul_flops, phase=launch.phase, divisible_by_16=aligned))
     unit = 2.0 * batch * batch * dim
     tiling = d_tiling(dim, resident_limit(dtype))
-    budget = (5.0 if deterministic or not tiling["RESIDENT"] else 4.0) + (1.0 if symmetric else 0.0)
+    budget = 5.0 if deterministic or not tiling["RESIDENT"] else 4.0
     if not tiling["RESIDENT"]:    # each of the S output slices of both gradient kernels recomputes the logits
         budget += 2.0 * (triton.cdiv(dim, tiling["BLOCK_DV"]) - 1)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]

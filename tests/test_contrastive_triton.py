@@ -100,7 +100,10 @@ def test_d_tiling_keeps_small_d_resident_and_slices_large_d():
     assert triton_configs.d_tiling(512)["RESIDENT"] is False
     atomic = triton_configs.backward_launches(4096, 4096, 512, torch.bfloat16, False, False, False, False, False,
                                               deterministic=False)
-    assert [launch.name for launch in atomic] == ["grad_query", "grad_keys"]   # no atomic schedule for D > 256
+    assert [launch.name for launch in atomic] == ["grad_keys_atomic_dq"]   # D slices, dQ added per slice
+    block_m = triton_configs.default_configs(torch.bfloat16).grad_keys.block_m
+    # S = 4 slices: 4 logit passes + the 2 gradient dots over D
+    assert atomic[0].grid == (4096 // block_m, 4) and atomic[0].matmul_flops == (4 + 2) * 2.0 * 4096 * 4096 * 512
     fp32 = triton_configs.backward_launches(4096, 4096, 256, torch.float32, False, False, False, False, False,
                                             deterministic=False)
     assert [launch.name for launch in fp32] == ["grad_query", "grad_keys"]
@@ -184,3 +187,15 @@ def test_symmetric_forward_is_one_pass_with_small_partial_buffers():
         split_r, split_c = triton_configs.symmetric_splits(blocks, tiles, sms)
         assert 1 <= split_r <= blocks and 1 <= split_c <= tiles and split_r * split_c <= max(sms, 1)
         assert tiles < 2 or tiles // split_c >= 2      # every key-tile range has >= 2 tiles
+
+
+def test_int32_key_ids_keep_equality_of_any_int64_ids():
+    """The kernels read key ids as dense int32 ranks: equal ids (beyond 32 bits, negative) map to equal ranks and
+    different ids to different ranks."""
+    key_ids = torch.tensor([2**40 + 1, -5, 2**40 + 1, 7, 2**32 + 7, -5, 7], device=TRITON_DEVICE)
+    target = torch.tensor([3, 0, 6], device=TRITON_DEVICE)
+    ranks = triton_impl.int32_key_ids(target, key_ids)
+    assert ranks.dtype == torch.int32
+    assert torch.equal(ranks[:, None] == ranks[None, :], key_ids[:, None] == key_ids[None, :])
+    assert int(ranks.min()) == 0 and int(ranks.max()) == 3
+    assert triton_impl.int32_key_ids(target, None) is target

@@ -157,10 +157,11 @@ def forward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, pa
 def backward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, pairwise: bool, symmetric: bool,
                       has_key_ids: bool, has_logq: bool, logq_grad: bool, deterministic: bool,
                       configs: Optional[Configs] = None) -> List[Launch]:
-    """Atomic schedule (one kernel) for D <= MAX_RESIDENT_D unless ``deterministic``; else dQ + dK kernels."""
+    """Atomic schedule (one kernel) unless ``deterministic`` or float32 (whose atomic kernel spills registers in
+    every config tried, docs/kernel_audit.md); else dQ + dK kernels."""
     configs = configs or default_configs(dtype, pairwise, symmetric)
     tiling = d_tiling(dim, resident_limit(dtype))
-    atomic = tiling["RESIDENT"] and not deterministic
+    atomic = not deterministic and dtype != torch.float32
     chunks = 1 if tiling["RESIDENT"] else triton.cdiv(dim, CHUNK_D)
     slices = triton.cdiv(dim, tiling["BLOCK_DV"])
     base = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, SYMMETRIC=symmetric,
@@ -232,7 +233,7 @@ class _Tuned:
         self.kernel = kernel
         self.tuner = triton.autotune(configs=configs, key=[k for k in key if k in kernel.arg_names],
                                      prune_configs_by={"early_config_prune": _prune(kind)},
-                                     reset_to_zero=["dq_acc_ptr"] if atomic else None)(kernel)
+                                     reset_to_zero=["dq_acc_ptr", "dlogq_ptr"] if atomic else None)(kernel)
         self.winners: Dict[tuple, Any] = {}
 
     def __call__(self, launch: Launch, args: tuple, bucket: tuple):

@@ -10,8 +10,8 @@ forms each logit tile once and keeps both row and column statistics (``_symmetri
 about one per SM), merged here by a logsumexp over the splits: 1F of matmul work, O((S_r + S_c)(B + M)) memory.
 
 Backward: deterministic (dQ kernel + dK kernel, no atomics) when ``deterministic`` (the op passes
-``torch.are_deterministic_algorithms_enabled()``) or D > 256; otherwise one FlashAttention-2-style pass with dQ
-accumulated by float32 atomics. The upstream coefficients are multiplied by a power of two (``grad_scale``) so that
+``torch.are_deterministic_algorithms_enabled()``); otherwise one FlashAttention-2-style pass with dQ accumulated
+by float32 atomics. The upstream coefficients are multiplied by a power of two (``grad_scale``) so that
 the gradient tile survives its cast to float16; the kernels divide it out of their float32 accumulators.
 
 Precision: loads are upcast to float32 before any elementwise arithmetic; logits are accumulated in float32.
@@ -58,6 +58,20 @@ def _bucket(batch: int, num_keys: int, dim: int) -> tuple:
     return triton.next_power_of_2(batch), triton.next_power_of_2(num_keys), dim
 
 
+def int32_key_ids(target: torch.Tensor, key_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Key ids as the kernels read them: dense int32 ranks from one sort (equal ids get equal ranks; no host
+    sync), so the false-negative masks hold 32-bit ids in registers (what keeps the dK kernels free of spills
+    when logq requires grad). Without key_ids the target stands in for the unused pointer."""
+    if key_ids is None:
+        return target
+    ordered, order = torch.sort(key_ids)
+    starts = torch.zeros(ordered.shape, dtype=torch.int32, device=key_ids.device)
+    starts[1:] = (ordered[1:] != ordered[:-1]).to(torch.int32)
+    ranks = torch.empty_like(starts)
+    ranks[order] = torch.cumsum(starts, 0, dtype=torch.int32)
+    return ranks
+
+
 def _sm_count(device: torch.device) -> Optional[int]:
     """Streaming multiprocessors of a CUDA device (a cached property, no synchronisation); None elsewhere."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
@@ -81,7 +95,7 @@ def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, s
     launches = forward_launches(batch, num_keys, dim, query.dtype, mode == "pairwise", symmetric,
                                 key_ids is not None, logq is not None, config, splits, _sm_count(query.device))
     tune, bucket = use_autotune() and config is None, _bucket(batch, num_keys, dim)
-    key_ids_arg = key_ids if key_ids is not None else target
+    key_ids_arg = int32_key_ids(target, key_ids)
     if not symmetric:
         loss = torch.empty(batch, dtype=torch.float32, device=query.device)
         stats = torch.zeros(3, batch, dtype=torch.float32, device=query.device)
@@ -124,14 +138,16 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
     tune, bucket = use_autotune() and configs is None, _bucket(batch, num_keys, dim)
     inv_temperature = 1.0 / temperature.to(torch.float32)
     dk = torch.empty_like(keys)
-    dlogq = torch.empty(num_keys, dtype=torch.float32, device=query.device) if want_logq_grad else None
-    common = (query, keys, target, key_ids if key_ids is not None else target, logq if logq is not None else row_coef,
+    # column sums of G * S (added per tile by the atomic kernel)
+    dlogq = torch.zeros(num_keys, dtype=torch.float32, device=query.device) if want_logq_grad else None
+    common = (query, keys, target, int32_key_ids(target, key_ids), logq if logq is not None else row_coef,
               temperature, stats, scaled_coef, unscale)
     sizes = (batch, num_keys, dim, query.stride(0), keys.stride(0))
     keys_launch = launches[-1]
     if keys_launch.constexprs["ATOMIC_DQ"]:
-        dq_acc = torch.zeros(batch, keys_launch.constexprs["BLOCK_DV"], dtype=torch.float32, device=query.device)
-        run(keys_launch, common + (dk, dlogq if dlogq is not None else row_coef, dq_acc) + sizes, tune, bucket)
+        dq_acc = torch.zeros(batch, keys_launch.grid[1] * keys_launch.constexprs["BLOCK_DV"], dtype=torch.float32,
+                             device=query.device)
+        run(keys_launch, common + (dk, dlogq if dlogq is not None else dq_acc, dq_acc) + sizes, tune, bucket)
         dq32 = dq_acc[:, :dim] * (unscale * inv_temperature)
         dq = dq32.to(query.dtype)
         dtemperature = -(query.to(torch.float32) * dq32).sum() * inv_temperature
@@ -141,4 +157,6 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
         run(launches[0], common + (dq, dot_partial) + sizes, tune, bucket)
         run(keys_launch, common + (dk, dlogq if dlogq is not None else row_coef, row_coef) + sizes, tune, bucket)
         dtemperature = -dot_partial.sum() * inv_temperature
+    if dlogq is not None:
+        dlogq = -dlogq * unscale
     return dq, dk, dtemperature, dlogq

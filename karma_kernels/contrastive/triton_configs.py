@@ -248,16 +248,17 @@ class _Tuned:
                                                        num_stages=winner.num_stages)
 
 
-_TUNED: Dict[tuple, _Tuned] = {}
+_TUNED: Dict[tuple, _Tuned] = {}     # per (launch name, kind, atomic)
 
 
 def run(launch: Launch, args: tuple, tune: bool, bucket: tuple = ()) -> None:
     """Start ``launch`` with ``args`` (autotuned when ``tune``)."""
     if tune:
         atomic = bool(launch.constexprs.get("ATOMIC_DQ"))
-        tuned = _TUNED.get((launch.kind, atomic))
+        key = (launch.name, launch.kind, atomic)    # the name tells the kernel (two forward kernels share a kind)
+        tuned = _TUNED.get(key)
         if tuned is None:
-            tuned = _TUNED[(launch.kind, atomic)] = _Tuned(launch.kind, launch.kernel, atomic)
+            tuned = _TUNED[key] = _Tuned(launch.kind, launch.kernel, atomic)
         tuned(launch, args, bucket)
         return
     launch.kernel[launch.grid](*args, **launch.constexprs, num_warps=launch.config.num_warps,

@@ -79,7 +79,11 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
     dq1 = acc1 * out_scale
     _store_rows(dq_ptr, rows, row_ok, stride_q, dims0, D, dq0)
     _store_rows(dq_ptr, rows, row_ok, stride_q, dims1, D, dq1)
-    # q_i . dq_i over this D slice, in float32 before rounding dq: the temperature gradient's pieces
+    # q_i . dq_i over this D slice, in float32 before rounding dq: the temperature gradient's pieces. Q is read
+    # again (after the stores, so the load stays here): keeping the resident tile's registers alive across the
+    # key loop for this costs a whole Q block of registers
+    q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
+    q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
     q_dot_dq = tl.sum(q0.to(tl.float32) * dq0, axis=1) + tl.sum(q1.to(tl.float32) * dq1, axis=1)
     tl.store(dot_partial_ptr + pid_d * B + rows, q_dot_dq, mask=row_ok)
 

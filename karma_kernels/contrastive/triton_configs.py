@@ -119,8 +119,7 @@ class Launch:
 
 def symmetric_splits(row_blocks: int, key_tiles: int, programs: int) -> Tuple[int, int]:
     """(S_r, S_c) of the symmetric forward's grid: about ``programs`` (one wave: the SM count) programs, as square
-    as it goes, each with at least one row block and, where there are enough, two key tiles (a program's column
-    slots are then written back at least one tile before they are read again)."""
+    as it goes, each with at least one row block and, where there are enough, two key tiles."""
     split_r = max(1, min(row_blocks, math.isqrt(max(programs, 1))))
     split_c = max(1, min(programs // split_r, key_tiles // 2 if key_tiles >= 2 else 1))
     return split_r, split_c

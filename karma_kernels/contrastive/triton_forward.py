@@ -109,7 +109,8 @@ def _symmetric_forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, t
     ranges of key tiles. Per row block (query block resident) it walks its key tiles, keeping the rows' online
     (max, sum exp) in registers, and writes them once to ``row_part`` [3, S_c, B] (max, sum, target logit) at
     split c. The columns' online pair over its row range lives in ``col_part`` [2, S_r, M] at split r: slots no
-    other program touches, read, updated and written back per tile (the first row block only writes). The
+    other program touches, read, updated and written back per tile (the first row block only writes; a barrier
+    per row block orders a slot's store before its next read by another thread of the program). The
     launcher merges the S_c / S_r partial pairs (a logsumexp): O((S_r + S_c) (B + M)) memory, S_r, S_c small.
     """
     pid_r = tl.program_id(0)
@@ -148,6 +149,9 @@ def _symmetric_forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, t
             col_max, col_sum = _online_lse(col_max, col_sum, masked, 0)
             tl.store(col_max_ptr + cols, col_max, mask=col_ok)
             tl.store(col_sum_ptr + cols, col_sum, mask=col_ok)
+        # the next row block reads back the column slots this one wrote (other threads' stores, when a range has
+        # one key tile): a CTA barrier orders them (the key loop is the one Triton pipelines, not this one)
+        tl.debug_barrier()
         row_offsets = pid_c.to(tl.int64) * B + rows
         split_stride = splits_c.to(tl.int64) * B
         tl.store(row_part_ptr + row_offsets, row_max, mask=row_ok)

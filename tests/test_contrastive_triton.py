@@ -100,7 +100,10 @@ def test_d_tiling_keeps_small_d_resident_and_slices_large_d():
     assert triton_configs.d_tiling(512)["RESIDENT"] is False
     atomic = triton_configs.backward_launches(4096, 4096, 512, torch.bfloat16, False, False, False, False, False,
                                               deterministic=False)
-    assert [launch.name for launch in atomic] == ["grad_query", "grad_keys"]   # no atomic schedule for D > 256
+    assert [launch.name for launch in atomic] == ["grad_keys_atomic_dq"]   # D slices, dQ added per slice
+    block_m = triton_configs.default_configs(torch.bfloat16).grad_keys.block_m
+    # S = 4 slices: 4 logit passes + the 2 gradient dots over D
+    assert atomic[0].grid == (4096 // block_m, 4) and atomic[0].matmul_flops == (4 + 2) * 2.0 * 4096 * 4096 * 512
     fp32 = triton_configs.backward_launches(4096, 4096, 256, torch.float32, False, False, False, False, False,
                                             deterministic=False)
     assert [launch.name for launch in fp32] == ["grad_query", "grad_keys"]
@@ -121,3 +124,78 @@ def test_autotune_prunes_configs_over_the_shared_memory_limit():
 def test_autotune_buckets_batch_sizes_by_power_of_two():
     assert triton_impl._bucket(40000, 40000, 256) == triton_impl._bucket(65536, 50000, 256)
     assert triton_impl._bucket(40000, 40000, 256) != triton_impl._bucket(70000, 40000, 256)
+
+
+# (B, dtype, key_ids, logq, reduction, SM count the grid is sized for): 72 rows = 5 blocks of 16, so the splits are
+# uneven and programs walk several row blocks and key tiles
+SYMMETRIC_CASES = [
+    (72, torch.float32, False, False, "mean", 6),
+    (72, torch.float32, True, True, "none", 6),
+    (72, torch.bfloat16, True, False, "sum", 20),
+    (72, torch.float16, False, True, "mean", 1),
+    (40, torch.float32, True, True, "sum", 132),
+]
+
+
+@pytest.mark.parametrize("case_args", SYMMETRIC_CASES, ids=lambda a: f"B{a[0]}-{a[1]}-ids{int(a[2])}-logq{int(a[3])}"
+                                                                       f"-{a[4]}-sms{a[5]}")
+def test_symmetric_one_pass_statistics_match_the_reference(case_args, monkeypatch):
+    """The symmetric forward forms each tile once and keeps row and column statistics in partial (max, sum exp)
+    pairs per split, merged by the launcher: loss and every gradient within the tolerance table, whatever the
+    (S_r, S_c) grid."""
+    from tests.test_contrastive import check_parity, make_case
+
+    batch, dtype, with_ids, with_logq, reduction, sms = case_args
+    monkeypatch.setattr(triton_configs, "DEFAULT_SMS", sms)
+    case = make_case(batch, batch, 20, dtype, symmetric=True, with_ids=with_ids, with_logq=with_logq,
+                     reduction=reduction, seed=batch + sms, device=TRITON_DEVICE)
+    check_parity(case, "triton")
+
+
+@pytest.mark.parametrize("splits", [(1, 1), (2, 3), (5, 5)])
+def test_symmetric_partial_statistics_are_split_invariant(splits):
+    """Row lse, column lse and target logits of the one-pass kernel equal the torch path's for any grid, including
+    a row's only valid key being its positive and logq = -inf (an infinite column)."""
+    from karma_kernels.contrastive import torch_impl
+
+    gen = torch.Generator().manual_seed(1)
+    batch, dim = 72, 24
+    query, keys = torch.randn(batch, dim, generator=gen) * 3, torch.randn(batch, dim, generator=gen) * 3
+    key_ids = torch.arange(batch) // 2
+    logq = -torch.rand(batch, generator=gen)
+    logq[7] = float("-inf")
+    args = (torch.arange(batch), torch.tensor(0.05), key_ids, logq, "softmax", True)
+    loss, stats = triton_impl.contrastive_forward(query.to(TRITON_DEVICE), keys.to(TRITON_DEVICE),
+                                                  *[a.to(TRITON_DEVICE) if torch.is_tensor(a) else a for a in args],
+                                                  splits=splits)
+    ref_loss, ref_stats = torch_impl.contrastive_forward(query, keys, *args)[:2]
+    finite = torch.isfinite(ref_stats)
+    torch.testing.assert_close(stats.cpu()[finite], ref_stats[finite].float(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(torch.isfinite(stats.cpu()), finite) and torch.equal(stats.cpu()[~finite], ref_stats[~finite])
+
+
+def test_symmetric_forward_is_one_pass_with_small_partial_buffers():
+    """One launch doing 1F of matmul work (every tile of the exact partition once) on about one program per SM,
+    with partial buffers of (S_r + S_c) x (B + M) floats, not (B / BLOCK_B) x M."""
+    batch, dim = 65536, 256
+    (launch,) = triton_configs.forward_launches(batch, batch, dim, torch.bfloat16, False, True, True, True,
+                                                num_sms=132)
+    split_r, split_c = launch.grid
+    assert launch.matmul_flops == 2.0 * batch * batch * dim and split_r * split_c <= 132
+    assert 3 * split_c * batch + 2 * split_r * batch <= 64 * batch
+    for blocks, tiles, sms in ((5, 5, 6), (1, 1, 132), (512, 1024, 132), (3, 40, 7), (40, 3, 7)):
+        split_r, split_c = triton_configs.symmetric_splits(blocks, tiles, sms)
+        assert 1 <= split_r <= blocks and 1 <= split_c <= tiles and split_r * split_c <= max(sms, 1)
+        assert tiles < 2 or tiles // split_c >= 2      # every key-tile range has >= 2 tiles
+
+
+def test_int32_key_ids_keep_equality_of_any_int64_ids():
+    """The kernels read key ids as dense int32 ranks: equal ids (beyond 32 bits, negative) map to equal ranks and
+    different ids to different ranks."""
+    key_ids = torch.tensor([2**40 + 1, -5, 2**40 + 1, 7, 2**32 + 7, -5, 7], device=TRITON_DEVICE)
+    target = torch.tensor([3, 0, 6], device=TRITON_DEVICE)
+    ranks = triton_impl.int32_key_ids(target, key_ids)
+    assert ranks.dtype == torch.int32
+    assert torch.equal(ranks[:, None] == ranks[None, :], key_ids[:, None] == key_ids[None, :])
+    assert int(ranks.min()) == 0 and int(ranks.max()) == 3
+    assert triton_impl.int32_key_ids(target, None) is target

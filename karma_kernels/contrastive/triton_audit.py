@@ -2,9 +2,9 @@
 
 Built from ``triton_configs.forward_launches`` / ``backward_launches``, the functions the launchers call, so the
 audit compiles exactly what runs. F = 2·B·M·D (one pass of logits); budgets: forward + backward <= 4F with the
-atomic backward (1F forward + 3F) and <= 5F with the deterministic one (1F + 4F); the symmetric mode's column
-pass adds 1F. With D > 256 (float32: any D) the backward splits D into slices that each recompute the logits
-(the budget grows by that recomputation).
+atomic backward (1F forward + 3F) and <= 5F with the deterministic one (1F + 4F), the symmetric mode included
+(its row and column statistics come from one pass over the tiles). With D > 256 (float32: any D) the backward
+splits D into S slices that each recompute the logits: budget + (S - 1)F atomic, + 2(S - 1)F deterministic.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def audit_plan(batch: int, dim: int, dtype: torch.dtype, mode: str = "softmax", 
     negatives masked by key_ids and a logq correction; ``logq_grad``: logq requires grad)."""
     element = TRITON_ELEMENT[str(dtype).replace("torch.", "")]
     pointers = {name: "*" + element for name in _TENSOR_ARGS}
-    pointers.update(target_ptr="*i64", key_ids_ptr="*i64")
+    pointers.update(target_ptr="*i64", key_ids_ptr="*i32")   # the launchers pass int32 key ids
     pairwise = mode == "pairwise"
     launches = forward_launches(batch, batch, dim, dtype, pairwise, symmetric, with_ids_logq, with_ids_logq)
     launches += backward_launches(batch, batch, dim, dtype, pairwise, symmetric, with_ids_logq, with_ids_logq,
@@ -41,11 +41,11 @@ def audit_plan(batch: int, dim: int, dtype: torch.dtype, mode: str = "softmax", 
             matmul_flops=launch.matmul_flops, phase=launch.phase, divisible_by_16=aligned))
     unit = 2.0 * batch * batch * dim
     tiling = d_tiling(dim, resident_limit(dtype))
-    budget = (5.0 if deterministic or not tiling["RESIDENT"] else 4.0) + (1.0 if symmetric else 0.0)
-    if not tiling["RESIDENT"]:    # each of the S output slices of both gradient kernels recomputes the logits
-        budget += 2.0 * (triton.cdiv(dim, tiling["BLOCK_DV"]) - 1)
+    deterministic = not any(launch.constexprs.get("ATOMIC_DQ") for launch in launches)   # the schedule chosen
+    budget = 5.0 if deterministic else 4.0
+    if not tiling["RESIDENT"]:    # each of the S output slices of the gradient kernels recomputes the logits
+        budget += (2.0 if deterministic else 1.0) * (triton.cdiv(dim, tiling["BLOCK_DV"]) - 1)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    deterministic = not any(launch.constexprs.get("ATOMIC_DQ") for launch in launches)
     case = (f"B=M={batch} D={dim} {name} {mode}{' symmetric' if symmetric else ''}"
             f"{' key_ids+logq' if with_ids_logq else ''}{' logq_grad' if logq_grad else ''} "
             f"{'deterministic' if deterministic else 'atomic dq'}")
@@ -66,7 +66,8 @@ def audit_plans(quick: bool = False) -> List[AuditPlan]:
                   audit_plan(big, 256, torch.float32, deterministic=True),
                   audit_plan(16384, 128, torch.bfloat16),
                   audit_plan(16384, 64, torch.bfloat16, "pairwise"),
-                  audit_plan(16384, 512, torch.bfloat16)]
+                  audit_plan(16384, 512, torch.bfloat16),
+                  audit_plan(16384, 512, torch.bfloat16, deterministic=True)]
         from .triton_sigmoid import audit_plan as sigmoid_audit_plan  # the sigmoid mode's own kernels
         plans += [sigmoid_audit_plan(16384, 256, torch.bfloat16), sigmoid_audit_plan(16384, 128, torch.float32)]
     return plans

@@ -10,8 +10,9 @@ Two schedules (the launcher picks one, like PyTorch: deterministic when
   own keys: 2 dots per tile), no atomics: 4F.
 
 For D <= BLOCK_D (``RESIDENT``: every default config up to D = 256) the program's own block is loaded once and
-the loop's tiles are software-pipelined. Larger D splits the output's D over a second grid axis of BLOCK_DV slices
-(each slice recomputes the logits in BLOCK_D chunks; deterministic schedule only).
+the loop's tiles are software-pipelined. Larger D (and float32 inputs) splits the output's D over a second grid
+axis of BLOCK_DV slices, each recomputing the logits in BLOCK_D chunks: with S slices the atomic schedule does
+(S + 2)F, the deterministic one 2(S + 1)F.
 
 G reaches ``tl.dot`` in the input's half precision: the upstream coefficients arrive multiplied by a power of two
 S (see ``triton_impl.grad_scale``) so that small entries of G do not flush to zero; ``unscale`` = 1/S is applied
@@ -78,7 +79,11 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
     dq1 = acc1 * out_scale
     _store_rows(dq_ptr, rows, row_ok, stride_q, dims0, D, dq0)
     _store_rows(dq_ptr, rows, row_ok, stride_q, dims1, D, dq1)
-    # q_i . dq_i over this D slice, in float32 before rounding dq: the temperature gradient's pieces
+    # q_i . dq_i over this D slice, in float32 before rounding dq: the temperature gradient's pieces. Q is read
+    # again (after the stores, so the load stays here): keeping the resident tile's registers alive across the
+    # key loop for this costs a whole Q block of registers
+    q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
+    q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
     q_dot_dq = tl.sum(q0.to(tl.float32) * dq0, axis=1) + tl.sum(q1.to(tl.float32) * dq1, axis=1)
     tl.store(dot_partial_ptr + pid_d * B + rows, q_dot_dq, mask=row_ok)
 
@@ -91,7 +96,9 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
                       RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT: tl.constexpr,
                       GRAD_DOT: tl.constexpr):
-    """dK (and with ATOMIC_DQ, RESIDENT only: G K added into the float32 [B, BLOCK_DV] buffer dq_acc, unscaled).
+    """dK (and with ATOMIC_DQ: G K added into the float32 [B, slices * BLOCK_DV] buffer dq_acc, unscaled);
+    with LOGQ_GRAD the column sums of G * S in dlogq (stored, or added per tile with ATOMIC_DQ: a loop-carried sum
+    costs the registers the dQ piece needs; the launcher negates and unscales them).
 
     The program's D slice is held as two halves (key tile, dK accumulator, query tile, dQ piece): the same dots
     with fewer live registers at a time, which keeps the D = 256 tiles free of spills."""
@@ -120,19 +127,25 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
                                           HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
         g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef,
                        col_lse, PAIRWISE, SYMMETRIC)
+        if LOGQ_GRAD:   # before the dots: the float32 tile then dies at its cast to the dots' operand dtype
+            if ATOMIC_DQ:   # no loop-carried column sum: the registers the dQ piece needs
+                tl.atomic_add(dlogq_ptr + cols, tl.sum(g, axis=0), mask=col_ok & (pid_d == 0), sem="relaxed")
+            else:
+                column_sum += tl.sum(g, axis=0)
         acc0 = _mma(tl.trans(g), q0, acc0, GRAD_DOT)
         acc1 = _mma(tl.trans(g), q1, acc1, GRAD_DOT)
         if ATOMIC_DQ:
-            row_offsets = rows.to(tl.int64)[:, None] * BLOCK_DV
+            if RESIDENT:    # one slice: a constant row stride (a runtime one costs the symmetric tile a spill)
+                row_offsets = rows.to(tl.int64)[:, None] * BLOCK_DV
+            else:
+                row_offsets = rows.to(tl.int64)[:, None] * (tl.num_programs(1) * BLOCK_DV)
             part = _mma(g, k0, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
             tl.atomic_add(dq_acc_ptr + row_offsets + dims0[None, :], part, mask=row_ok[:, None], sem="relaxed")
             part = _mma(g, k1, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
             tl.atomic_add(dq_acc_ptr + row_offsets + dims1[None, :], part, mask=row_ok[:, None], sem="relaxed")
-        if LOGQ_GRAD:
-            column_sum += tl.sum(g, axis=0)
     unscale = tl.load(unscale_ptr)
     _store_rows(dk_ptr, cols, col_ok, stride_k, dims0, D, acc0 * (inv_t * unscale))
     _store_rows(dk_ptr, cols, col_ok, stride_k, dims1, D, acc1 * (inv_t * unscale))
-    if LOGQ_GRAD:
-        tl.store(dlogq_ptr + cols, -column_sum * unscale, mask=col_ok & (pid_d == 0))
+    if LOGQ_GRAD and not ATOMIC_DQ:
+        tl.store(dlogq_ptr + cols, column_sum, mask=col_ok & (pid_d == 0))
 

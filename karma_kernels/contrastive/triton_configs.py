@@ -8,6 +8,7 @@ within 227 KiB, wgmma and cp.async in the PTX.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -17,12 +18,13 @@ import triton
 
 from .._backend import interpreter_active
 from .triton_backward import _grad_keys_kernel, _grad_query_kernel
-from .triton_forward import _forward_kernel
+from .triton_forward import _forward_kernel, _symmetric_forward_kernel
 
 MAX_RESIDENT_D = 256        # up to this D a program's own block stays resident (its dots have K = D)
 CHUNK_D = 64                # D chunk of the logit dots beyond that
 SLICE_D = 128               # D slice of a gradient program's output beyond that
 SHARED_MEMORY_LIMIT = 227 * 1024
+DEFAULT_SMS = 132           # programs of the symmetric forward's grid without a device to ask (H100/H200 SXM)
 
 
 @dataclass(frozen=True)
@@ -115,35 +117,50 @@ class Launch:
     grid_fn: Optional[Callable] = field(default=None, compare=False)   # grid of a config's meta-parameters
 
 
+def symmetric_splits(row_blocks: int, key_tiles: int, programs: int) -> Tuple[int, int]:
+    """(S_r, S_c) of the symmetric forward's grid: about ``programs`` (one wave: the SM count) programs, as square
+    as it goes, each with at least one row block and, where there are enough, two key tiles."""
+    split_r = max(1, min(row_blocks, math.isqrt(max(programs, 1))))
+    split_c = max(1, min(programs // split_r, key_tiles // 2 if key_tiles >= 2 else 1))
+    return split_r, split_c
+
+
 def forward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, pairwise: bool, symmetric: bool,
-                     has_key_ids: bool, has_logq: bool, config: Optional[Config] = None) -> List[Launch]:
-    """The row pass; for ``symmetric`` also the column pass (the same kernel on keys x queries: column lse)."""
+                     has_key_ids: bool, has_logq: bool, config: Optional[Config] = None,
+                     splits: Optional[Tuple[int, int]] = None, num_sms: Optional[int] = None) -> List[Launch]:
+    """One launch: the row pass, or for ``symmetric`` the one-pass row + column statistics on an (S_r, S_c) grid
+    (``splits``, else :func:`symmetric_splits` of ``num_sms``, default :data:`DEFAULT_SMS`)."""
     config = config or default_configs(dtype, pairwise, symmetric).forward
     tiling = d_tiling(dim, resident_limit(dtype))
     constexprs = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, RESIDENT=tiling["RESIDENT"],
                       EVEN_D=tiling["EVEN_D"] and tiling["RESIDENT"], BLOCK_B=config.block_b,
                       BLOCK_M=config.block_m, BLOCK_D=tiling["BLOCK_D"], DOT=dot_mode(dtype))
     chunks = 1 if tiling["RESIDENT"] else triton.cdiv(dim, CHUNK_D)
-    launches = []
-    passes = (("forward", batch, num_keys, constexprs),)
-    if symmetric:   # column lse: rows are the keys, no logq (subtracted by the launcher), same masks
-        passes += (("column_lse", num_keys, batch, dict(constexprs, HAS_LOGQ=False)),)
-    for name, rows, keys, consts in passes:
-        programs = triton.cdiv(rows, config.block_b)
-        flops = programs * triton.cdiv(keys, config.block_m) * chunks * \
-            2.0 * config.block_b * config.block_m * tiling["BLOCK_D"]
-        launches.append(Launch(name, "forward", _forward_kernel, consts, config, (programs,), flops,
-                               grid_fn=lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_B"]),)))
-    return launches
+    row_blocks, key_tiles = triton.cdiv(batch, config.block_b), triton.cdiv(num_keys, config.block_m)
+    # every tile once (the symmetric grid partitions the row blocks x key tiles exactly)
+    flops = row_blocks * key_tiles * chunks * 2.0 * config.block_b * config.block_m * tiling["BLOCK_D"]
+    if not symmetric:
+        return [Launch("forward", "forward", _forward_kernel, constexprs, config, (row_blocks,), flops,
+                       grid_fn=lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]),))]
+    del constexprs["PAIRWISE"]
+
+    if splits is None:
+        splits = symmetric_splits(row_blocks, key_tiles, num_sms or DEFAULT_SMS)
+    grid = (max(1, min(splits[0], row_blocks)), max(1, min(splits[1], key_tiles)))
+    # the launcher sizes the partial buffers by this grid, so autotuning keeps it: S_r <= the row blocks of the
+    # largest tuned BLOCK_B (the default's), S_c <= half the key tiles of the default BLOCK_M (every range non-empty)
+    return [Launch("forward_symmetric", "forward", _symmetric_forward_kernel, constexprs, config, grid, flops,
+                   grid_fn=lambda meta: grid)]
 
 
 def backward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, pairwise: bool, symmetric: bool,
                       has_key_ids: bool, has_logq: bool, logq_grad: bool, deterministic: bool,
                       configs: Optional[Configs] = None) -> List[Launch]:
-    """Atomic schedule (one kernel) for D <= MAX_RESIDENT_D unless ``deterministic``; else dQ + dK kernels."""
+    """Atomic schedule (one kernel) unless ``deterministic`` or float32 (whose atomic kernel spills registers in
+    every config tried, docs/kernel_audit.md); else dQ + dK kernels."""
     configs = configs or default_configs(dtype, pairwise, symmetric)
     tiling = d_tiling(dim, resident_limit(dtype))
-    atomic = tiling["RESIDENT"] and not deterministic
+    atomic = not deterministic and dtype != torch.float32
     chunks = 1 if tiling["RESIDENT"] else triton.cdiv(dim, CHUNK_D)
     slices = triton.cdiv(dim, tiling["BLOCK_DV"])
     base = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, SYMMETRIC=symmetric,
@@ -215,7 +232,7 @@ class _Tuned:
         self.kernel = kernel
         self.tuner = triton.autotune(configs=configs, key=[k for k in key if k in kernel.arg_names],
                                      prune_configs_by={"early_config_prune": _prune(kind)},
-                                     reset_to_zero=["dq_acc_ptr"] if atomic else None)(kernel)
+                                     reset_to_zero=["dq_acc_ptr", "dlogq_ptr"] if atomic else None)(kernel)
         self.winners: Dict[tuple, Any] = {}
 
     def __call__(self, launch: Launch, args: tuple, bucket: tuple):
@@ -230,16 +247,17 @@ class _Tuned:
                                                        num_stages=winner.num_stages)
 
 
-_TUNED: Dict[tuple, _Tuned] = {}
+_TUNED: Dict[tuple, _Tuned] = {}     # per (launch name, kind, atomic)
 
 
 def run(launch: Launch, args: tuple, tune: bool, bucket: tuple = ()) -> None:
     """Start ``launch`` with ``args`` (autotuned when ``tune``)."""
     if tune:
         atomic = bool(launch.constexprs.get("ATOMIC_DQ"))
-        tuned = _TUNED.get((launch.kind, atomic))
+        key = (launch.name, launch.kind, atomic)    # the name tells the kernel (two forward kernels share a kind)
+        tuned = _TUNED.get(key)
         if tuned is None:
-            tuned = _TUNED[(launch.kind, atomic)] = _Tuned(launch.kind, launch.kernel, atomic)
+            tuned = _TUNED[key] = _Tuned(launch.kind, launch.kernel, atomic)
         tuned(launch, args, bucket)
         return
     launch.kernel[launch.grid](*args, **launch.constexprs, num_warps=launch.config.num_warps,

@@ -4,12 +4,14 @@ Kernels: ``triton_forward`` (row statistics), ``triton_backward`` (gradients: an
 deterministic two-kernel one), tile helpers in ``triton_tiles``; which kernels run with which tiles and grids is
 decided in ``triton_configs`` (shared with the autotuner and the sm_90 kernel audit, ``triton_audit``).
 
-Forward: per-row loss and ``stats`` [3, B] (layout of ``torch_impl``). ``symmetric=True`` adds a column pass (the
-forward kernel on keys x queries) for the column lse: O(B) memory, one more F of matmul work.
+Forward: per-row loss and ``stats`` [3, B] (layout of ``torch_impl``). ``symmetric=True`` runs one pass that
+forms each logit tile once and keeps both row and column statistics (``_symmetric_forward_kernel``): partial
+(max, sum exp) pairs of S_c key-tile ranges per row and of S_r row-block ranges per column (S_r x S_c programs,
+about one per SM), merged here by a logsumexp over the splits: 1F of matmul work, O((S_r + S_c)(B + M)) memory.
 
 Backward: deterministic (dQ kernel + dK kernel, no atomics) when ``deterministic`` (the op passes
-``torch.are_deterministic_algorithms_enabled()``) or D > 256; otherwise one FlashAttention-2-style pass with dQ
-accumulated by float32 atomics. The upstream coefficients are multiplied by a power of two (``grad_scale``) so that
+``torch.are_deterministic_algorithms_enabled()``); otherwise one FlashAttention-2-style pass with dQ accumulated
+by float32 atomics. The upstream coefficients are multiplied by a power of two (``grad_scale``) so that
 the gradient tile survives its cast to float16; the kernels divide it out of their float32 accumulators.
 
 Precision: loads are upcast to float32 before any elementwise arithmetic; logits are accumulated in float32.
@@ -56,9 +58,37 @@ def _bucket(batch: int, num_keys: int, dim: int) -> tuple:
     return triton.next_power_of_2(batch), triton.next_power_of_2(num_keys), dim
 
 
+def int32_key_ids(target: torch.Tensor, key_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Key ids as the kernels read them: dense int32 ranks from one sort (equal ids get equal ranks; no host
+    sync), so the false-negative masks hold 32-bit ids in registers (what keeps the dK kernels free of spills
+    when logq requires grad). Without key_ids the target stands in for the unused pointer."""
+    if key_ids is None:
+        return target
+    ordered, order = torch.sort(key_ids)
+    starts = torch.zeros(ordered.shape, dtype=torch.int32, device=key_ids.device)
+    starts[1:] = (ordered[1:] != ordered[:-1]).to(torch.int32)
+    ranks = torch.empty_like(starts)
+    ranks[order] = torch.cumsum(starts, 0, dtype=torch.int32)
+    return ranks
+
+
+def _sm_count(device: torch.device) -> Optional[int]:
+    """Streaming multiprocessors of a CUDA device (a cached property, no synchronisation); None elsewhere."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def _merge_lse(part_max: torch.Tensor, part_sum: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the split axis (0) of partial (max, sum exp(x - shift)) pairs, with the kernels' shift
+    convention (0 once the max is +inf); a split that saw only masked entries (sum 0) contributes nothing."""
+    shift = torch.where(part_max == float("inf"), torch.zeros_like(part_max), part_max)
+    return torch.logsumexp(shift + torch.log(part_sum), dim=0)
+
+
 def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, symmetric,
-                        config: Optional[Config] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss [B] float32 and statistics [3, B] float32 (layout of torch_impl)."""
+                        config: Optional[Config] = None,
+                        splits: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss [B] float32 and statistics [3, B] float32 (layout of torch_impl). ``splits``: (S_r, S_c) of
+    the symmetric forward's grid (default: from the device's SM count)."""
     if mode == "sigmoid":  # its own kernels: triton_sigmoid
         from .triton_sigmoid import sigmoid_forward
         return sigmoid_forward(query, keys, target, temperature, key_ids, logq)
@@ -66,22 +96,24 @@ def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, s
     batch, dim = query.shape
     num_keys = keys.shape[0]
     launches = forward_launches(batch, num_keys, dim, query.dtype, mode == "pairwise", symmetric,
-                                key_ids is not None, logq is not None, config)
+                                key_ids is not None, logq is not None, config, splits, _sm_count(query.device))
     tune, bucket = use_autotune() and config is None, _bucket(batch, num_keys, dim)
-    loss = torch.empty(batch, dtype=torch.float32, device=query.device)
-    stats = torch.zeros(3, batch, dtype=torch.float32, device=query.device)
-    key_ids_arg = key_ids if key_ids is not None else target
-    run(launches[0], (query, keys, target, key_ids_arg, logq if logq is not None else loss, temperature, loss, stats,
-                      batch, num_keys, dim, query.stride(0), keys.stride(0)), tune, bucket)
-    if symmetric:
-        # column j's lse over the queries: row j of the transposed problem (target = arange, the same masks),
-        # without logq, which is constant down a column and subtracted here
-        column_loss = torch.empty(num_keys, dtype=torch.float32, device=query.device)
-        column_stats = torch.zeros(3, num_keys, dtype=torch.float32, device=query.device)
-        run(launches[1], (keys, query, target, key_ids_arg, loss, temperature, column_loss, column_stats,
-                          num_keys, batch, dim, keys.stride(0), query.stride(0)), tune, bucket)
-        stats[1] = column_stats[0] if logq is None else column_stats[0] - logq.to(torch.float32)
-        loss = (loss + stats[1] - stats[2]) / 2
+    key_ids_arg = int32_key_ids(target, key_ids)
+    if not symmetric:
+        loss = torch.empty(batch, dtype=torch.float32, device=query.device)
+        stats = torch.zeros(3, batch, dtype=torch.float32, device=query.device)
+        run(launches[0], (query, keys, target, key_ids_arg, logq if logq is not None else loss, temperature, loss,
+                          stats, batch, num_keys, dim, query.stride(0), keys.stride(0)), tune, bucket)
+        return loss, stats
+    # one pass: partial row statistics per key-tile range, partial column statistics per row-block range
+    split_r, split_c = launches[0].grid
+    row_part = torch.empty(3, split_c, batch, dtype=torch.float32, device=query.device)
+    col_part = torch.empty(2, split_r, num_keys, dtype=torch.float32, device=query.device)
+    run(launches[0], (query, keys, target, key_ids_arg, logq if logq is not None else row_part, temperature,
+                      row_part, col_part, batch, num_keys, dim, query.stride(0), keys.stride(0)), tune, bucket)
+    stats = torch.stack((_merge_lse(row_part[0], row_part[1]), _merge_lse(col_part[0], col_part[1]),
+                         row_part[2].sum(0)))
+    loss = ((stats[0] - stats[2]) + (stats[1] - stats[2])) / 2
     return loss, stats
 
 
@@ -112,14 +144,16 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
     tune, bucket = use_autotune() and configs is None, _bucket(batch, num_keys, dim)
     inv_temperature = 1.0 / temperature.to(torch.float32)
     dk = torch.empty_like(keys)
-    dlogq = torch.empty(num_keys, dtype=torch.float32, device=query.device) if want_logq_grad else None
-    common = (query, keys, target, key_ids if key_ids is not None else target, logq if logq is not None else row_coef,
+    # column sums of G * S (added per tile by the atomic kernel)
+    dlogq = torch.zeros(num_keys, dtype=torch.float32, device=query.device) if want_logq_grad else None
+    common = (query, keys, target, int32_key_ids(target, key_ids), logq if logq is not None else row_coef,
               temperature, stats, scaled_coef, unscale)
     sizes = (batch, num_keys, dim, query.stride(0), keys.stride(0))
     keys_launch = launches[-1]
     if keys_launch.constexprs["ATOMIC_DQ"]:
-        dq_acc = torch.zeros(batch, keys_launch.constexprs["BLOCK_DV"], dtype=torch.float32, device=query.device)
-        run(keys_launch, common + (dk, dlogq if dlogq is not None else row_coef, dq_acc) + sizes, tune, bucket)
+        dq_acc = torch.zeros(batch, keys_launch.grid[1] * keys_launch.constexprs["BLOCK_DV"], dtype=torch.float32,
+                             device=query.device)
+        run(keys_launch, common + (dk, dlogq if dlogq is not None else dq_acc, dq_acc) + sizes, tune, bucket)
         dq32 = dq_acc[:, :dim] * (unscale * inv_temperature)
         dq = dq32.to(query.dtype)
         dtemperature = -(query.to(torch.float32) * dq32).sum() * inv_temperature
@@ -129,4 +163,6 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
         run(launches[0], common + (dq, dot_partial) + sizes, tune, bucket)
         run(keys_launch, common + (dk, dlogq if dlogq is not None else row_coef, row_coef) + sizes, tune, bucket)
         dtemperature = -dot_partial.sum() * inv_temperature
+    if dlogq is not None:
+        dlogq = -dlogq * unscale
     return dq, dk, dtemperature, dlogq

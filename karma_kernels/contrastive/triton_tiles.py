@@ -53,6 +53,16 @@ def _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _resident_halves(ptr, rows, row_ok, stride, dims0, dims1, D, EVEN_D: tl.constexpr, RESIDENT: tl.constexpr):
+    """The two D halves of a block of rows when it stays resident (else placeholders: the dots read D chunks)."""
+    if RESIDENT:
+        return _load_rows(ptr, rows, row_ok, stride, dims0, D, EVEN_D), \
+            _load_rows(ptr, rows, row_ok, stride, dims1, D, EVEN_D)
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
 def _store_rows(ptr, rows, row_ok, stride, dims, D, value):
     """ptr[rows, dims] = value, in ptr's dtype (int64 offsets: rows * stride may pass 2**31)."""
     offsets = rows.to(tl.int64)[:, None] * stride + dims[None, :]

@@ -38,7 +38,7 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
                                    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                                    softcap: Optional[float] = None, return_lse: bool = False):
     acc = compute_dtype(hidden.dtype)
-    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]).to(acc), weight.to(acc),
+    logits = F.linear(hidden.reshape(target.numel(), hidden.shape[-1]).to(acc), weight.to(acc),
                       None if bias is None else bias.to(acc))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)

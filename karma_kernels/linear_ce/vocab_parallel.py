@@ -21,11 +21,11 @@ import torch.distributed as dist
 def check_process_group(op: str, group, weight: torch.Tensor, *, label_smoothing, ce_weight,
                         return_token_accuracy) -> int:
     """Checks ``process_group`` and the options it supports; returns the global vocabulary size."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(f"{op}: process_group needs an initialised torch.distributed (init_process_group)")
-    if not isinstance(group, dist.ProcessGroup):
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{op}: process_group must be a torch.distributed.ProcessGroup or None, "
                         f"got {type(group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError(f"{op}: process_group needs an initialised torch.distributed (init_process_group)")
     for name, refused in (("label_smoothing > 0", bool(label_smoothing)), ("ce_weight", ce_weight is not None),
                           ("return_token_accuracy", bool(return_token_accuracy))):
         if refused:

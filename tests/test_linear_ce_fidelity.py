@@ -285,3 +285,29 @@ def test_bad_option_arguments_name_op_and_argument():
         linear_cross_entropy(hidden.reshape(2, 3, 8), weight, target.reshape(2, 3), shift=3)
     with pytest.raises(ValueError, match="linear_cross_entropy: shift must be an int in"):
         linear_cross_entropy(hidden.reshape(2, 3, 8), weight, target.reshape(2, 3), shift=-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_size_one_last_dim_with_any_stride_is_accepted(backend):
+    """[N, 1] tensors are is_contiguous() whatever their last stride (a transposed [1, N] row, say)."""
+    device = _device(backend)
+    hidden = torch.randn(1, 5, device=device).t()
+    weight = torch.randn(1, 7, device=device).t()
+    assert hidden.is_contiguous() and hidden.stride(-1) != 1 and weight.stride(-1) != 1
+    target = torch.tensor([0, 6, 3, -100, 1], device=device)
+    expected = F.cross_entropy(hidden @ weight.t(), target)
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, target, backend=backend), expected)
+
+
+def test_ignored_tokens_with_non_finite_hidden_rows_give_no_gradient():
+    """An ignored token contributes nothing, not even the NaN of 0 x NaN: on every backend and in the reference."""
+    hidden = torch.tensor([[float("nan"), 1.0], [0.5, -1.0], [float("inf"), 0.0]])
+    weight = torch.randn(4, 2)
+    target = torch.tensor([-100, 2, -100])
+    for fn, extra in ((linear_cross_entropy, dict(backend="torch")), (linear_cross_entropy, dict(backend="reference")),
+                      (linear_cross_entropy_reference, {})):
+        leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+        loss, lse = fn(leaves[0], leaves[1], target, return_lse=True, **extra)
+        (loss + lse.sum()).backward()
+        assert torch.isfinite(loss) and (leaves[0].grad[[0, 2]] == 0).all(), fn
+        assert torch.isfinite(leaves[0].grad).all() and torch.isfinite(leaves[1].grad).all(), fn

@@ -226,6 +226,7 @@ def _target_logit_grads(coef, hidden, weight, target, row_index, bias, ignore_in
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     rows = torch.arange(target.numel(), device=target.device) if row_index is None else row_index
     states = hidden.index_select(0, rows).to(acc)
+    states = torch.where(valid.unsqueeze(1), states, torch.zeros((), dtype=acc, device=states.device))  # 0 x NaN
     target_rows = weight.index_select(0, safe_target).to(acc)
     coef = torch.where(valid, coef, torch.zeros_like(coef))
     if softcap is not None:

@@ -46,6 +46,14 @@ def _resolve_backend(op: str, backend: str, hidden: torch.Tensor, weight: torch.
     return _backend.choose(op, backend, hidden.device, triton_rejects)
 
 
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """A last dimension of size 0/1 may carry any stride (the tensor is still ``is_contiguous()``); the kernels
+    read it with stride 1, so give it that (the same memory)."""
+    if t.shape[-1] <= 1 and t.stride(-1) != 1:
+        return t.as_strided(t.shape, t.stride()[:-1] + (1,), t.storage_offset())
+    return t
+
+
 def _grad_flags(hidden, weight, bias):
     enabled = torch.is_grad_enabled()
     return (enabled and hidden.requires_grad, enabled and weight.requires_grad,
@@ -218,10 +226,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         vocab = check_process_group(OP, process_group, weight, label_smoothing=label_smoothing,
                                     ce_weight=ce_weight, return_token_accuracy=return_token_accuracy)
     _args.check_target_values(OP, "target", target, vocab, ignore_index)
-    resolved = _resolve_backend(OP, backend, hidden, weight)
-
     dim = hidden.shape[-1]
-    hidden2d = hidden.reshape(target.numel(), dim)
+    hidden2d = unit_last_stride(hidden.reshape(target.numel(), dim))
+    weight = unit_last_stride(weight)
+    resolved = _resolve_backend(OP, backend, hidden2d, weight)
+
     if shift:
         seq_len = hidden.shape[-2]
         lead = target.numel() // seq_len

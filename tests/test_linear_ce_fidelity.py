@@ -311,3 +311,22 @@ def test_ignored_tokens_with_non_finite_hidden_rows_give_no_gradient():
         (loss + lse.sum()).backward()
         assert torch.isfinite(loss) and (leaves[0].grad[[0, 2]] == 0).all(), fn
         assert torch.isfinite(leaves[0].grad).all() and torch.isfinite(leaves[1].grad).all(), fn
+
+
+def test_torch_compile_fullgraph_trains_through_lse_and_shift():
+    inputs = make_inputs(12, 16, 30, torch.float32, bias=True, ignore_every=5, seed=12)
+    hidden = inputs["hidden"].reshape(3, 4, 16)
+    target = inputs["target"].reshape(3, 4)
+
+    def step(hidden, weight, bias):
+        loss, lse = linear_cross_entropy(hidden, weight, target, bias=bias, return_lse=True, z_loss=1e-3, shift=1)
+        return loss + 1e-2 * lse.square().mean()
+
+    # aot_eager: the tracing of the custom op's autograd (what can break) without inductor's code generation
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = [t.clone().requires_grad_() for t in (hidden, inputs["weight"], inputs["bias"])]
+    compiled(*got).backward()
+    want = [t.clone().requires_grad_() for t in (hidden, inputs["weight"], inputs["bias"])]
+    step(*want).backward()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.grad, b.grad)

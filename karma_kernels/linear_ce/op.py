@@ -231,9 +231,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     weight = unit_last_stride(weight)
     resolved = _resolve_backend(OP, backend, hidden2d, weight)
 
+    seq_len = hidden.shape[-2] if shift else 1
+    lead = target.numel() // seq_len if seq_len else 0
     if shift:
-        seq_len = hidden.shape[-2]
-        lead = target.numel() // seq_len
         row_index = _shift_rows(lead, seq_len, shift, hidden.device)
         flat_target = target.reshape(lead, seq_len)[:, shift:].reshape(-1).long()
     else:

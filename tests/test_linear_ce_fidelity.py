@@ -330,3 +330,16 @@ def test_torch_compile_fullgraph_trains_through_lse_and_shift():
     step(*want).backward()
     for a, b in zip(got, want):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend,reduction", [("torch", "mean"), ("reference", "none")])
+def test_opcheck_with_a_differentiable_lse(backend, reduction):
+    """torch.library.opcheck (schema, fake, autograd registration, AOT dispatch) with the statistics
+    differentiable (lse_grad=True)."""
+    from karma_kernels.linear_ce.custom_ops import linear_cross_entropy_op
+
+    inputs = make_inputs(7, 8, 12, torch.float32, bias=True, ignore_every=3)
+    leaves = [inputs[k].requires_grad_() for k in ("hidden", "weight", "bias")]
+    args = (leaves[0], leaves[1], inputs["target"], None, leaves[2], -100, reduction, 0.0, 1e-2, 4.0, backend,
+            backend == "torch", True, True, True, 0.0, None, False, True)
+    torch.library.opcheck(linear_cross_entropy_op, args)

@@ -26,6 +26,8 @@ from .reference import compute_dtype
 
 OP = "linear_cross_entropy"
 PREFIX_OP = "prefix_reconstruction_loss"
+# see ``run``: a differentiable lse (no smoothing) recomputes in one merged backward instead of precomputing
+PRECOMPUTE_SKIPPED_FOR_LSE = True
 # fp32 logits per chunk of the token-accuracy pass
 ACCURACY_CHUNK_BYTES = 8 * 2 ** 20
 
@@ -65,7 +67,12 @@ def run(hidden2d, weight, target1d, row_index, bias, ignore_index, reduction, la
     """The custom op on 2-D hidden states: (loss, lse [N]). ``lse_grad``: lse is differentiable (costs a
     backward pass, or an O(N D) gather, only when its gradient is used)."""
     need_hidden, need_weight, need_bias = _grad_flags(hidden2d, weight, bias)
-    precompute = backend == "torch" and reduction != "none" and (need_hidden or need_weight or need_bias)
+    # The torch path's forward precomputes the loss's gradients (3 matmuls in all). A differentiable lse without
+    # label smoothing skips that: its gradient merges with the loss's into one recomputing backward (4 matmuls,
+    # not 3 + 3); with smoothing the lse needs a pass of its own either way.
+    merge_lse = lse_grad and not label_smoothing and PRECOMPUTE_SKIPPED_FOR_LSE
+    precompute = (backend == "torch" and reduction != "none" and (need_hidden or need_weight or need_bias)
+                  and not merge_lse)
     loss, stats, _, _, _ = linear_cross_entropy_op(
         hidden2d, weight, target1d, row_index, bias, ignore_index, reduction, float(label_smoothing),
         float(z_loss), None if softcap is None else float(softcap), backend, precompute, need_hidden,

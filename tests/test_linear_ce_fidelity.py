@@ -343,3 +343,19 @@ def test_opcheck_with_a_differentiable_lse(backend, reduction):
     args = (leaves[0], leaves[1], inputs["target"], None, leaves[2], -100, reduction, 0.0, 1e-2, 4.0, backend,
             backend == "torch", True, True, True, 0.0, None, False, True)
     torch.library.opcheck(linear_cross_entropy_op, args)
+
+
+def test_module_form_carries_the_new_options():
+    from karma_kernels import LinearCrossEntropyLoss
+
+    inputs = make_inputs(8, 8, 10, torch.float32, bias=True, ignore_every=3)
+    hidden, target = inputs["hidden"].reshape(2, 4, 8), inputs["target"].reshape(2, 4)
+    ce_weight = torch.linspace(0.5, 1.5, 10)
+    options = dict(ce_weight=ce_weight, shift=1, z_loss=1e-2, return_lse=True, return_token_accuracy=True,
+                   ignore_index=np.int64(-100))
+    module = LinearCrossEntropyLoss(**options)
+    got = module(hidden, inputs["weight"], target, inputs["bias"])
+    want = linear_cross_entropy(hidden, inputs["weight"], target, bias=inputs["bias"], **options)
+    assert len(got) == 3
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

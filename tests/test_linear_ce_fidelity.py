@@ -359,3 +359,16 @@ def test_module_form_carries_the_new_options():
     assert len(got) == 3
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_accum_dtype_accepts_torch_float32_like_liger():
+    inputs = make_inputs(6, 8, 12, torch.bfloat16, device=TRITON_DEVICE)
+    results = []
+    for accum_dtype in ("fp32", torch.float32):
+        weight = inputs["weight"].clone().requires_grad_()
+        linear_cross_entropy(inputs["hidden"], weight, inputs["target"], accum_dtype=accum_dtype,
+                             backend="triton").backward()
+        results.append(weight.grad)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="linear_cross_entropy: accum_dtype must be None"):
+        linear_cross_entropy(inputs["hidden"], inputs["weight"], inputs["target"], accum_dtype=torch.float16)

@@ -129,7 +129,8 @@ def _check(case, backend, device="cpu", **extra):
     _objective(loss_t, lse_t if case["options"]["return_lse"] else None).backward()
     loss_b, lse_b, base_leaves = _truth(case, dtype)
     _objective(loss_b, lse_b if case["options"]["return_lse"] else None).backward()
-    leaves = [None if case[k] is None else _layout(case[k].to(dtype), case["layout"]).to(device).detach().requires_grad_()
+    leaves = [None if case[k] is None else
+              _layout(case[k].to(dtype), case["layout"]).to(device).detach().requires_grad_()
               for k in ("hidden", "weight", "bias")]
     ce_weight = None if case["ce_weight"] is None else case["ce_weight"].to(dtype).to(device)
     out = linear_cross_entropy(leaves[0], leaves[1], case["target"].to(device), bias=leaves[2],

@@ -32,12 +32,17 @@ def check_options(op: str, ignore_index, reduction, label_smoothing, z_loss, sof
     return ignore_index
 
 
-def check_backward_options(op: str, filter_eps, accum_dtype) -> None:
+def check_backward_options(op: str, filter_eps, accum_dtype) -> Optional[str]:
+    """Checks the Triton backward options; returns ``accum_dtype`` as None or "fp32" (``torch.float32``, Liger's
+    spelling, is accepted)."""
+    if accum_dtype is torch.float32:
+        accum_dtype = "fp32"
     if filter_eps != "auto" and (isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float))
                                  or not 0.0 <= float(filter_eps) < float("inf")):
         raise ValueError(f"{op}: filter_eps must be \"auto\" or a finite float >= 0, got {filter_eps!r}")
     if accum_dtype not in (None, "fp32"):
-        raise ValueError(f"{op}: accum_dtype must be None or \"fp32\", got {accum_dtype!r}")
+        raise ValueError(f"{op}: accum_dtype must be None, \"fp32\" or torch.float32, got {accum_dtype!r}")
+    return accum_dtype
 
 
 def check_flag(op: str, name: str, value) -> bool:

@@ -275,7 +275,7 @@ def _differentiable_grads(ctx, grad_loss, grad_lse, needs):
         if grad_lse is not None:
             objective = objective + (grad_lse.to(lse.dtype) * lse).sum()
         wanted = [t for t, need in zip((hidden, weight, bias), needs) if need]
-        found = iter(torch.autograd.grad(objective, wanted, create_graph=True, allow_unused=True)) if wanted else iter(())
+        found = iter(torch.autograd.grad(objective, wanted, create_graph=True, allow_unused=True) if wanted else ())
     return [next(found) if need else None for need in needs]
 
 

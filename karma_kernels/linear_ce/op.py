@@ -208,9 +208,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     Triton backward options: ``filter_eps`` ("auto" = eps(dtype)/32 for fp16/bf16 inputs, 0 for fp32: exact)
     skips (token x vocabulary) tiles whose logits gradient (before the upstream gradient) is below it everywhere
     — what is dropped is each skipped entry's p_nj times a weight/hidden row, i.e. softmax mass below
-    eps(dtype)/32 per entry; ``accum_dtype="fp32"`` accumulates an fp16/bf16 dWeight in one fp32 [V, D] buffer
-    (default: fp32 bands of <= 16 MiB, each cast into the gradient); ``vocab_order=True`` walks the classes by
-    descending mean logit over the batch so that filtered tiles cluster. Under
+    eps(dtype)/32 per entry; ``accum_dtype="fp32"`` (or ``torch.float32``) accumulates an fp16/bf16 dWeight in one
+    fp32 [V, D] buffer (default: fp32 bands of <= 16 MiB, each cast into the gradient); ``vocab_order=True`` walks
+    the classes by descending mean logit over the batch so that filtered tiles cluster. Under
     ``torch.use_deterministic_algorithms(True)`` the backward runs without atomics (bitwise reproducible).
     """
     _args.check_head(OP, hidden, weight, bias)
@@ -220,7 +220,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                          f"got {tuple(target.shape)}")
     check_same_device(OP, hidden=hidden, target=target)
     ignore_index = _args.check_options(OP, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    _args.check_backward_options(OP, filter_eps, accum_dtype)
+    accum_dtype = _args.check_backward_options(OP, filter_eps, accum_dtype)
     flags = [_args.check_flag(OP, name, value) for name, value in (
         ("return_lse", return_lse), ("return_z_loss", return_z_loss),
         ("return_token_accuracy", return_token_accuracy), ("vocab_order", vocab_order))]
@@ -301,7 +301,7 @@ def prefix_reconstruction_loss(hidden: torch.Tensor, weight: torch.Tensor, text_
                          f"1 <= L <= T - prefix_len = {seq_len - prefix_len}, got {tuple(text_ids.shape)}")
     pad_id = _args.as_int(PREFIX_OP, "pad_id", pad_id, allow_none=True)
     _args.check_options(PREFIX_OP, -100, reduction, label_smoothing, z_loss, softcap)
-    _args.check_backward_options(PREFIX_OP, filter_eps, accum_dtype)
+    accum_dtype = _args.check_backward_options(PREFIX_OP, filter_eps, accum_dtype)
     return_lse = _args.check_flag(PREFIX_OP, "return_lse", return_lse)
     _args.check_target_values(PREFIX_OP, "text_ids", text_ids, weight.shape[0], pad_id)
     resolved = _resolve_backend(PREFIX_OP, backend, hidden, weight)

@@ -21,6 +21,7 @@ from .. import _backend
 from .._autocast import autocast_inputs
 from .._validation import check_same_device, check_tensor
 from . import arguments as _args
+from .arguments import resolve_filter_eps  # noqa: F401  (public helper; triton_impl's docs point here)
 from .custom_ops import linear_cross_entropy_op, n_valid, reduce_tokens
 from .reference import compute_dtype
 

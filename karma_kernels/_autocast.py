@@ -27,8 +27,8 @@ def autocast_inputs(*names: str) -> Callable:
             if not isinstance(first, torch.Tensor):
                 return fn(*args, **kwargs)
             device_type = first.device.type
-            # meta tensors (shape inference) have no autocast state to ask about
-            if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+            # meta (shape inference) and other devices without autocast: nothing to cast
+            if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
                 return fn(*args, **kwargs)
             dtype = torch.get_autocast_dtype(device_type)
             bound = signature.bind(*args, **kwargs)

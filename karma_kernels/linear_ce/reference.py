@@ -9,7 +9,8 @@ Semantics (this file is their documentation). For hidden ``x`` [N, D], weight ``
     ce_i  = lse_i - (1 - eps) * z_i[t_i] - (eps / V) * sum_j z_ij          (eps = label_smoothing)
     loss_i = ce_i + z_loss * lse_i ** 2                                      (the z-loss is per token)
 
-Tokens whose target equals ``ignore_index`` contribute nothing (loss_i = 0, no gradient). Reductions:
+Tokens whose target equals ``ignore_index`` contribute nothing (loss_i = 0, no gradient; a NaN/inf in their
+hidden row reaches neither the loss nor any gradient). Reductions:
 ``"none"`` returns loss_i shaped like ``target`` (0 at ignored tokens), ``"sum"`` the sum over tokens,
 ``"mean"`` the sum divided by the number of non-ignored tokens — exactly ``F.cross_entropy``'s rule, so when
 every token is ignored (or there are no tokens) ``"mean"`` is NaN (0 / 0, as torch 2.13's ``F.cross_entropy``
@@ -33,20 +34,25 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _ignored_rows_zeroed(states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """An ignored token contributes nothing, not even a NaN/inf gradient from its hidden row (0 x NaN)."""
+    return torch.where(valid.unsqueeze(-1), states, torch.zeros((), dtype=states.dtype, device=states.device))
+
+
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                                    bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                                    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                                    softcap: Optional[float] = None, return_lse: bool = False):
     acc = compute_dtype(hidden.dtype)
-    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]).to(acc), weight.to(acc),
-                      None if bias is None else bias.to(acc))
+    flat_target = target.reshape(-1)
+    valid = flat_target != ignore_index
+    states = _ignored_rows_zeroed(hidden.reshape(target.numel(), hidden.shape[-1]).to(acc), valid)
+    logits = F.linear(states, weight.to(acc), None if bias is None else bias.to(acc))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    flat_target = target.reshape(-1)
     loss = F.cross_entropy(logits, flat_target, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
     lse = torch.logsumexp(logits, dim=-1)
-    valid = flat_target != ignore_index
     if z_loss:
         loss = loss + z_loss * torch.where(valid, lse.square(), torch.zeros_like(lse))
     if reduction == "none":
@@ -94,13 +100,13 @@ def linear_cross_entropy_reference_grads(grad_scale: torch.Tensor, hidden: torch
     tests check it, like every backend, against autograd through ``linear_cross_entropy_reference``.
     """
     acc = compute_dtype(hidden.dtype)
-    x = hidden.to(acc)
+    valid = target != ignore_index
+    x = _ignored_rows_zeroed(hidden.to(acc), valid)
     w = weight.to(acc)
     y = F.linear(x, w, None if bias is None else bias.to(acc))
     vocab = w.shape[0]
     z = softcap * torch.tanh(y / softcap) if softcap is not None else y
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     onehot = F.one_hot(safe_target, vocab).to(acc)
     dz = torch.exp(z - lse) * (1 + 2 * z_loss * lse) - (1 - label_smoothing) * onehot - label_smoothing / vocab

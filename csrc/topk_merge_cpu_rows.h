@@ -13,6 +13,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "topk_merge.h"
 #include "topk_merge_errors.h"
 
@@ -118,10 +122,19 @@ inline int distances_monotone(const scalar_t* distances, int64_t n) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// Eight neighbour pairs per step with ordered comparisons (false for NaN, like the scalar ones); written with
+// intrinsics: GCC's own vectorisation of the loop above took about twice the instructions.
 template <bool Largest>
 __attribute__((target("avx2"))) int floats_monotone_avx2(const float* distances, int64_t n) {
-  int monotone = 1;
-  for (int64_t j = 1; j < n; ++j) {
+  __m256 in_order = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  int64_t j = 1;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 before = _mm256_loadu_ps(distances + j - 1), here = _mm256_loadu_ps(distances + j);
+    in_order = _mm256_and_ps(in_order, Largest ? _mm256_cmp_ps(here, before, _CMP_LE_OQ)
+                                               : _mm256_cmp_ps(here, before, _CMP_GE_OQ));
+  }
+  int monotone = static_cast<int>(_mm256_movemask_ps(in_order) == 0xFF);
+  for (; j < n; ++j) {
     monotone &= static_cast<int>(Largest ? distances[j] <= distances[j - 1] : distances[j] >= distances[j - 1]);
   }
   return monotone;

@@ -140,6 +140,8 @@ __attribute__((target("avx2"))) int floats_monotone_avx2(const float* distances,
   return monotone;
 }
 
+constexpr int64_t kAvx2RowCheckMinWidth = 48;
+
 inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
@@ -153,8 +155,11 @@ bool row_sorted(const ShardRows<scalar_t>& shard, int64_t q) {
   int monotone;
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    monotone = cpu_has_avx2() ? floats_monotone_avx2<Largest>(distances, shard.width)
-                              : distances_monotone<scalar_t, Largest>(distances, shard.width);
+    // A call into the AVX2 build costs more than a short row's inlined pass (the serving case, k_s ~ 10: measured
+    // 0.7x faiss at Q = 64 with the call for every row).
+    monotone = shard.width >= kAvx2RowCheckMinWidth && cpu_has_avx2()
+                   ? floats_monotone_avx2<Largest>(distances, shard.width)
+                   : distances_monotone<scalar_t, Largest>(distances, shard.width);
   } else {
     monotone = distances_monotone<scalar_t, Largest>(distances, shard.width);
   }

@@ -375,6 +375,25 @@ def test_deterministic_across_runs_and_thread_counts():
     assert_same(results[0], expect(distances, ids, 40, dedup=True))
 
 
+def test_sorted_merge_over_thread_chunks_matches_reference():
+    """Queries are handed out in chunks (668 here, the last one odd) and merged two at a time: every chunk boundary
+    and the odd query left at a chunk's end give the reference's answer, on 1 and 2 threads."""
+    rng = np.random.default_rng(16)
+    distances, ids = make_shards(rng, 8, 2001, [30, 25, 30, 31, 30, 12, 30, 30], tie_levels=5, nan_rate=0.02,
+                                 padding_rate=0.05, id_range=4000)
+    want = expect(distances, ids, 40)
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            assert_same(topk_merge(distances, ids, 40), want)
+            same_width = [0, 2, 4, 6, 7]  # stacked (the numpy small-call path's buffers)
+            stacked = [distances[s] for s in same_width], [ids[s] for s in same_width]
+            assert_same(topk_merge(np.stack(stacked[0]), np.stack(stacked[1]), 40), expect(*stacked, 40))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bad_inputs_raise_clear_errors():
     d = np.zeros((2, 3, 4), np.float32)
     i = np.zeros((2, 3, 4), np.int64)
@@ -440,6 +459,24 @@ def test_compiled_op_direct_call_checks_inputs_too():
     with pytest.raises(ValueError, match="at least one shard"):
         torch.ops.karma.topk_merge([torch.zeros(0, 3, 4)], [torch.zeros(0, 3, 4, dtype=torch.int64)], 2, False,
                                    None, True, False)
+
+
+@pytest.mark.parametrize("op", ["topk_merge", "topk_merge_warp_emulated"])
+def test_compiled_op_direct_call_caps_k(op):
+    """The Python wrapper's caps on k hold for a direct torch.ops call (no huge allocation, no overflow), in the
+    CPU op and in the argument code the CUDA binding shares with the host build."""
+    call = getattr(torch.ops.karma, op)
+    stacked, stacked_ids = [torch.zeros(2, 3, 4)], [torch.zeros(2, 3, 4, dtype=torch.int64)]
+    for k in (2**62, 2**40, 2**31):
+        with pytest.raises(ValueError, match=rf"k must be <= 2\^31-1, got {k}"):
+            call(stacked, stacked_ids, k, False, None, True, False)
+    with pytest.raises(ValueError, match=r"k = 2147483647 exceeds the 8 candidates per query"):
+        call(stacked, stacked_ids, 2**31 - 1, False, None, True, False)
+    shards, shard_ids = [torch.zeros(3, 4), torch.zeros(3, 2)], [torch.zeros(3, 4, dtype=torch.int64)] * 2
+    with pytest.raises(ValueError, match=r"k = 1073741824 exceeds the 6 candidates per query"):
+        call(shards, [shard_ids[0], shard_ids[1][:, :2]], 2**30, False, None, True, False)
+    out_distances, out_ids = call(stacked, stacked_ids, 20, False, None, True, False)  # past the 8: padded
+    assert out_distances.shape == (3, 20) and (out_ids[:, 8:] == -1).all()
 
 
 def test_opcheck_and_torch_compile():

@@ -1,0 +1,259 @@
+// The CPU merge's building blocks over raw shard rows (no tensors): the row table, the whole-row sorted check,
+// the small merge (the serving case), and the thread partition. Included by topk_merge_cpu.cpp only; the S-way
+// merge of long rows is topk_merge_cpu_sorted.h.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#include "topk_merge.h"
+#include "topk_merge_errors.h"
+
+namespace karma {
+namespace cpu_merge {
+
+using topk::Candidate;
+
+// One shard's rows: distances[q * distance_row_stride + j], ids[q * id_row_stride + j], j < width.
+template <typename scalar_t>
+struct ShardRows {
+  const scalar_t* distances;
+  const int64_t* ids;
+  int64_t distance_row_stride;
+  int64_t id_row_stride;
+  int64_t width;
+  int64_t offset;
+};
+
+// A candidate as one 128-bit integer (key high, id low): the total order is the integer order, one compare.
+using Packed = unsigned __int128;
+
+inline Packed pack(uint64_t key, int64_t id) { return (static_cast<Packed>(key) << 64) | static_cast<uint64_t>(id); }
+inline Candidate unpack(Packed p) { return Candidate{static_cast<uint64_t>(p >> 64), static_cast<int64_t>(p)}; }
+
+// Open-addressing set of ids for dedup, cleared in O(1) per query by a stamp.
+class IdSet {
+ public:
+  explicit IdSet(int64_t max_items) {
+    int64_t capacity = 16;
+    while (capacity < 2 * max_items) capacity *= 2;
+    mask_ = capacity - 1;
+    keys_.assign(capacity, 0);
+    stamps_.assign(capacity, 0);
+  }
+  void clear() { ++stamp_; }
+  // Inserts id; returns false when it was already present.
+  bool insert(int64_t id) {
+    uint64_t slot = (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> 17;
+    while (true) {
+      slot &= mask_;
+      if (stamps_[slot] != stamp_) {
+        stamps_[slot] = stamp_;
+        keys_[slot] = id;
+        return true;
+      }
+      if (keys_[slot] == id) return false;
+      ++slot;
+    }
+  }
+
+ private:
+  uint64_t mask_;
+  std::vector<int64_t> keys_;
+  std::vector<uint32_t> stamps_;
+  uint32_t stamp_ = 1;
+};
+
+// A software prefetch the optimizer keeps: GCC 12's dead-code elimination removed a whole loop made only of
+// __builtin_prefetch calls (measured: the merge ran 1.6x slower), so the address also goes to an empty asm.
+inline void prefetch_line(const void* address) {
+  __builtin_prefetch(address);
+  __asm__ volatile("" : : "r"(address));
+}
+
+// Splits queries [0, num_queries) among the threads at::parallel_for starts (it decides how many from `grain`),
+// `grain` queries at a time handed out by a shared counter rather than one fixed share per thread: on a machine
+// where other processes take cores away, a descheduled thread's share would hold up the whole call, while here
+// the running threads take it over. body(claim) runs once per thread with its per-thread state;
+// claim(begin, end) gives the next range, false when none is left.
+template <typename Body>
+void parallel_over_queries(int64_t num_queries, int64_t grain, const Body& body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, num_queries, grain, [&](int64_t, int64_t) {
+    const auto claim = [&](int64_t& begin, int64_t& end) {
+      begin = next.fetch_add(grain, std::memory_order_relaxed);
+      if (begin >= num_queries) return false;
+      end = std::min(num_queries, begin + grain);
+      return true;
+    };
+    body(claim);
+  });
+}
+
+// sorted=True's contract checked over the whole row, not only the candidates the merge reads: every real
+// candidate of row q of a shard against the real candidate before it (padding, wherever it sits, skipped), so a
+// row out of order anywhere raises instead of giving a wrong top-k. A first pass reads the distances alone: a row
+// sorted including its padding (faiss's rows: padding at the end) passes there; only a row that fails it is
+// read again with its ids. The merges after it rely on it: they do not check order themselves.
+//
+// The distance pass: plain comparisons, no branch, so the compiler vectorises it. A NaN compares false, so a row
+// holding one takes the exact pass (NaN last is sorted there). float32 rows also have an AVX2 build of it, taken
+// where the CPU has AVX2 (the extension's baseline is SSE2).
+template <typename scalar_t, bool Largest>
+inline int distances_monotone(const scalar_t* distances, int64_t n) {
+  using Key = at::opmath_type<scalar_t>;
+  int monotone = 1;
+  for (int64_t j = 1; j < n; ++j) {
+    const Key before = static_cast<Key>(distances[j - 1]), here = static_cast<Key>(distances[j]);
+    monotone &= static_cast<int>(Largest ? here <= before : here >= before);
+  }
+  return monotone;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Eight neighbour pairs per step with ordered comparisons (false for NaN, like the scalar ones); written with
+// intrinsics: GCC's own vectorisation of the loop above took about twice the instructions.
+template <bool Largest>
+__attribute__((target("avx2"))) int floats_monotone_avx2(const float* distances, int64_t n) {
+  __m256 in_order = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  int64_t j = 1;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 before = _mm256_loadu_ps(distances + j - 1), here = _mm256_loadu_ps(distances + j);
+    in_order = _mm256_and_ps(in_order, Largest ? _mm256_cmp_ps(here, before, _CMP_LE_OQ)
+                                               : _mm256_cmp_ps(here, before, _CMP_GE_OQ));
+  }
+  int monotone = static_cast<int>(_mm256_movemask_ps(in_order) == 0xFF);
+  for (; j < n; ++j) {
+    monotone &= static_cast<int>(Largest ? distances[j] <= distances[j - 1] : distances[j] >= distances[j - 1]);
+  }
+  return monotone;
+}
+
+constexpr int64_t kAvx2RowCheckMinWidth = 48;
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+template <typename scalar_t, bool Largest>
+bool row_sorted(const ShardRows<scalar_t>& shard, int64_t q) {
+  using Key = at::opmath_type<scalar_t>;
+  const scalar_t* distances = shard.distances + q * shard.distance_row_stride;
+  int monotone;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // A call into the AVX2 build costs more than a short row's inlined pass (the serving case, k_s ~ 10: measured
+    // 0.7x faiss at Q = 64 with the call for every row).
+    monotone = shard.width >= kAvx2RowCheckMinWidth && cpu_has_avx2()
+                   ? floats_monotone_avx2<Largest>(distances, shard.width)
+                   : distances_monotone<scalar_t, Largest>(distances, shard.width);
+  } else {
+    monotone = distances_monotone<scalar_t, Largest>(distances, shard.width);
+  }
+#else
+  monotone = distances_monotone<scalar_t, Largest>(distances, shard.width);
+#endif
+  if (monotone) return true;
+  const int64_t* ids = shard.ids + q * shard.id_row_stride;
+  uint64_t previous = 0;
+  for (int64_t j = 0; j < shard.width; ++j) {
+    if (ids[j] < 0) continue;
+    const uint64_t key = topk::sort_key<Largest>(static_cast<Key>(distances[j]));
+    if (key < previous) return false;
+    previous = key;
+  }
+  return true;
+}
+
+// Records the first shard whose row q is out of order; false then.
+template <typename scalar_t, bool Largest>
+bool rows_sorted(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, InputErrorReport& errors) {
+  for (size_t s = 0; s < shards.size(); ++s) {
+    if (__builtin_expect(!row_sorted<scalar_t, Largest>(shards[s], q), 0)) {
+      errors.record_unsorted(static_cast<int64_t>(s), q);
+      return false;
+    }
+  }
+  return true;
+}
+
+// True when two neighbours of values[0, n) have the same bits, i.e. the same sort key (a written distance is a
+// function of its key: -0 and NaN come out canonical). Branch-free, so it vectorises.
+template <typename scalar_t>
+bool has_equal_neighbours(const scalar_t* values, int64_t n) {
+  using Bits = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
+  static_assert(sizeof(Bits) == sizeof(scalar_t), "distance of an unexpected width");
+  int equal = 0;
+  for (int64_t j = 1; j < n; ++j) {
+    Bits a, b;
+    std::memcpy(&a, values + j - 1, sizeof a);
+    std::memcpy(&b, values + j, sizeof b);
+    equal |= static_cast<int>(a == b);
+  }
+  return equal != 0;
+}
+
+// The small merge (k and S small, no dedup): the serving case, one query with k = 10 per call. Each output scans
+// the S shard heads' keys for the best: no tree and no blocks to set up, so a query costs about what it reads,
+// ~k + S candidates, where the loser tree's setup would dominate. The stream goes into topk::TopKCollector (which
+// keeps the smallest ids of the tie group cut by k); order_ties then sorts ids within ties. Ids are checked as they
+// are read; order was checked by rows_sorted. Writes up to k candidates to `out` and returns their count, or -1 on
+// bad input (recorded in errors).
+constexpr int64_t kSmallMergeMaxK = 32;
+constexpr int64_t kSmallMergeMaxShards = 16;
+
+template <typename scalar_t, bool Largest>
+int64_t small_merge(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, int64_t k, Candidate* out,
+                    InputErrorReport& errors) {
+  using Key = at::opmath_type<scalar_t>;
+  constexpr uint64_t kExhausted = ~uint64_t{0};  // after every key (NaN's included)
+  const int64_t num_shards = static_cast<int64_t>(shards.size());
+  // The collector orders ties by id itself, so the heads compare by key alone.
+  uint64_t head_keys[kSmallMergeMaxShards];
+  int64_t head_ids[kSmallMergeMaxShards];
+  int64_t positions[kSmallMergeMaxShards];
+  bool failed = false;
+  // Makes shard s's head its next real candidate at or after pos.
+  const auto read = [&](int64_t s, int64_t pos) {
+    const ShardRows<scalar_t>& shard = shards[s];
+    const int64_t* ids = shard.ids + q * shard.id_row_stride;
+    while (pos < shard.width && ids[pos] < 0) ++pos;
+    positions[s] = pos;
+    head_keys[s] = kExhausted;
+    if (pos == shard.width) return;
+    if (!topk::translate_id(ids[pos], shard.offset, &head_ids[s])) {
+      errors.record_overflow(s, ids[pos], shard.offset);
+      failed = true;
+      return;
+    }
+    head_keys[s] = topk::sort_key<Largest>(static_cast<Key>(shard.distances[q * shard.distance_row_stride + pos]));
+  };
+  for (int64_t s = 0; s < num_shards; ++s) read(s, 0);
+  topk::TopKCollector collector(out, k);
+  while (!failed) {
+    int64_t best = 0;
+    for (int64_t s = 1; s < num_shards; ++s) best = head_keys[s] < head_keys[best] ? s : best;
+    const uint64_t key = head_keys[best];
+    if (key == kExhausted || !collector.offer(Candidate{key, head_ids[best]})) break;
+    read(best, positions[best] + 1);
+  }
+  if (failed) return -1;
+  topk::order_ties(out, collector.count);
+  return collector.count;
+}
+
+}  // namespace cpu_merge
+}  // namespace karma

@@ -73,7 +73,8 @@ def _linear_cross_entropy_op(
     """hidden [R, D], target [N] -> (loss, softmax_stats [2, N], grad_hidden, grad_weight, grad_bias).
 
     Gradients are empty unless ``precompute_grads`` (torch backend, reduction mean/sum): then they are the
-    gradients of the reduced loss for an upstream gradient of 1, and the backward only scales them.
+    gradients of the reduced loss for an upstream gradient of 1, in the accumulation dtype (fp32 for fp16/bf16:
+    cast only after the backward's scaling, or an fp16 gradient overflows), and the backward only scales them.
     ``filter_eps``, ``accum_dtype`` and ``vocab_order`` are options of the Triton backward (carried here for autograd).
     """
     grad_hidden, grad_weight, grad_bias = _no_grad(hidden), _no_grad(weight), _no_grad(hidden)
@@ -95,7 +96,7 @@ def _linear_cross_entropy_op(
             hidden, weight, target, row_index=row_index, bias=bias, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, grad_scale=grad_scale,
             need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight,
-            need_grad_bias=need_grad_bias)
+            need_grad_bias=need_grad_bias, cast_grads=False)
         stats = torch.stack([lse, torch.zeros_like(lse)])
         grad_hidden = gh if gh is not None else grad_hidden
         grad_weight = gw if gw is not None else grad_weight
@@ -113,10 +114,13 @@ def _(hidden, weight, target, row_index, bias, ignore_index, reduction, label_sm
     loss = hidden.new_empty((n_tokens,) if reduction == "none" else (), dtype=acc)
     stats = hidden.new_empty((2, n_tokens), dtype=acc if backend != "triton" else torch.float32)
     precomputed = precompute_grads and reduction != "none" and backend == "torch"
-    grad_hidden = hidden.new_empty(hidden.shape if precomputed and need_grad_hidden else (0,))
-    grad_weight = weight.new_empty(weight.shape if precomputed and need_grad_weight else (0,))
+    # precomputed gradients are in the accumulation dtype (cast after the backward's scaling)
+    grad_hidden = hidden.new_empty(hidden.shape if precomputed and need_grad_hidden else (0,),
+                                   dtype=acc if precomputed and need_grad_hidden else hidden.dtype)
+    grad_weight = weight.new_empty(weight.shape if precomputed and need_grad_weight else (0,),
+                                   dtype=acc if precomputed and need_grad_weight else weight.dtype)
     has_bias_grad = precomputed and need_grad_bias and bias is not None
-    grad_bias = bias.new_empty(bias.shape) if has_bias_grad else hidden.new_empty((0,))
+    grad_bias = bias.new_empty(bias.shape, dtype=acc) if has_bias_grad else hidden.new_empty((0,))
     return loss, stats, grad_hidden, grad_weight, grad_bias
 
 
@@ -188,6 +192,8 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     if ctx.precomputed:
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # the precomputed gradients are cast to their inputs' dtypes after scaling
+        ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     else:
         ctx.save_for_backward(hidden, weight, target, row_index, bias, stats)
 
@@ -204,13 +210,19 @@ def _backward(ctx, grad_loss, grad_stats, *unused_grad_outputs):
         # (torch.compile / AOT autograd / functorch hand subclass tensors), which cannot take the mutation.
         eager = (not torch.compiler.is_compiling() and type(grad_loss) is torch.Tensor
                  and all(type(t) is torch.Tensor for t in (grad_hidden, grad_weight, grad_bias)))
-        scale = (lambda t: t.mul_(grad_loss)) if eager else (lambda t: t * grad_loss)
+        multiply = (lambda t: t.mul_(grad_loss)) if eager else (lambda t: t * grad_loss)
+
+        def scale(t, dtype):  # in the accumulation dtype, then cast to the input's dtype
+            t = multiply(t)
+            return t if t.dtype == dtype else t.to(dtype)
+
+        hidden_dtype, weight_dtype, bias_dtype = ctx.grad_dtypes
         if need_hidden:
-            grads[0] = scale(grad_hidden)
+            grads[0] = scale(grad_hidden, hidden_dtype)
         if need_weight:
-            grads[1] = scale(grad_weight)
+            grads[1] = scale(grad_weight, weight_dtype)
         if need_bias:
-            grads[4] = scale(grad_bias)
+            grads[4] = scale(grad_bias, bias_dtype)
         return tuple(grads)
     hidden, weight, target, row_index, bias, stats = ctx.saved_tensors
     (ignore_index, reduction, label_smoothing, z_loss, softcap, backend, filter_eps, accum_dtype,

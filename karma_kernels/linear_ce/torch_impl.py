@@ -71,6 +71,7 @@ def chunked_linear_cross_entropy(
     need_grad_bias: bool = False,
     chunk_rows: Optional[int] = None,
     compact: Optional[bool] = None,
+    cast_grads: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Per-token loss and lse, and optionally the gradients of ``sum_n grad_scale_n * loss_n``.
 
@@ -78,9 +79,13 @@ def chunked_linear_cross_entropy(
     ``grad_scale``: None (no gradients), a Python float (the same upstream gradient for every valid token, e.g.
     1/n_valid for "mean"), or a tensor of shape [] or [N] (per-token upstream gradient, "none" reduction).
     ``compact``: drop ignored tokens up front (default on CPU) or mask them (default elsewhere: no host sync).
+    ``cast_grads=False`` leaves the gradients in the accumulation dtype (fp32 for fp16/bf16 inputs): for a caller
+    that scales them later (the forward's unit-upstream gradients), so that the scale comes before the cast —
+    cast first, an fp16 gradient above 65504 for a unit upstream is inf, however small the real upstream.
 
     Returns (loss [N], lse [N], grad_hidden [R, D] | None, grad_weight [V, D] | None, grad_bias [V] | None);
-    loss and lse are fp32 (fp64 for fp64 inputs) and 0 at ignored tokens; gradients have their input's dtype.
+    loss and lse are fp32 (fp64 for fp64 inputs) and 0 at ignored tokens; gradients have their input's dtype
+    (with ``cast_grads``).
     """
     device = hidden.device
     acc = compute_dtype(hidden.dtype)
@@ -111,7 +116,7 @@ def chunked_linear_cross_entropy(
     if n_work == 0:
         if grad_weight is not None:
             grad_weight.zero_()
-        return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
+        return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias, cast_grads)
 
     # fp16/bf16 on the torch path: one fp32 copy of the weight (CPU low-precision matmuls are emulated and slow).
     weight_acc = weight if weight.dtype == acc else weight.to(acc)
@@ -181,14 +186,20 @@ def chunked_linear_cross_entropy(
         torch.log_softmax(logits, 1, out=logits)
         target_log_prob = logits.gather(1, target_col).squeeze(1)
         if want_grads:
-            # dloss_n/dz_nj = p_nj (1 + 2 z_loss lse_n) - (1 - eps) [j == t_n] - eps / V, times the upstream grad
+            # dloss_n/dz_nj = (p_nj - (1 - eps) [j == t_n] - eps / V) + 2 z_loss lse_n p_nj, times the upstream grad
             logits.exp_()
-            if z_loss:
-                logits.mul_((1.0 + 2.0 * z_loss * (target_logit - target_log_prob)).unsqueeze(1))
             # subtract the one-hot before scaling: p_t - 1 is exact when p_t ~ 1, (g p_t) - g is not
             logits.scatter_add_(1, target_col, onehot)
             if label_smoothing:
                 logits.sub_(label_smoothing / vocab)
+            if z_loss:
+                # + c p with c = 2 z lse, as g0 (1 + c) + c ((1 - eps) [j == t] + eps / V) (g0: the line above):
+                # no p (1 + c) - 1, which loses c to cancellation when p_t ~ 1 (V = 1: p_t = 1 exactly)
+                z_term = (2.0 * z_loss * (target_logit - target_log_prob)).unsqueeze(1)
+                logits.mul_(z_term + 1.0)
+                logits.scatter_add_(1, target_col, z_term * smoothing_keep)
+                if label_smoothing:
+                    logits.add_(z_term * (label_smoothing / vocab))
             if token_scale is not None:
                 logits.mul_(token_scale.unsqueeze(1))
             if deriv is not None:
@@ -219,7 +230,7 @@ def chunked_linear_cross_entropy(
         if grad_bias is not None:
             grad_bias.add_(grad.sum(0), alpha=alpha)
 
-    return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
+    return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias, cast_grads)
 
 
 def emulate_grad_tile_cast(dz: torch.Tensor, dtype: torch.dtype, headroom: int = GRAD_TILE_HEADROOM):
@@ -246,5 +257,7 @@ def cast_grads_like(grads, inputs):
     return tuple(None if g is None else (g if g.dtype == x.dtype else g.to(x.dtype)) for g, x in zip(grads, inputs))
 
 
-def _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias):
+def _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias, cast_grads=True):
+    if not cast_grads:
+        return loss, lse, grad_hidden, grad_weight, grad_bias
     return (loss, lse) + cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))

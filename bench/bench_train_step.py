@@ -11,8 +11,10 @@ projected and normalised, is the interest embedding h. All three objectives are 
   reconstruction  LM loss of the same text decoded from [projector(h), text] (gradient reaches h)
 
 variants:
-  fused    karma_kernels: ``contrastive_loss``, ``linear_cross_entropy``, ``prefix_reconstruction_loss``
-           (backend "auto": the chunked torch path on CPU, the Triton kernels on CUDA)
+  fused    karma_kernels: ``contrastive_loss``; both LM objectives in one ``weighted_linear_cross_entropy`` call
+           on the tied head (each objective's mean kept by per-token weights; as karma/losses.py does), backend
+           "auto": the chunked torch path on CPU (one [V, D] weight gradient held from forward to backward, not
+           one per objective), the Triton kernels on CUDA
   unfused  plain PyTorch: ``q @ k.T`` logits + ``F.cross_entropy``; ``F.cross_entropy`` over the materialised
            [tokens, V] logits of ``F.linear(states, lm_head.weight)``
 
@@ -46,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.conftest import DEVICE, QUICK, run_case
-from karma_kernels import contrastive_loss, linear_cross_entropy, prefix_reconstruction_loss
+from karma_kernels import contrastive_loss
+from karma_kernels.linear_ce.weighted import weighted_linear_cross_entropy
 
 VARIANTS = ("unfused", "fused")
 PAD_ID = 0
@@ -137,10 +140,18 @@ class KarmaStepModel(nn.Module):
 
         if fused:
             action = contrastive_loss(h, keys, key_ids=key_ids, temperature=TEMPERATURE)
-            generation = linear_cross_entropy(generation_states.reshape(-1, generation_states.shape[-1]),
-                                              weight, text.reshape(-1), ignore_index=PAD_ID)
-            reconstruction = prefix_reconstruction_loss(reconstruction_states, weight, text, prefix_len=1,
-                                                        pad_id=PAD_ID)
+            # the reconstruction state at [prefix, w_1..w_{L-1}] predicts w_1..w_L (prefix_len = 1)
+            target = text.reshape(-1)
+            valid = target != PAD_ID
+            count = valid.sum()
+            token_weight = torch.cat([torch.where(valid, scale / count, 0.0)
+                                      for scale in (GENERATION_WEIGHT, RECONSTRUCTION_WEIGHT)])
+            hidden = torch.cat([generation_states.reshape(-1, generation_states.shape[-1]),
+                                reconstruction_states[:, :-1].reshape(-1, reconstruction_states.shape[-1])])
+            lm_total, per_token = weighted_linear_cross_entropy(hidden, weight, target.repeat(2), token_weight,
+                                                                ignore_index=PAD_ID)
+            generation, reconstruction = (part.sum() / count for part in per_token.split(target.numel()))
+            total = action + lm_total
         else:
             logits = h @ keys.float().T / TEMPERATURE
             positive = torch.arange(users, device=h.device)
@@ -151,7 +162,7 @@ class KarmaStepModel(nn.Module):
                                          text.reshape(-1), ignore_index=PAD_ID)
             reconstruction = F.cross_entropy(F.linear(reconstruction_states[:, :-1], weight).flatten(0, 1).float(),
                                              text.reshape(-1), ignore_index=PAD_ID)
-        total = action + GENERATION_WEIGHT * generation + RECONSTRUCTION_WEIGHT * reconstruction
+            total = action + GENERATION_WEIGHT * generation + RECONSTRUCTION_WEIGHT * reconstruction
         return {"action": action, "generation": generation, "reconstruction": reconstruction, "total": total}
 
 

@@ -57,3 +57,93 @@ def test_z_loss_gradient_at_one_class_keeps_z_term(backend, reduction):
     plain = grads(linear_cross_entropy_reference, torch.float32)  # autograd in fp32: what torch gets
     for name, got, exact, baseline in zip(("grad_hidden", "grad_weight", "grad_bias"), ours, truth, plain):
         assert_close_to_truth(f"{backend} {name}", got, exact, baseline, torch.float32)
+
+
+# ------------------------------------------------------------------ several objectives on one head, one call
+
+def _two_objectives(backend):
+    """Two token sets on one head, each a mean over its valid tokens with its own weight: one weighted call
+    vs two linear_cross_entropy calls. Returns ((loss, grads) weighted, (loss, grads) separate)."""
+    from karma_kernels.linear_ce.weighted import weighted_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(2)
+    n, d, v = 24, 8, 40
+    hidden = [torch.randn(n, d, generator=gen, dtype=torch.float64) for _ in range(2)]
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64) / 3
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    targets = [torch.randint(0, v, (n,), generator=gen) for _ in range(2)]
+    targets[0][::5] = -100
+    scales = (0.5, 0.7)
+    results = []
+    for combined in (True, False):
+        leaves = [t.float().requires_grad_() for t in (*hidden, weight, bias)]
+        if combined:
+            valid = [t != -100 for t in targets]
+            token_weight = torch.cat([torch.where(m, s / m.sum(), 0.0) for m, s in zip(valid, scales)])
+            loss, per_token = weighted_linear_cross_entropy(torch.cat(leaves[:2]), leaves[2], torch.cat(targets),
+                                                            token_weight, bias=leaves[3], backend=backend)
+            assert per_token.shape == (2 * n,) and not per_token.requires_grad
+        else:
+            loss = sum(s * linear_cross_entropy(h, leaves[2], t, bias=leaves[3], backend=backend)
+                       for s, h, t in zip(scales, leaves[:2], targets))
+        loss.backward()
+        results.append((loss.detach(), [t.grad for t in leaves]))
+    return results
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_weighted_call_equals_separate_objectives(backend):
+    (loss, grads), (want_loss, want_grads) = _two_objectives(backend)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_call_arguments_and_second_backward():
+    from karma_kernels.linear_ce.weighted import weighted_linear_cross_entropy
+
+    hidden, weight = torch.randn(4, 3), torch.randn(5, 3, requires_grad=True)
+    target = torch.tensor([0, 1, 2, -100])
+    with pytest.raises(ValueError, match="weighted_linear_cross_entropy: target and token_weight"):
+        weighted_linear_cross_entropy(hidden, weight, target, torch.ones(3))
+    with pytest.raises(ValueError, match="weighted_linear_cross_entropy: target values"):
+        weighted_linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 5, 2]), torch.ones(4))
+    loss, _ = weighted_linear_cross_entropy(hidden, weight, target, torch.ones(4), backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="consumed"):
+        loss.backward()
+
+
+def test_karma_shared_head_lm_losses_equal_the_separate_objectives(torch_one_thread):
+    """karma_losses with generation and reconstruction on runs one weighted call on the tied head: the same
+    total and parameter gradients as the two objectives computed alone (and their reported values)."""
+    pytest.importorskip("transformers")
+    import numpy as np
+
+    from karma.losses import ObjectiveConfig, karma_losses
+    from karma.model import make_batch
+    from karma.train import ExperimentConfig, build_workspace
+
+    ws = build_workspace(ExperimentConfig.tiny().replace(objectives={"backend": "torch"}))
+    model, batch = ws.model, make_batch(ws.split.train, np.arange(6))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(generation, reconstruction):
+        objectives = ObjectiveConfig(action=0, generation=generation, reconstruction=reconstruction, image=0,
+                                     backend="torch")
+        losses = karma_losses(model, batch, objectives)
+        grads = torch.autograd.grad(losses["total"], params, allow_unused=True)
+        return losses, grads
+
+    both, both_grads = run(0.5, 0.7)
+    generation, generation_grads = run(0.5, 0)
+    reconstruction, reconstruction_grads = run(0, 0.7)
+    torch.testing.assert_close(both["generation"], generation["generation"].detach())
+    torch.testing.assert_close(both["reconstruction"], reconstruction["reconstruction"].detach())
+    torch.testing.assert_close(both["total"], generation["total"] + reconstruction["total"])
+    for got, a, b in zip(both_grads, generation_grads, reconstruction_grads):
+        want = None if a is None and b is None else (0 if a is None else a) + (0 if b is None else b)
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

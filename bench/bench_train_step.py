@@ -114,8 +114,15 @@ class KarmaStepModel(nn.Module):
     def decode(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         return self.backbone.model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        # sparse gradient (both variants): each lookup adds its rows into the tied [V, D] gradient instead of
+        # forming a dense [V, D] gradient of its own (3 lookups a step)
+        return F.embedding(ids, self.backbone.get_input_embeddings().weight, sparse=True)
+
     def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
-        pooled = self.backbone.get_input_embeddings()(self.item_tokens[item_ids]).mean(-2)
+        # the mean of the item text's token embeddings, without the [items, L, D] gathered embeddings
+        pooled = F.embedding_bag(self.item_tokens[item_ids], self.backbone.get_input_embeddings().weight,
+                                 mode="mean", sparse=True)
         return F.normalize(self.item_mlp(pooled).float(), dim=-1)
 
     def losses(self, batch: Dict[str, torch.Tensor], fused: bool) -> Dict[str, torch.Tensor]:
@@ -126,7 +133,7 @@ class KarmaStepModel(nn.Module):
         keys = item_emb[users * history:]                        # [clicked items; hard negatives]
         key_ids = items[users * history:]
         text = self.item_tokens[batch["target"]]                 # the next item's text [B, L]
-        embed_tokens = self.backbone.get_input_embeddings()
+        embed_tokens = self.embed_tokens
 
         soft = self.item_to_token(history_emb.to(self.item_to_token.weight.dtype))
         interest = self.interest_token.to(soft.dtype).expand(users, 1, -1)

@@ -1,8 +1,8 @@
 """Chunked linear + cross-entropy in plain PyTorch: the path CPU users get.
 
 Tokens are processed in chunks of ``chunk_rows``; only one chunk of fp32 logits exists at a time (see
-``default_chunk_rows``: as many entries as the hidden gradient, or 1/8 of the weight gradient when that is more,
-so the peak stays that of torch's own chunked op). For each chunk, one pass computes the loss and — when
+``default_chunk_rows``: as many entries as the hidden gradient, so the peak stays that of torch's own chunked
+op, or 128 rows when that is fewer than 64). For each chunk, one pass computes the loss and — when
 gradients are wanted — the gradient of the logits in the same buffer, which two more matmuls turn into dHidden
 and dWeight (3 matmuls per chunk; the weight gradient accumulates in one fp32 [V, D] buffer via ``addmm_``,
 written by the first chunk).
@@ -35,9 +35,12 @@ from .reference import compute_dtype
 # fp32 logits held per chunk: as many as the hidden gradient [N, D] holds — what torch's chunked
 # F.linear_cross_entropy holds, so the peak stays its (measured at N=4096, D=512, V=32000, where this is 64
 # rows: 0.90-1.00x of its peak; 80 rows 0.97-1.13x, 128 rows 1.09-1.10x; bench/linear_ce_cpu_floor.py --rows)
-# — or 1/8 of the weight gradient [V, D] when that is more (large vocabularies: with fewer rows each chunk's
-# matmuls re-pack W and re-write dW for too little work).
-WEIGHT_GRAD_FRACTION = 8
+# — unless that is under MIN_EFFICIENT_ROWS: then EFFICIENT_ROWS (at most D/4 rows: 1/4 of the weight
+# gradient's size). Each chunk re-packs W for two matmuls and re-writes dW, for chunk-many rows of work:
+# the overhead goes as 1/rows at any V (at V=128k, N=2048 the hidden gradient's size is 8 rows; 64-row chunks
+# made the KARMA train step 1.7x slower than 128-row ones, bench/bench_train_step.py).
+MIN_EFFICIENT_ROWS = 64
+EFFICIENT_ROWS = 128
 MAX_CHUNK_ROWS = 512
 # Half-precision gradient tiles of the Triton kernels are scaled so that their largest entry lies in
 # (2^(HEADROOM-1), 2^HEADROOM] before the cast (see ``emulate_grad_tile_cast``).
@@ -50,9 +53,10 @@ TINY_PROB = 2.0 ** -100
 
 
 def default_chunk_rows(n_tokens: int, vocab: int, dim: int) -> int:
-    vocab = max(vocab, 1)
-    budget = max(n_tokens * dim, vocab * dim // WEIGHT_GRAD_FRACTION)  # fp32 entries of the logits buffer
-    rows = min(MAX_CHUNK_ROWS, budget // vocab) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+    rows = n_tokens * dim // max(vocab, 1)  # the logits buffer as large as the hidden gradient
+    if rows < MIN_EFFICIENT_ROWS:
+        rows = min(EFFICIENT_ROWS, dim // 4)
+    rows = min(MAX_CHUNK_ROWS, rows) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
     return max(1, min(max(rows, CHUNK_ROW_MULTIPLE), n_tokens))
 
 

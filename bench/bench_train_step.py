@@ -11,8 +11,10 @@ projected and normalised, is the interest embedding h. All three objectives are 
   reconstruction  LM loss of the same text decoded from [projector(h), text] (gradient reaches h)
 
 variants:
-  fused    karma_kernels: ``contrastive_loss``, ``linear_cross_entropy``, ``prefix_reconstruction_loss``
-           (backend "auto": the chunked torch path on CPU, the Triton kernels on CUDA)
+  fused    karma_kernels: ``contrastive_loss``; both LM objectives in one ``weighted_linear_cross_entropy`` call
+           on the tied head (each objective's mean kept by per-token weights; as karma/losses.py does), backend
+           "auto": the chunked torch path on CPU (one [V, D] weight gradient held from forward to backward, not
+           one per objective), the Triton kernels on CUDA
   unfused  plain PyTorch: ``q @ k.T`` logits + ``F.cross_entropy``; ``F.cross_entropy`` over the materialised
            [tokens, V] logits of ``F.linear(states, lm_head.weight)``
 
@@ -46,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.conftest import DEVICE, QUICK, run_case
-from karma_kernels import contrastive_loss, linear_cross_entropy, prefix_reconstruction_loss
+from karma_kernels import contrastive_loss
+from karma_kernels.linear_ce.weighted import weighted_linear_cross_entropy
 
 VARIANTS = ("unfused", "fused")
 PAD_ID = 0
@@ -111,36 +114,60 @@ class KarmaStepModel(nn.Module):
     def decode(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         return self.backbone.model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
 
-    def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
-        pooled = self.backbone.get_input_embeddings()(self.item_tokens[item_ids]).mean(-2)
-        return F.normalize(self.item_mlp(pooled).float(), dim=-1)
+    def embeddings(self, item_ids: torch.Tensor, text: torch.Tensor):
+        """(item embeddings [I, E], token embeddings of ``text`` [B, L, D]) from one lookup of the tied table
+        (both variants): an item is the mean of its text's token embeddings (through the item MLP), a text token
+        its own row. One embedding_bag with a sparse gradient: no dense [V, D] gradient per lookup, no
+        [items, L, D] gathered rows in the forward, one sparse gradient to add into the head's."""
+        tokens = self.item_tokens[item_ids]
+        n_items, length = tokens.shape
+        ids = torch.cat([tokens.reshape(-1), text.reshape(-1)])
+        offsets = torch.cat([torch.arange(n_items, device=ids.device) * length,
+                             n_items * length + torch.arange(text.numel(), device=ids.device)])
+        per_sample = torch.cat([torch.full((tokens.numel(),), 1.0 / length, device=ids.device),
+                                torch.ones(text.numel(), device=ids.device)])
+        table = self.backbone.get_input_embeddings().weight
+        rows = F.embedding_bag(ids, table, offsets, mode="sum", per_sample_weights=per_sample.to(table.dtype),
+                               sparse=True)
+        items = F.normalize(self.item_mlp(rows[:n_items]).float(), dim=-1)
+        return items, rows[n_items:].reshape(*text.shape, -1)
 
     def losses(self, batch: Dict[str, torch.Tensor], fused: bool) -> Dict[str, torch.Tensor]:
+        # the LM head's use of the tied weight goes through a node made before the embedding lookups, so that
+        # its dense [V, D] gradient reaches the weight after their sparse ones and takes them in place (autograd
+        # adds a sparse gradient arriving after a dense one out of place: a second [V, D] buffer)
+        weight = _GradientLast.apply(self.lm_head_weight)
         users, history = batch["history"].shape
         items = torch.cat([batch["history"].reshape(-1), batch["target"], batch["negatives"].reshape(-1)])
-        item_emb = self.item_embeddings(items)
+        text = self.item_tokens[batch["target"]]                 # the next item's text [B, L]
+        item_emb, text_emb = self.embeddings(items, text)
         history_emb = item_emb[:users * history].reshape(users, history, -1)
         keys = item_emb[users * history:]                        # [clicked items; hard negatives]
         key_ids = items[users * history:]
-        text = self.item_tokens[batch["target"]]                 # the next item's text [B, L]
-        embed_tokens = self.backbone.get_input_embeddings()
 
         soft = self.item_to_token(history_emb.to(self.item_to_token.weight.dtype))
         interest = self.interest_token.to(soft.dtype).expand(users, 1, -1)
-        states = self.decode(torch.cat([soft, interest, embed_tokens(text).to(soft.dtype)], dim=1))
+        states = self.decode(torch.cat([soft, interest, text_emb.to(soft.dtype)], dim=1))
         h = F.normalize(self.interest_head(states[:, history]).float(), dim=-1)
         # the state at <interest> predicts w_1, the state at w_l predicts w_{l+1}
         generation_states = states[:, history:history + self.shape.text_len]
         prefix = self.prefix_projector(h.to(self.prefix_projector[0].weight.dtype)).unsqueeze(1)
-        reconstruction_states = self.decode(torch.cat([prefix, embed_tokens(text).to(prefix.dtype)], dim=1))
-        weight = self.lm_head_weight
+        reconstruction_states = self.decode(torch.cat([prefix, text_emb.to(prefix.dtype)], dim=1))
 
         if fused:
             action = contrastive_loss(h, keys, key_ids=key_ids, temperature=TEMPERATURE)
-            generation = linear_cross_entropy(generation_states.reshape(-1, generation_states.shape[-1]),
-                                              weight, text.reshape(-1), ignore_index=PAD_ID)
-            reconstruction = prefix_reconstruction_loss(reconstruction_states, weight, text, prefix_len=1,
-                                                        pad_id=PAD_ID)
+            # the reconstruction state at [prefix, w_1..w_{L-1}] predicts w_1..w_L (prefix_len = 1)
+            target = text.reshape(-1)
+            valid = target != PAD_ID
+            count = valid.sum()
+            token_weight = torch.cat([torch.where(valid, scale / count, 0.0)
+                                      for scale in (GENERATION_WEIGHT, RECONSTRUCTION_WEIGHT)])
+            hidden = torch.cat([generation_states.reshape(-1, generation_states.shape[-1]),
+                                reconstruction_states[:, :-1].reshape(-1, reconstruction_states.shape[-1])])
+            lm_total, per_token = weighted_linear_cross_entropy(hidden, weight, target.repeat(2), token_weight,
+                                                                ignore_index=PAD_ID)
+            generation, reconstruction = (part.sum() / count for part in per_token.split(target.numel()))
+            total = action + lm_total
         else:
             logits = h @ keys.float().T / TEMPERATURE
             positive = torch.arange(users, device=h.device)
@@ -151,8 +178,21 @@ class KarmaStepModel(nn.Module):
                                          text.reshape(-1), ignore_index=PAD_ID)
             reconstruction = F.cross_entropy(F.linear(reconstruction_states[:, :-1], weight).flatten(0, 1).float(),
                                              text.reshape(-1), ignore_index=PAD_ID)
-        total = action + GENERATION_WEIGHT * generation + RECONSTRUCTION_WEIGHT * reconstruction
+            total = action + GENERATION_WEIGHT * generation + RECONSTRUCTION_WEIGHT * reconstruction
         return {"action": action, "generation": generation, "reconstruction": reconstruction, "total": total}
+
+
+class _GradientLast(torch.autograd.Function):
+    """Identity whose backward runs late: autograd runs ready nodes newest first, and this one is older than
+    everything made after it in the forward."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 def make_batch(shape: StepShape, device, seed: int = 1) -> Dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
     python -m bench.linear_ce_cpu_floor                          # N=4096, D=512, V=32000 fp32 (the target case)
     python -m bench.linear_ce_cpu_floor --n 1024 --v 256000      # the large-vocabulary case
     python -m bench.linear_ce_cpu_floor --rounds 7 --no-native
+    python -m bench.linear_ce_cpu_floor --rows 64 128             # also the CPU path at fixed chunk sizes
 
 Per round, in alternation (so machine load hits every contender alike): one forward + backward of the op
 (``backend="torch"``), the three GEMMs of the same shapes (``h @ W.T``, ``dz @ W``, ``dz.T @ h``, with the
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from bench._mem import peak_memory
 from karma_kernels import linear_cross_entropy
+from karma_kernels.linear_ce import torch_impl
 
 
 def _timed(fn) -> float:
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--v", type=int, default=32000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-native", action="store_true", help="skip torch's chunked F.linear_cross_entropy")
+    parser.add_argument("--rows", type=int, nargs="*", default=[],
+                        help="also time the torch path's chunk loop at these chunk sizes (default: its own rule)")
     args = parser.parse_args(argv)
     n, d, v = args.n, args.d, args.v
     gen = torch.Generator().manual_seed(0)
@@ -67,6 +71,11 @@ def main(argv=None) -> int:
         torch.mm(dz.T, h, out=grad_w)
 
     contenders = {"op": op, "gemms": gemms}
+    for rows in args.rows:
+        def fixed(rows=rows):  # the op's forward + backward work: the chunk loop with gradients for upstream 1/n
+            torch_impl.chunked_linear_cross_entropy(h, w, target, grad_scale=1.0 / n, need_grad_hidden=True,
+                                                    need_grad_weight=True, chunk_rows=rows)
+        contenders[f"op@{rows}rows"] = fixed
     if native is not None:
         contenders["torch_native"] = native
     for fn in contenders.values():     # warm-up
@@ -77,21 +86,23 @@ def main(argv=None) -> int:
             times[name].append(_timed(fn))
     del logits, dz
     memory = {}
-    for name in ("op", "torch_native"):
+    for name in ("op", "torch_native", *(f"op@{rows}rows" for rows in args.rows)):
         if name in contenders:
             memory[name] = peak_memory(contenders[name], torch.device("cpu"))[1]
 
     print(f"linear_cross_entropy CPU fwd+bwd, N={n} D={d} V={v} fp32, {args.rounds} alternating rounds, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, chunks of {torch_impl.default_chunk_rows(n, v, d)} rows")
     for name, values in times.items():
         mem = memory.get(name)
         mem_text = f", peak {mem / 2 ** 20:.1f} MiB" if mem is not None else ""
         print(f"  {name:13s} median {statistics.median(values):.3f} s  (min {min(values):.3f}){mem_text}")
-    ratio = statistics.median(times["op"]) / statistics.median(times["gemms"])
-    per_round = statistics.median(a / b for a, b in zip(times["op"], times["gemms"]))
-    print(f"  op / 3 GEMMs: {ratio:.3f}x (median of per-round ratios {per_round:.3f}x)")
+    for name in [key for key in times if key.startswith("op")]:
+        ratio = statistics.median(times[name]) / statistics.median(times["gemms"])
+        per_round = statistics.median(a / b for a, b in zip(times[name], times["gemms"]))
+        print(f"  {name} / 3 GEMMs: {ratio:.3f}x (median of per-round ratios {per_round:.3f}x)")
     if "torch_native" in memory and memory["torch_native"]:
-        print(f"  op memory / torch_native memory: {memory['op'] / memory['torch_native']:.2f}x")
+        for name in [key for key in memory if key.startswith("op")]:
+            print(f"  {name} memory / torch_native memory: {memory[name] / memory['torch_native']:.2f}x")
     return 0
 
 

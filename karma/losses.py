@@ -9,7 +9,10 @@
                   gradients reach h
   image           conditional flow matching from h to the next item's image feature
 Generation, reconstruction and image use one sampled position per sequence, so their cost stays that of one
-example per user however long the sequences are.
+example per user however long the sequences are. With both LM objectives on, they share the tied LM head in one
+fused call (``weighted_linear_cross_entropy``: each objective's mean kept by per-token weights; on the CPU path
+one [V, D] weight gradient held from forward to backward instead of two); their entries in the losses dict are
+then detached values for reporting, and "total" carries the gradient.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from karma_kernels import contrastive_loss, linear_cross_entropy, prefix_reconstruction_loss
+from karma_kernels.linear_ce.weighted import weighted_linear_cross_entropy
 
 from .data import ConfigError
 from .model import Batch, KarmaModel, history_tensors, position_ids_from_mask
@@ -78,11 +82,14 @@ def action_loss(h_all: torch.Tensor, item_emb: torch.Tensor, batch: Batch, objec
     return loss * (world / max(1, batch.num_queries))
 
 
+def _generation_hidden(states: torch.Tensor, prefix_len: int, length: int) -> torch.Tensor:
+    # The state at the last history position predicts w_1, the state at w_l predicts w_{l+1}.
+    return states[:, prefix_len - 1: prefix_len - 1 + length].reshape(-1, states.shape[-1])
+
+
 def generation_loss(model: KarmaModel, states: torch.Tensor, prefix_len: int, text_ids: torch.Tensor,
                     backend: str) -> torch.Tensor:
-    # The state at the last history position predicts w_1, the state at w_l predicts w_{l+1}.
-    length = text_ids.shape[1]
-    hidden = states[:, prefix_len - 1: prefix_len - 1 + length].reshape(-1, states.shape[-1])
+    hidden = _generation_hidden(states, prefix_len, text_ids.shape[1])
     target = text_ids.masked_fill(text_ids == model.pad_id, -100).reshape(-1)
     # Under autocast the op casts hidden and weight to the autocast dtype itself (as F.linear would).
     return linear_cross_entropy(hidden, model.lm_head_weight.to(hidden.dtype), target, bias=_bias(model, hidden),
@@ -97,6 +104,21 @@ def decode_text_loss(model: KarmaModel, states: torch.Tensor, text_ids: torch.Te
 
 def reconstruction_loss(model: KarmaModel, h: torch.Tensor, text_ids: torch.Tensor, backend: str) -> torch.Tensor:
     return decode_text_loss(model, model.reconstruction_states(h, text_ids), text_ids, backend)
+
+
+def shared_head_lm_losses(model: KarmaModel, hidden_sets, text_ids: torch.Tensor, weights, backend: str):
+    """sum_k weights[k] * (mean LM loss of hidden_sets[k] [B * L, D] predicting text_ids [B, L]) in one fused
+    call on the LM head, and each mean loss (detached). Pad tokens are ignored, as in ``generation_loss``."""
+    target = text_ids.masked_fill(text_ids == model.pad_id, -100).reshape(-1)
+    valid = target != -100
+    count = valid.sum()
+    hidden = torch.cat(list(hidden_sets))
+    token_weight = torch.cat([torch.where(valid, weight / count.clamp_min(1), 0.0) for weight in weights])
+    total, per_token = weighted_linear_cross_entropy(
+        hidden, model.lm_head_weight.to(hidden.dtype), target.repeat(len(hidden_sets)), token_weight,
+        bias=_bias(model, hidden), ignore_index=-100, backend=backend)
+    means = [part.sum() / count for part in per_token.split(target.numel())]
+    return total, means
 
 
 def language_model_loss(model: KarmaModel, text_ids: torch.Tensor, bos_id: int, backend: str) -> torch.Tensor:
@@ -135,17 +157,32 @@ def karma_losses(model: KarmaModel, batch: Batch, objectives: ObjectiveConfig,
             losses["action"] = action_loss(h_all, item_emb, batch, objectives)
         h_sample = h_all.reshape(-1, h_all.shape[-1])[batch.sample_position]
     text_ids = model.item_tokens[batch.sample_target_ids]
+    weighted = []  # weighted losses already combined (the shared-head LM total)
+    shared_lm = objectives.generation > 0 and objectives.reconstruction > 0
     if objectives.generation > 0:
         # the sampled prefix followed by the next item's text: one extra forward of one prefix per row
         history_emb, history_mask = history_tensors(item_emb, batch.sample_history_index)
         _, states, prefix_len, _ = model.user_forward(history_emb, history_mask, text_ids)
-        losses["generation"] = generation_loss(model, states, prefix_len, text_ids, objectives.backend)
-    if objectives.reconstruction > 0:
+        if not shared_lm:
+            losses["generation"] = generation_loss(model, states, prefix_len, text_ids, objectives.backend)
+    if shared_lm:
+        # both LM objectives on the tied head in one fused call (one weight gradient, not two)
+        length = text_ids.shape[1]
+        reconstruction_states = model.reconstruction_states(h_sample, text_ids)
+        hidden_sets = (_generation_hidden(states, prefix_len, length),
+                       _generation_hidden(reconstruction_states, 1, length))
+        lm_total, (generation, reconstruction) = shared_head_lm_losses(
+            model, hidden_sets, text_ids, (objectives.generation, objectives.reconstruction), objectives.backend)
+        losses["generation"], losses["reconstruction"] = generation, reconstruction
+        weighted.append(lm_total)
+    elif objectives.reconstruction > 0:
         losses["reconstruction"] = reconstruction_loss(model, h_sample, text_ids, objectives.backend)
     if objectives.image > 0:
         if model.flow_head is None:
             raise ConfigError("objectives.image > 0 but the dataset has no image features")
         losses["image"] = model.flow_head.loss(h_sample, model.item_images[batch.sample_target_ids].to(h_sample.dtype),
                                                generator)
-    losses["total"] = sum(getattr(objectives, name) * loss for name, loss in losses.items())
+    reported_only = ("generation", "reconstruction") if shared_lm else ()  # already in lm_total
+    weighted += [getattr(objectives, name) * loss for name, loss in losses.items() if name not in reported_only]
+    losses["total"] = sum(weighted)
     return losses

@@ -94,7 +94,7 @@ def linear_cross_entropy_op(
             hidden, weight, target, row_index=row_index, bias=bias, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, grad_scale=grad_scale,
             need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight,
-            need_grad_bias=need_grad_bias)
+            need_grad_bias=need_grad_bias, cast_grads=False)  # fp32: cast after the backward's scaling
         stats = torch.stack([lse, torch.zeros_like(lse)])
         grad_hidden = gh if gh is not None else grad_hidden
         grad_weight = gw if gw is not None else grad_weight
@@ -112,10 +112,13 @@ def _(hidden, weight, target, row_index, bias, ignore_index, reduction, label_sm
     loss = hidden.new_empty((n_tokens,) if reduction == "none" else (), dtype=acc)
     stats = hidden.new_empty((2, n_tokens), dtype=acc if backend != "triton" else torch.float32)
     precomputed = precompute_grads and reduction != "none" and backend == "torch"
-    grad_hidden = hidden.new_empty(hidden.shape if precomputed and need_grad_hidden else (0,))
-    grad_weight = weight.new_empty(weight.shape if precomputed and need_grad_weight else (0,))
+    # precomputed gradients are in the accumulation dtype (cast after the backward's scaling)
+    grad_hidden = hidden.new_empty(hidden.shape if precomputed and need_grad_hidden else (0,),
+                                   dtype=acc if precomputed and need_grad_hidden else hidden.dtype)
+    grad_weight = weight.new_empty(weight.shape if precomputed and need_grad_weight else (0,),
+                                   dtype=acc if precomputed and need_grad_weight else weight.dtype)
     has_bias_grad = precomputed and need_grad_bias and bias is not None
-    grad_bias = bias.new_empty(bias.shape) if has_bias_grad else hidden.new_empty((0,))
+    grad_bias = bias.new_empty(bias.shape, dtype=acc) if has_bias_grad else hidden.new_empty((0,))
     return loss, stats, grad_hidden, grad_weight, grad_bias
 
 
@@ -316,10 +319,13 @@ def _first_order_grads(ctx, grad_loss, grad_lse, unit_grads, needs):
     merged = False
     if grad_loss is not None:
         if precomputed is not None:
+            # the precomputed gradients are fp32 (fp64 for fp64 inputs): scaled first, then cast to the input's
+            # dtype (casting first would overflow an fp16 gradient whose upstream is < 1)
             if unit_grads is not None and type(grad_loss) is torch.Tensor:
                 grads = [g.mul_(grad_loss) if need else None for g, need in zip(precomputed, needs)]
             else:
                 grads = [g * grad_loss if need else None for g, need in zip(precomputed, needs)]
+            grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs)]
         elif grad_lse is None or label_smoothing:
             grads = recompute(grad_loss, reduction, label_smoothing, z_loss)
         else:

@@ -93,7 +93,7 @@ def linear_cross_entropy_reference_grads(grad_scale: torch.Tensor, hidden: torch
                                          z_loss: float = 0.0, softcap: Optional[float] = None):
     """Gradients of sum_n grad_scale_n * loss_n (loss as above, reduction "none"), materialised in closed form:
 
-        dloss_n/dz_nj = p_nj (1 + 2 z_loss lse_n) - (1 - eps) [j == t_n] - eps / V     (0 for ignored tokens)
+        dloss_n/dz_nj = (p_nj - (1 - eps) [j == t_n] - eps / V) + 2 z_loss lse_n p_nj    (0 for ignored tokens)
         dz/dy = 1 - tanh(y / softcap)^2 with a softcap;  dHidden = dy @ W, dWeight = dy^T @ x, dBias = sum_n dy.
 
     Used by the op's backend="reference" backward (autograd is not available inside a custom op's kernel);
@@ -109,7 +109,9 @@ def linear_cross_entropy_reference_grads(grad_scale: torch.Tensor, hidden: torch
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     onehot = F.one_hot(safe_target, vocab).to(acc)
-    dz = torch.exp(z - lse) * (1 + 2 * z_loss * lse) - (1 - label_smoothing) * onehot - label_smoothing / vocab
+    probs = torch.exp(z - lse)
+    # the z-loss term added last: p (1 + 2 z lse) - 1 would lose it to cancellation when p_t ~ 1 (V = 1)
+    dz = (probs - (1 - label_smoothing) * onehot - label_smoothing / vocab) + probs * (2 * z_loss * lse)
     scale = torch.where(valid, grad_scale.to(acc).expand(target.shape), torch.zeros((), dtype=acc))
     dy = dz * scale.unsqueeze(-1)
     if softcap is not None:

@@ -1,18 +1,19 @@
 """Chunked linear + cross-entropy in plain PyTorch: the path CPU users get.
 
 Tokens are processed in chunks of ``chunk_rows``; only one chunk of fp32 logits exists at a time (see
-``default_chunk_rows``: 8 MiB, or 128 rows when that is more and within 1/4 of the weight gradient's size).
-For each chunk, one pass computes the loss and — when gradients are wanted — the gradient of the logits in the
-same buffer, which two more matmuls turn into dHidden and dWeight (3 matmuls per chunk; the weight gradient
-accumulates in one fp32 [V, D] buffer via ``addmm_``, written by the first chunk).
+``default_chunk_rows``: as many entries as the hidden gradient, so the peak stays that of torch's own chunked
+op, or 128 rows when that is fewer than 64). For each chunk, one pass computes the loss and — when
+gradients are wanted — the gradient of the logits in the same buffer, which two more matmuls turn into dHidden
+and dWeight (3 matmuls per chunk; the weight gradient accumulates in one fp32 [V, D] buffer via ``addmm_``,
+written by the first chunk).
 
 Speed: the three matmuls of a forward + backward are the floor (``bench/linear_ce_cpu_floor.py`` times the op
-against them). Chunks hold at least 128 tokens when that fits in 1/4 of the weight gradient's size: with fewer,
-each matmul has a small dimension and runs at about half the speed of its full-size twin, and every chunk
-streams W twice and read-modify-writes dW once. The chunk's logits are token-major ([chunk, V]), so the softmax
-reduces along contiguous rows; it takes four passes over the buffer (an in-place ``log_softmax``, then ``exp_``);
-the one-hot term is a scatter into the buffer; the uniform gradient scale (1/n for "mean") rides on the
-matmuls' ``alpha`` instead of a pass of its own.
+against them; figures in docs/linear_ce_cpu.md). The chunk's logits are token-major ([chunk, V]), so the
+softmax reduces along contiguous rows; on CPU with gradients it is one in-place ``softmax`` (one pass over the
+buffer, one exp per entry), log p_t coming from p_t; the one-hot term is a scatter into the buffer; the uniform
+gradient scale (1/n for "mean") rides on the matmuls' ``alpha`` and a per-token scale on the [chunk, D]
+operands, instead of a pass over the buffer. What is left above the floor is per chunk: each matmul re-packs
+W and the dW update re-reads and re-writes [V, D], for chunk-many rows of work.
 
 Why token chunks and not vocabulary blocks: a vocabulary block's gradient needs each token's final lse, so
 blocking over the vocabulary costs a fourth matmul (a first pass for the lse), 4/3 of the floor.
@@ -31,27 +32,32 @@ import torch
 
 from .reference import compute_dtype
 
-# fp32 logits held per chunk: at most 1/8 of the weight gradient's size (the memory any method needs), within
-# [1, 8] MiB — small enough for a last-level cache ...
-MAX_LOGITS_CHUNK_BYTES = 8 * 2 ** 20
-MIN_LOGITS_CHUNK_BYTES = 2 ** 20
-# ... but at least this many rows when that stays within 1/4 of the weight gradient's size: below ~128 rows the
-# three matmuls of a chunk (one dimension = the chunk) run at half the speed of full-size ones on 2-core x86
-# (measured: bench/linear_ce_cpu_floor.py), and each chunk streams W twice and read-modify-writes dW once.
-EFFICIENT_CHUNK_ROWS = 128
+# fp32 logits held per chunk: as many as the hidden gradient [N, D] holds — what torch's chunked
+# F.linear_cross_entropy holds, so the peak stays its (measured at N=4096, D=512, V=32000, where this is 64
+# rows: 0.90-1.00x of its peak; 80 rows 0.97-1.13x, 128 rows 1.09-1.10x; bench/linear_ce_cpu_floor.py --rows)
+# — unless that is under MIN_EFFICIENT_ROWS: then EFFICIENT_ROWS (at most D/4 rows: 1/4 of the weight
+# gradient's size). Each chunk re-packs W for two matmuls and re-writes dW, for chunk-many rows of work:
+# the overhead goes as 1/rows at any V (at V=128k, N=2048 the hidden gradient's size is 8 rows; 64-row chunks
+# made the KARMA train step 1.7x slower than 128-row ones, bench/bench_train_step.py).
+MIN_EFFICIENT_ROWS = 64
+EFFICIENT_ROWS = 128
+MAX_CHUNK_ROWS = 512
 # Half-precision gradient tiles of the Triton kernels are scaled so that their largest entry lies in
 # (2^(HEADROOM-1), 2^HEADROOM] before the cast (see ``emulate_grad_tile_cast``).
 GRAD_TILE_HEADROOM = 14
 # Chunks are a multiple of this many rows (matmul kernels block rows by 8/16).
 CHUNK_ROW_MULTIPLE = 16
+# Below this a target probability from the softmax has lost precision (fp32 normals end at 2^-126): its log is
+# taken from recomputed logits instead.
+TINY_PROB = 2.0 ** -100
 
 
 def default_chunk_rows(n_tokens: int, vocab: int, dim: int) -> int:
-    vocab = max(vocab, 1)
-    budget = min(MAX_LOGITS_CHUNK_BYTES, max(MIN_LOGITS_CHUNK_BYTES, vocab * dim * 4 // 8))
-    rows = max(budget // (4 * vocab), min(EFFICIENT_CHUNK_ROWS, dim // 4))
-    rows = max(CHUNK_ROW_MULTIPLE, rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
-    return max(1, min(rows, n_tokens))
+    rows = n_tokens * dim // max(vocab, 1)  # the logits buffer as large as the hidden gradient
+    if rows < MIN_EFFICIENT_ROWS:
+        rows = min(EFFICIENT_ROWS, dim // 4)
+    rows = min(MAX_CHUNK_ROWS, rows) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+    return max(1, min(max(rows, CHUNK_ROW_MULTIPLE), n_tokens))
 
 
 def chunked_linear_cross_entropy(
@@ -71,6 +77,7 @@ def chunked_linear_cross_entropy(
     need_grad_bias: bool = False,
     chunk_rows: Optional[int] = None,
     compact: Optional[bool] = None,
+    cast_grads: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Per-token loss and lse, and optionally the gradients of ``sum_n grad_scale_n * loss_n``.
 
@@ -78,9 +85,13 @@ def chunked_linear_cross_entropy(
     ``grad_scale``: None (no gradients), a Python float (the same upstream gradient for every valid token, e.g.
     1/n_valid for "mean"), or a tensor of shape [] or [N] (per-token upstream gradient, "none" reduction).
     ``compact``: drop ignored tokens up front (default on CPU) or mask them (default elsewhere: no host sync).
+    ``cast_grads=False`` leaves the gradients in the accumulation dtype (fp32 for fp16/bf16 inputs): for a caller
+    that scales them later (the forward's unit-upstream gradients), so that the scale comes before the cast —
+    cast first, an fp16 gradient above 65504 for a unit upstream is inf, however small the real upstream.
 
     Returns (loss [N], lse [N], grad_hidden [R, D] | None, grad_weight [V, D] | None, grad_bias [V] | None);
-    loss and lse are fp32 (fp64 for fp64 inputs) and 0 at ignored tokens; gradients have their input's dtype.
+    loss and lse are fp32 (fp64 for fp64 inputs) and 0 at ignored tokens; gradients have their input's dtype
+    (with ``cast_grads``).
     """
     device = hidden.device
     acc = compute_dtype(hidden.dtype)
@@ -111,7 +122,7 @@ def chunked_linear_cross_entropy(
     if n_work == 0:
         if grad_weight is not None:
             grad_weight.zero_()
-        return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
+        return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias, cast_grads)
 
     # fp16/bf16 on the torch path: one fp32 copy of the weight (CPU low-precision matmuls are emulated and slow).
     weight_acc = weight if weight.dtype == acc else weight.to(acc)
@@ -151,25 +162,16 @@ def chunked_linear_cross_entropy(
 
         # logits [count, V]: one row per token
         logits = logits_storage[: vocab * count].view(count, vocab)
-        if bias_acc is None:
-            torch.mm(hidden_chunk, weight_acc.T, out=logits)
-        else:
-            torch.addmm(bias_acc, hidden_chunk, weight_acc.T, out=logits)
-        deriv = None
-        if softcap is not None:
-            logits.mul_(1.0 / softcap).tanh_()
-            if deriv_storage is not None:
-                # d(c*tanh(y/c))/dy = 1 - tanh(y/c)^2
-                deriv = deriv_storage[: vocab * count].view(count, vocab)
-                torch.mul(logits, logits, out=deriv).neg_().add_(1.0)
-            logits.mul_(softcap)
+        deriv = None if deriv_storage is None else deriv_storage[: vocab * count].view(count, vocab)
+        _logits(hidden_chunk, weight_acc, bias_acc, softcap, logits, deriv)
         target_col = target_chunk.unsqueeze(1)
         target_logit = logits.gather(1, target_col).squeeze(1)
         logit_sum = logits.sum(1) if label_smoothing else None
 
-        # Softmax from log_softmax ((z - max) - log sum), even in a backward that could reuse the forward's lse:
-        # exp(z - lse) with lse rounded to fp32 loses p_t - 1 when p_t ~ 1 (a peaked softmax). Each elementwise
-        # step runs on the whole chunk: slicing it to stay in L2 measured slower (more parallel regions).
+        # The softmax, never exp(z - lse) with a rounded lse (it loses p_t - 1 when p_t ~ 1, a peaked softmax).
+        # With gradients on CPU: one in-place softmax (ATen's runs row by row in cache: max, exp + sum, scale;
+        # one pass over the buffer and one exp per entry), log p_t from p_t. Otherwise log_softmax, then exp.
+        # Each elementwise step runs on the whole chunk: slicing it to stay in L2 measured slower.
         if want_grads:
             if uniform_scale:
                 token_scale, alpha = None, float(grad_scale)
@@ -178,19 +180,29 @@ def chunked_linear_cross_entropy(
                 if chunk_valid is not None:
                     token_scale = torch.where(chunk_valid, token_scale, torch.zeros_like(token_scale))
             onehot = onehot_storage[:count]
-        torch.log_softmax(logits, 1, out=logits)
-        target_log_prob = logits.gather(1, target_col).squeeze(1)
+        if want_grads and device.type == "cpu":
+            torch.softmax(logits, 1, out=logits)
+            target_log_prob = _log_target_prob(logits, target_col, target_logit, hidden_chunk, weight_acc,
+                                               bias_acc, softcap)
+        else:
+            torch.log_softmax(logits, 1, out=logits)
+            target_log_prob = logits.gather(1, target_col).squeeze(1)
+            if want_grads:
+                logits.exp_()
         if want_grads:
-            # dloss_n/dz_nj = p_nj (1 + 2 z_loss lse_n) - (1 - eps) [j == t_n] - eps / V, times the upstream grad
-            logits.exp_()
-            if z_loss:
-                logits.mul_((1.0 + 2.0 * z_loss * (target_logit - target_log_prob)).unsqueeze(1))
+            # dloss_n/dz_nj = (p_nj - (1 - eps) [j == t_n] - eps / V) + 2 z_loss lse_n p_nj, times the upstream grad
             # subtract the one-hot before scaling: p_t - 1 is exact when p_t ~ 1, (g p_t) - g is not
             logits.scatter_add_(1, target_col, onehot)
             if label_smoothing:
                 logits.sub_(label_smoothing / vocab)
-            if token_scale is not None:
-                logits.mul_(token_scale.unsqueeze(1))
+            if z_loss:
+                # + c p with c = 2 z lse, as g0 (1 + c) + c ((1 - eps) [j == t] + eps / V) (g0: the line above):
+                # no p (1 + c) - 1, which loses c to cancellation when p_t ~ 1 (V = 1: p_t = 1 exactly)
+                z_term = (2.0 * z_loss * (target_logit - target_log_prob)).unsqueeze(1)
+                logits.mul_(z_term + 1.0)
+                logits.scatter_add_(1, target_col, z_term * smoothing_keep)
+                if label_smoothing:
+                    logits.add_(z_term * (label_smoothing / vocab))
             if deriv is not None:
                 logits.mul_(deriv)
         chunk_lse = target_logit - target_log_prob
@@ -207,19 +219,52 @@ def chunked_linear_cross_entropy(
         lse[tokens] = chunk_lse
         if not want_grads:
             continue
-        grad = logits
+        grad = logits  # before the per-token scale, which rides on the [count, D] operands instead of a pass
+        row_scale = None if token_scale is None else token_scale.unsqueeze(1)
 
         if grad_hidden is not None:
-            if isinstance(rows, slice):
+            if isinstance(rows, slice) and row_scale is None:
                 torch.addmm(grad_hidden[rows], grad, weight_acc, beta=0.0, alpha=alpha, out=grad_hidden[rows])
+            elif isinstance(rows, slice):
+                torch.mm(grad, weight_acc, out=grad_hidden[rows]).mul_(row_scale)
             else:
-                grad_hidden.index_add_(0, rows, grad @ weight_acc, alpha=alpha)
+                product = grad @ weight_acc
+                grad_hidden.index_add_(0, rows, product if row_scale is None else product.mul_(row_scale),
+                                       alpha=alpha)
         if grad_weight is not None:
-            grad_weight.addmm_(grad.T, hidden_chunk, beta=0.0 if start == 0 else 1.0, alpha=alpha)
+            scaled_hidden = hidden_chunk if row_scale is None else hidden_chunk * row_scale
+            grad_weight.addmm_(grad.T, scaled_hidden, beta=0.0 if start == 0 else 1.0, alpha=alpha)
         if grad_bias is not None:
-            grad_bias.add_(grad.sum(0), alpha=alpha)
+            grad_bias.add_(grad.sum(0) if token_scale is None else token_scale @ grad, alpha=alpha)
 
-    return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias)
+    return _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias, cast_grads)
+
+
+def _logits(hidden_rows, weight, bias, softcap, out, deriv=None) -> None:
+    """out [rows, V] = the (soft-capped) logits; ``deriv`` (optional) = the softcap's derivative."""
+    if bias is None:
+        torch.mm(hidden_rows, weight.T, out=out)
+    else:
+        torch.addmm(bias, hidden_rows, weight.T, out=out)
+    if softcap is not None:
+        out.mul_(1.0 / softcap).tanh_()
+        if deriv is not None:
+            # d(c*tanh(y/c))/dy = 1 - tanh(y/c)^2
+            torch.mul(out, out, out=deriv).neg_().add_(1.0)
+        out.mul_(softcap)
+
+
+def _log_target_prob(probs, target_col, target_logit, hidden_rows, weight, bias, softcap) -> torch.Tensor:
+    """log p_t [rows] from the softmax ``probs``; rows whose p_t is below TINY_PROB (lost precision, or 0)
+    take z_t - logsumexp(z) from their logits recomputed (rare: a loss above ~69 nats)."""
+    target_prob = probs.gather(1, target_col).squeeze(1)
+    log_prob = target_prob.log()
+    tiny = (target_prob < TINY_PROB).nonzero().squeeze(1)  # a host sync: CPU only
+    if tiny.numel():
+        logits = torch.empty((tiny.numel(), probs.shape[1]), dtype=probs.dtype, device=probs.device)
+        _logits(hidden_rows.index_select(0, tiny), weight, bias, softcap, logits)
+        log_prob[tiny] = target_logit[tiny] - torch.logsumexp(logits, 1)
+    return log_prob
 
 
 def emulate_grad_tile_cast(dz: torch.Tensor, dtype: torch.dtype, headroom: int = GRAD_TILE_HEADROOM):
@@ -246,5 +291,7 @@ def cast_grads_like(grads, inputs):
     return tuple(None if g is None else (g if g.dtype == x.dtype else g.to(x.dtype)) for g, x in zip(grads, inputs))
 
 
-def _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias):
+def _finish(loss, lse, grad_hidden, grad_weight, grad_bias, hidden, weight, bias, cast_grads=True):
+    if not cast_grads:
+        return loss, lse, grad_hidden, grad_weight, grad_bias
     return (loss, lse) + cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))

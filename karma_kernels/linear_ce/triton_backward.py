@@ -100,13 +100,13 @@ def _lce_grad_hidden_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, s
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs_n < n_valid
     if tl.program_id(0) * BLOCK_N < n_valid:
-        rows, target, row_max, log_sum, g, z_factor = _load_grad_terms(
+        rows, target, row_max, log_sum, g, z_term = _load_grad_terms(
             offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride,
             max_ptr, log_sum_ptr, z_loss)
         for v0 in range(0, V, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             v_mask = offs_v < V
-            dz = _dz_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, target, row_max, log_sum, z_factor, D,
+            dz = _dz_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, target, row_max, log_sum, z_term, D,
                           stride_h, stride_w, smoothing, softcap, V, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION,
                           BLOCK_N, BLOCK_V, BLOCK_D)
             if not _skip_tile(dz, filter_eps, FILTER):

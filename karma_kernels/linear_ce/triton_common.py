@@ -63,15 +63,15 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D, stride_
 
 
 @triton.jit
-def _grad_logits(z, row_max, log_sum, target, offs_v, v_mask, row_mask, z_factor, smoothing, softcap, V,
+def _grad_logits(z, row_max, log_sum, target, offs_v, v_mask, row_mask, z_term, smoothing, softcap, V,
                  HAS_SOFTCAP: tl.constexpr):
-    """d loss_n / d y for a tile, before the upstream gradient g: (1 + 2 z_loss lse) p - (1 - eps) [j == t]
-    - eps / V, times the softcap derivative 1 - tanh^2 = 1 - (z / softcap)^2 (from the capped z: no second tile
+    """d loss_n / d y for a tile, before the upstream gradient g: (p - (1 - eps) [j == t] - eps / V)
+    + 2 z_loss lse p (z_term = 2 z_loss lse, added last: no cancellation of it when p_t ~ 1), times the softcap derivative 1 - tanh^2 = 1 - (z / softcap)^2 (from the capped z: no second tile
     of registers). p = exp((z - max) - log_sum): the lse rounded to fp32
     would lose p_t - 1 when p_t ~ 1; the one-hot is subtracted before any scaling for the same reason."""
     probs = tl.exp((z - row_max[:, None]) - log_sum[:, None])
     is_target = offs_v[None, :] == target[:, None]
-    dz = probs * z_factor[:, None] - tl.where(is_target, 1.0 - smoothing, 0.0) - smoothing / V
+    dz = (probs - tl.where(is_target, 1.0 - smoothing, 0.0) - smoothing / V) + probs * z_term[:, None]
     if HAS_SOFTCAP:
         capped = z / softcap
         dz = dz * (1.0 - capped * capped)
@@ -79,14 +79,14 @@ def _grad_logits(z, row_max, log_sum, target, offs_v, v_mask, row_mask, z_factor
 
 
 @triton.jit
-def _dz_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, target, row_max, log_sum, z_factor, D, stride_h,
+def _dz_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, target, row_max, log_sum, z_term, D, stride_h,
              stride_w, smoothing, softcap, V, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
              BLOCK_D: tl.constexpr):
     """The logits-gradient tile (before the upstream gradient), from recomputed logits."""
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w, softcap, HAS_BIAS,
                      HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-    return _grad_logits(z, row_max, log_sum, target, offs_v, v_mask, row_mask, z_factor, smoothing, softcap, V,
+    return _grad_logits(z, row_max, log_sum, target, offs_v, v_mask, row_mask, z_term, smoothing, softcap, V,
                         HAS_SOFTCAP)
 
 
@@ -126,8 +126,8 @@ def _load_grad_terms(offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target
     g = tl.load(grad_scale_ptr + token * grad_scale_stride, mask=row_mask, other=0.0).to(tl.float32)
     row_max = tl.load(max_ptr + token, mask=row_mask, other=0.0)
     log_sum = tl.load(log_sum_ptr + token, mask=row_mask, other=0.0)
-    z_factor = 1.0 + 2.0 * z_loss * (row_max + log_sum)
-    return rows, target, row_max, log_sum, g, z_factor
+    z_term = 2.0 * z_loss * (row_max + log_sum)
+    return rows, target, row_max, log_sum, g, z_term
 
 
 @triton.jit
@@ -137,10 +137,10 @@ def _token_block_dz(h_ptr, w_ptr, b_ptr, offs_n, row_mask, offs_v, v_mask, slot_
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """A block of token slots against a vocabulary tile: (hidden rows, upstream gradient g, dz tile)."""
-    rows, target, row_max, log_sum, g, z_factor = _load_grad_terms(
+    rows, target, row_max, log_sum, g, z_term = _load_grad_terms(
         offs_n, row_mask, slot_token_ptr, slot_row_ptr, slot_target_ptr, grad_scale_ptr, grad_scale_stride,
         max_ptr, log_sum_ptr, z_loss)
-    dz = _dz_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, target, row_max, log_sum, z_factor, D,
+    dz = _dz_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, target, row_max, log_sum, z_term, D,
                   stride_h, stride_w, smoothing, softcap, V, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N,
                   BLOCK_V, BLOCK_D)
     return rows, g, dz

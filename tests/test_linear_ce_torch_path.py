@@ -99,7 +99,7 @@ def test_weighted_call_equals_separate_objectives(backend):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_weighted_call_arguments_and_second_backward():
+def test_weighted_call_arguments_and_second_backward_recomputes():
     from karma_kernels.linear_ce.weighted import weighted_linear_cross_entropy
 
     hidden, weight = torch.randn(4, 3), torch.randn(5, 3, requires_grad=True)
@@ -108,10 +108,16 @@ def test_weighted_call_arguments_and_second_backward():
         weighted_linear_cross_entropy(hidden, weight, target, torch.ones(3))
     with pytest.raises(ValueError, match="weighted_linear_cross_entropy: target values"):
         weighted_linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 5, 2]), torch.ones(4))
-    loss, _ = weighted_linear_cross_entropy(hidden, weight, target, torch.ones(4), backend="torch")
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="consumed"):
-        loss.backward()
+    token_weight = torch.tensor([0.5, 0.25, 2.0, 1.0])
+    loss, _ = weighted_linear_cross_entropy(hidden, weight, target, token_weight, backend="torch")
+    (0.5 * loss).backward(retain_graph=True)  # upstream 0.5: the in-place scaling must not leak into the second
+    first = weight.grad.clone()
+    weight.grad = None
+    (0.5 * loss).backward()  # recomputed: the forward's gradients were consumed by the first backward
+    torch.testing.assert_close(weight.grad, first, rtol=1e-6, atol=1e-7)
+    expected = torch.autograd.grad(
+        0.5 * (F.cross_entropy(hidden @ weight.T, target, reduction="none") * token_weight).sum(), weight)[0]
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_karma_shared_head_lm_losses_equal_the_separate_objectives(torch_one_thread):

@@ -27,16 +27,25 @@ from .op import linear_cross_entropy
 OP = "weighted_linear_cross_entropy"
 
 
+def _unit_grads(needs, hidden, weight, bias, target, token_weight, ignore_index):
+    """(per-token loss, and the fp32 gradients of sum_n w_n loss_n: hidden, weight, bias; None where not needed)."""
+    per_token, _, grad_hidden, grad_weight, grad_bias = _torch_impl.chunked_linear_cross_entropy(
+        hidden, weight, target, bias=bias, ignore_index=ignore_index, grad_scale=token_weight,
+        need_grad_hidden=needs[0], need_grad_weight=needs[1], need_grad_bias=needs[2], cast_grads=False)
+    return per_token, grad_hidden, grad_weight, grad_bias
+
+
 class _PrecomputedWeightedCE(torch.autograd.Function):
     """torch path: loss and the gradients of sum_n w_n loss_n in one chunk pass; backward = scale + cast."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, token_weight, ignore_index):
-        needs = ctx.needs_input_grad[:3]
-        per_token, _, grad_hidden, grad_weight, grad_bias = _torch_impl.chunked_linear_cross_entropy(
-            hidden, weight, target, bias=bias, ignore_index=ignore_index, grad_scale=token_weight,
-            need_grad_hidden=needs[0], need_grad_weight=needs[1], need_grad_bias=needs[2], cast_grads=False)
+        per_token, grad_hidden, grad_weight, grad_bias = _unit_grads(ctx.needs_input_grad[:3], hidden, weight, bias,
+                                                                     target, token_weight, ignore_index)
         ctx.unit_grads = [grad_hidden, grad_weight, grad_bias]
+        # references (no copies): a second backward (retain_graph=True) recomputes from them
+        ctx.save_for_backward(hidden, weight, bias, target, token_weight)
+        ctx.ignore_index = ignore_index
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         total = (per_token * token_weight.to(per_token.dtype)).sum()
         ctx.mark_non_differentiable(per_token)
@@ -46,9 +55,10 @@ class _PrecomputedWeightedCE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, _grad_per_token):
         grads, ctx.unit_grads = ctx.unit_grads, None
-        if grads is None:
-            raise RuntimeError(f"{OP}: the gradients computed in the forward were consumed by a first backward; "
-                               "backpropagating twice (retain_graph=True) needs backend='reference'")
+        if grads is None:  # a second backward through the same graph: the first one consumed them
+            hidden, weight, bias, target, token_weight = ctx.saved_tensors
+            grads = _unit_grads(ctx.needs_input_grad[:3], hidden, weight, bias, target, token_weight,
+                                ctx.ignore_index)[1:]
         out = []
         for grad, dtype in zip(grads, ctx.dtypes):
             if grad is not None:
@@ -66,7 +76,7 @@ def weighted_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, ta
 
     hidden [N, D], weight [V, D], bias [V] (optional), target [N] int64, token_weight [N] floating (constants:
     no gradient flows into them). Backends as ``linear_cross_entropy``; on the torch path the gradients are
-    computed in the forward and a second backward through the same graph raises.
+    computed in the forward (a second backward through the same graph recomputes them).
     """
     check_tensor(OP, "hidden", hidden, ndim=2, floating=True)
     check_tensor(OP, "weight", weight, ndim=2, floating=True)

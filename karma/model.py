@@ -125,15 +125,19 @@ class FlowMatchingHead(nn.Module):
         return self.net(torch.cat([x_t, condition, angles.sin(), angles.cos()], dim=-1))
 
     def loss(self, condition: torch.Tensor, target: torch.Tensor, generator: Optional[torch.Generator] = None):
-        noise = torch.randn(target.shape, generator=generator, device="cpu").to(target)
-        t = torch.rand(target.shape[0], generator=generator, device="cpu").to(target)
+        """Noise and times are drawn where ``generator`` lives (default: on ``target``'s device), so no draw
+        crosses devices; pass a generator on the model's device (``karma.train.step_generator`` makes one)."""
+        device = generator.device if generator is not None else target.device
+        noise = torch.randn(target.shape, generator=generator, device=device).to(target)
+        t = torch.rand(target.shape[0], generator=generator, device=device).to(target)
         x_t = (1 - t[:, None]) * noise + t[:, None] * target
         return F.mse_loss(self.velocity(x_t, t, condition), target - noise)
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, feature_dim: int, steps: int = 8,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        x = torch.randn((condition.shape[0], feature_dim), generator=generator, device="cpu").to(condition)
+        device = generator.device if generator is not None else condition.device
+        x = torch.randn((condition.shape[0], feature_dim), generator=generator, device=device).to(condition)
         for i in range(steps):
             t = torch.full((condition.shape[0],), i / steps, device=condition.device, dtype=condition.dtype)
             x = x + self.velocity(x, t, condition) / steps

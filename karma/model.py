@@ -150,8 +150,8 @@ class KarmaModel(nn.Module):
                  image_features: Optional[torch.Tensor] = None, device: torch.device = torch.device("cpu")):
         super().__init__()
         if config.max_text_len is None:
-            raise ConfigError("KarmaModel: model.max_text_len must be resolved (karma.train.build_workspace sets it "
-                              "from the data)")
+            raise ConfigError("KarmaModel: model.max_text_len must be resolved (karma.workspace.build_workspace "
+                              "sets it from the data)")
         if item_tokens.dim() != 2 or item_tokens.shape[1] > config.max_text_len:
             raise ConfigError(f"item_tokens must be [num_items, <= model.max_text_len], got {tuple(item_tokens.shape)}")
         self.config = config

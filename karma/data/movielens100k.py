@@ -73,7 +73,7 @@ def read_tables(wheel: str) -> Dict[str, "object"]:
         import pyarrow  # noqa: F401  (pandas' parquet engine)
     except ImportError as exc:
         raise ImportError(f"movielens100k: reading the wheel's parquet tables needs pandas and pyarrow "
-                          f"(pip install pandas pyarrow): {exc}") from None
+                          f"(pip install 'karma-kernels[data]', or pandas and pyarrow): {exc}") from None
     with open(wheel, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()
     if os.path.basename(wheel) == WHEEL_NAME and digest != WHEEL_SHA256:

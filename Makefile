@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.karma-installed
-EXTRAS ?= test,bench,hf,st,faiss,ray
+EXTRAS ?= test,bench,hf,st,faiss,ray,data
 
 .PHONY: setup run test bench bench-quick clean
 

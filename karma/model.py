@@ -46,8 +46,9 @@ class ModelConfig:
     # "bow": mean of the backbone's token embeddings + MLP (shares the embedding table the LM objectives train);
     # "backbone": mean-pooled final backbone states (4x slower on CPU; after LM pretraining its states are nearly
     # parallel for all items and the action loss stalls at chance in our runs, see README); "id": ID embeddings
-    # only; "bow+id": both (see the module docstring)
-    item_encoder: str = "bow"
+    # only; "bow+id" (default): both (see the module docstring). On real MovieLens-100k "bow+id" raised test HR@10
+    # 0.108 -> 0.126 over "bow" (README); items without clicks keep a zero ID part, so cold items rank by text.
+    item_encoder: str = "bow+id"
     use_image: bool = True                # add the image feature to the item embedding (when the data has one)
     flow_hidden: int = 128
     dropout: float = 0.0                  # on the history's soft tokens and in attention (the SASRec baseline: 0.3)
@@ -125,15 +126,19 @@ class FlowMatchingHead(nn.Module):
         return self.net(torch.cat([x_t, condition, angles.sin(), angles.cos()], dim=-1))
 
     def loss(self, condition: torch.Tensor, target: torch.Tensor, generator: Optional[torch.Generator] = None):
-        noise = torch.randn(target.shape, generator=generator, device="cpu").to(target)
-        t = torch.rand(target.shape[0], generator=generator, device="cpu").to(target)
+        """Noise and times are drawn where ``generator`` lives (default: on ``target``'s device), so no draw
+        crosses devices; pass a generator on the model's device (``karma.train.step_generator`` makes one)."""
+        device = generator.device if generator is not None else target.device
+        noise = torch.randn(target.shape, generator=generator, device=device).to(target)
+        t = torch.rand(target.shape[0], generator=generator, device=device).to(target)
         x_t = (1 - t[:, None]) * noise + t[:, None] * target
         return F.mse_loss(self.velocity(x_t, t, condition), target - noise)
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, feature_dim: int, steps: int = 8,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        x = torch.randn((condition.shape[0], feature_dim), generator=generator, device="cpu").to(condition)
+        device = generator.device if generator is not None else condition.device
+        x = torch.randn((condition.shape[0], feature_dim), generator=generator, device=device).to(condition)
         for i in range(steps):
             t = torch.full((condition.shape[0],), i / steps, device=condition.device, dtype=condition.dtype)
             x = x + self.velocity(x, t, condition) / steps
@@ -145,8 +150,8 @@ class KarmaModel(nn.Module):
                  image_features: Optional[torch.Tensor] = None, device: torch.device = torch.device("cpu")):
         super().__init__()
         if config.max_text_len is None:
-            raise ConfigError("KarmaModel: model.max_text_len must be resolved (karma.train.build_workspace sets it "
-                              "from the data)")
+            raise ConfigError("KarmaModel: model.max_text_len must be resolved (karma.workspace.build_workspace "
+                              "sets it from the data)")
         if item_tokens.dim() != 2 or item_tokens.shape[1] > config.max_text_len:
             raise ConfigError(f"item_tokens must be [num_items, <= model.max_text_len], got {tuple(item_tokens.shape)}")
         self.config = config

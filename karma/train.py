@@ -1,5 +1,6 @@
-"""Training: configuration, building data + model from it, an optional LM pretraining phase on catalog text, and
-the alignment loop (AdamW, clipping, bf16 autocast on GPU, seeded, tqdm, safetensors checkpoints, resume).
+"""Training: an optional LM pretraining phase on catalog text, and the alignment loop (AdamW, clipping, bf16
+autocast on GPU, seeded, tqdm, safetensors checkpoints, resume). The configuration is ``karma.config``; building
+data, split and model from it, and the checkpoints, ``karma.workspace`` (both re-exported here).
 
 Budgets are in epochs (one epoch = every training window once, in a seeded shuffled order); the validation split
 is scored every ``eval_every`` epochs and training stops early after ``patience`` evaluations without improvement,
@@ -16,291 +17,27 @@ equals single-process training on the global batch; rank 0 logs (losses averaged
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 
-from .data import (ConfigError, RecDataset, SyntheticConfig, WordTokenizer, check_config_fields, generate_synthetic,
-                   load_movielens)
+from .config import (DATA_SOURCES, PRECISIONS, STOPPING_METRIC, DataConfig, ExperimentConfig,  # noqa: F401
+                     TrainConfig)
+from .data import ConfigError
 from .distributed import all_reduce_mean, average_gradients, batch_slice, init_from_env, is_main
-from .losses import ObjectiveConfig, karma_losses, language_model_loss
-from .model import MAX_TEXT_LEN_CAP, KarmaModel, ModelConfig, make_batch
-from .split import Split, leave_one_out
+from .losses import karma_losses, language_model_loss
+from .model import KarmaModel, make_batch
+from .workspace import (Workspace, build_workspace, load_checkpoint, load_dataset, resolve_device,  # noqa: F401
+                        save_checkpoint, split_dataset, text_length)
 
-DATA_SOURCES = ("synthetic", "movielens")
-# early stopping watches NDCG@50 on validation: top-heavy like NDCG@10 but with less sampling noise
-STOPPING_METRIC = "NDCG@50"
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-@dataclass
-class DataConfig:
-    source: str = "synthetic"        # "synthetic" (embedded generator) or "movielens" (a directory, see ``path``)
-    path: Optional[str] = None       # MovieLens-layout directory when source == "movielens"
-    num_items: int = 1500            # synthetic sizes
-    num_users: int = 800
-    impression_size: int = 10
-    image_dim: int = 32
-    new_item_fraction: float = 0.2   # synthetic: share of new arrivals (cold items) seen only at the last steps
-    seed: int = 0
-    cold_item_fraction: float = 0.0  # any source: hold this share of items out of training (a cold-start split)
-
-    SYNTHETIC_ONLY = ("num_items", "num_users", "impression_size", "image_dim", "new_item_fraction")
-
-    def __post_init__(self):
-        if self.source not in DATA_SOURCES:
-            raise ConfigError(f"data.source must be one of {DATA_SOURCES}, got {self.source!r}")
-        if isinstance(self.cold_item_fraction, bool) or not isinstance(self.cold_item_fraction, (int, float)) \
-                or not 0.0 <= self.cold_item_fraction < 1.0:
-            raise ConfigError(f"data.cold_item_fraction must be in [0, 1), got {self.cold_item_fraction!r}")
-        if self.source == "movielens" and not self.path:
-            raise ConfigError("data.path is required when data.source is 'movielens'")
-
-    def synthetic(self) -> SyntheticConfig:
-        return SyntheticConfig(num_items=self.num_items, num_users=self.num_users,
-                               impression_size=self.impression_size, image_dim=self.image_dim,
-                               new_item_fraction=self.new_item_fraction, seed=self.seed)
-
-    def to_dict(self) -> dict:
-        """The fields that apply to this source (a MovieLens run records no synthetic sizes)."""
-        values = dataclasses.asdict(self)
-        if self.source != "synthetic":
-            for name in self.SYNTHETIC_ONLY:
-                values.pop(name)
-        return values
-
-
-@dataclass
-class TrainConfig:
-    epochs: float = 30.0             # the budget: passes over the training windows (early stopping may end sooner)
-    steps: int = 0                   # > 0: a fixed number of steps instead of epochs (no early stopping)
-    batch_size: int = 64             # user windows per step (every position of each predicts its next click)
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    warmup_steps: int = 20
-    eval_every: float = 2.0          # epochs between validation scores (0: no validation, no early stopping)
-    patience: int = 3                # validation scores without improvement before stopping
-    pretrain_steps: int = 100        # LM pretraining on catalog text before alignment (0: none)
-    pretrain_lr: float = 3e-3
-    num_hard_negatives: int = 9      # shown-not-clicked items per click used as negatives
-    seed: int = 0
-    device: str = "auto"             # "auto": cuda when available, else cpu
-    precision: str = "auto"          # "auto": bf16 autocast on cuda, fp32 on cpu
-    log_every: int = 25
-    checkpoint_every: int = 0        # 0: only at the end (when a run directory is given)
-    progress: bool = True            # tqdm bars (only when stderr is a terminal)
-
-    def __post_init__(self):
-        for name in ("batch_size", "log_every", "patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
-        for name in ("steps", "warmup_steps", "pretrain_steps", "num_hard_negatives", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"train.{name} must be an integer >= 0, got {value!r}")
-        for name in ("epochs", "eval_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"train.{name} must be a number >= 0, got {value!r}")
-        if self.steps == 0 and self.epochs <= 0:
-            raise ConfigError("train.epochs must be > 0 (or train.steps > 0)")
-        for name in ("lr", "pretrain_lr"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as exc:
-                raise ConfigError(f"train.device: {exc}") from None
-
-    def steps_per_epoch(self, num_windows: int) -> int:
-        return max(1, math.ceil(num_windows / self.batch_size))
-
-    def total_steps(self, num_windows: int) -> int:
-        return self.steps or max(1, math.ceil(self.epochs * self.steps_per_epoch(num_windows)))
-
-
-@dataclass
-class ExperimentConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    SECTIONS = {"data": DataConfig, "model": ModelConfig, "objectives": ObjectiveConfig, "train": TrainConfig}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ExperimentConfig":
-        if not isinstance(values, dict):
-            raise ConfigError(f"config: expected a mapping with sections {sorted(cls.SECTIONS)}")
-        for name in values:
-            if name not in cls.SECTIONS:
-                raise ConfigError(f"config: unknown section {name!r} (known: {', '.join(sorted(cls.SECTIONS))})")
-        return cls(**{name: check_config_fields(name, section, values.get(name, {}))
-                      for name, section in cls.SECTIONS.items()})
-
-    @classmethod
-    def tiny(cls) -> "ExperimentConfig":
-        """A seconds-long configuration for smoke tests and CI (tiny catalog, one-layer backbone)."""
-        return cls.from_dict({
-            "data": {"num_items": 60, "num_users": 40, "impression_size": 5, "image_dim": 8},
-            "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "embed_dim": 16,
-                      "max_history": 8, "max_text_len": 8, "flow_hidden": 32},
-            "train": {"steps": 6, "batch_size": 16, "pretrain_steps": 2, "num_hard_negatives": 4, "log_every": 3,
-                      "warmup_steps": 2, "progress": False},
-        })
-
-    def to_dict(self) -> dict:
-        return {name: (getattr(self, name).to_dict() if name == "data" else dataclasses.asdict(getattr(self, name)))
-                for name in self.SECTIONS}
-
-    def replace(self, **sections: dict) -> "ExperimentConfig":
-        """A copy with some fields changed, e.g. ``replace(train={"steps": 10})``; validated like from_dict."""
-        values = {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
-        for name, changes in sections.items():
-            if name not in self.SECTIONS:
-                raise ConfigError(f"config: unknown section {name!r}")
-            values[name].update(changes)
-        return ExperimentConfig.from_dict(values)
-
-    @classmethod
-    def load(cls, path: str) -> "ExperimentConfig":
-        with open(path, "r", encoding="utf-8") as handle:
-            try:
-                values = json.load(handle)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        return cls.from_dict(values)
-
-    def save(self, path: str):
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=2)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Building data and model
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Workspace:
-    """Everything an experiment trains and evaluates on. ``log`` collects what training reports besides the loss
-    history (validation scores, the epoch it stopped at)."""
-    config: ExperimentConfig
-    dataset: RecDataset
-    tokenizer: WordTokenizer
-    split: Split
-    model: KarmaModel
-    device: torch.device
-    log: dict = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        # Under torchrun each process takes the GPU of its LOCAL_RANK.
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
-            torch.device("cpu")
-    return torch.device(name)
-
-
-def load_dataset(config: DataConfig) -> RecDataset:
-    if config.source == "movielens":
-        return load_movielens(config.path)
-    return generate_synthetic(config.synthetic())
-
-
-def text_length(tokenizer: WordTokenizer, texts: List[str], configured: Optional[int]) -> int:
-    """``configured``, or the 95th percentile of the item texts' token counts (eos included) capped at
-    MAX_TEXT_LEN_CAP; warns with counts when texts are cut."""
-    lengths = np.array([len(tokenizer.encode(text)) for text in texts])
-    length = configured or int(min(MAX_TEXT_LEN_CAP, max(2, math.ceil(np.percentile(lengths, 95)))))
-    cut = int((lengths > length).sum())
-    if cut:
-        warnings.warn(f"model.max_text_len={length}: {cut} of {len(texts)} item texts are longer and are cut "
-                      f"(longest {lengths.max()} tokens incl. eos; median {int(np.median(lengths))})", stacklevel=2)
-    return length
-
-
-def split_dataset(config: ExperimentConfig, dataset: RecDataset) -> Split:
-    """The leave-one-out split the configuration asks for (history length, hard negatives, cold items)."""
-    return leave_one_out(dataset, config.model.max_history, config.train.num_hard_negatives,
-                         config.data.cold_item_fraction, config.data.seed)
-
-
-def build_workspace(config: ExperimentConfig, dataset: Optional[RecDataset] = None,
-                    tokenizer: Optional[WordTokenizer] = None) -> Workspace:
-    """Data, tokenizer, split and a freshly initialised model (initialisation seeded by ``train.seed``).
-    ``model.max_text_len`` = None is resolved from the data here (the returned config records the value)."""
-    dataset = dataset if dataset is not None else load_dataset(config.data)
-    tokenizer = tokenizer if tokenizer is not None else WordTokenizer.build(dataset.item_texts)
-    length = text_length(tokenizer, dataset.item_texts, config.model.max_text_len)
-    if config.model.max_text_len != length:
-        config = config.replace(model={"max_text_len": length})
-    split = split_dataset(config, dataset)
-    device = resolve_device(config.train.device)
-    item_tokens = torch.as_tensor(tokenizer.encode_batch(dataset.item_texts, length))
-    images = torch.as_tensor(dataset.image_features) if dataset.image_features is not None else None
-    torch.manual_seed(config.train.seed)
-    model = KarmaModel(config.model, len(tokenizer), tokenizer.pad_id, item_tokens, images, device).to(device)
-    return Workspace(config, dataset, tokenizer, split, model, device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors: model weights, optimizer tensors; JSON: step, history, optimizer hyper-parameters)
-# ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(directory: str, model: KarmaModel, optimizer: Optional[torch.optim.Optimizer], step: int,
-                    history: List[dict]):
-    from safetensors.torch import save_file, save_model
-
-    os.makedirs(directory, exist_ok=True)
-    save_model(model, os.path.join(directory, "model.safetensors"))
-    state = {"step": step, "history": history}
-    if optimizer is not None:
-        optim_state = optimizer.state_dict()
-        tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
-                   for index, entries in optim_state["state"].items() for name, value in entries.items()
-                   if isinstance(value, torch.Tensor)}
-        save_file(tensors, os.path.join(directory, "optimizer.safetensors"))
-        state["param_groups"] = optim_state["param_groups"]
-    with open(os.path.join(directory, "trainer_state.json"), "w", encoding="utf-8") as handle:
-        json.dump(state, handle)
-
-
-def load_checkpoint(directory: str, model: KarmaModel, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
-    """Load weights (and optimizer state) saved by :func:`save_checkpoint`; returns the trainer state."""
-    from safetensors.torch import load_file, load_model
-
-    weights = os.path.join(directory, "model.safetensors")
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"no checkpoint in {directory!r} (expected model.safetensors)")
-    missing, unexpected = load_model(model, weights, strict=False, device=str(next(model.parameters()).device))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {weights} does not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]} (was it trained with another model config?)")
-    with open(os.path.join(directory, "trainer_state.json"), "r", encoding="utf-8") as handle:
-        state = json.load(handle)
-    if optimizer is not None and "param_groups" in state:
-        tensors = load_file(os.path.join(directory, "optimizer.safetensors"))
-        per_param: Dict[int, dict] = {}
-        for key, value in tensors.items():
-            index, name = key.split(".", 1)
-            per_param.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
-    return state
-
+__all__ = ["DATA_SOURCES", "PRECISIONS", "STOPPING_METRIC", "DataConfig", "ExperimentConfig", "TrainConfig",
+           "Workspace", "build_workspace", "load_checkpoint", "load_dataset", "resolve_device", "save_checkpoint",
+           "split_dataset", "text_length", "pretrain_language_model", "train", "timed"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loops
@@ -309,8 +46,11 @@ def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, stream, step])
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(int(step_rng(seed, step, stream).integers(0, 2 ** 62)))
+def step_generator(seed: int, step: int, stream: int = 0,
+                   device: torch.device = torch.device("cpu")) -> torch.Generator:
+    """A torch generator on ``device`` (where the model draws its flow-matching noise), seeded by (seed, stream,
+    step)."""
+    return torch.Generator(device=device).manual_seed(int(step_rng(seed, step, stream).integers(0, 2 ** 62)))
 
 
 def local_slice(batch_size: int, env) -> slice:
@@ -444,7 +184,7 @@ def train(workspace: Workspace, run_dir: Optional[str] = None, resume: bool = Fa
                                local=local_slice(len(rows), env))
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step, total)
-            generator = step_generator(config.seed, step, noise_stream(env))
+            generator = step_generator(config.seed, step, noise_stream(env), workspace.device)
             with autocast_context(workspace.device, config.precision):
                 losses = karma_losses(model, batch, objectives, generator=generator)
             optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("transformers")
 
 from karma.cli import VARIANTS, build_parser, command_eval, main  # noqa: E402
+from karma.baselines import BASELINES  # noqa: E402
 from karma.train import ExperimentConfig  # noqa: E402
 
 QUIET = ["--quiet", "--threads", "1"]
@@ -59,6 +60,8 @@ def test_train_then_eval_reproduces_the_metrics(tmp_path, capsys):
         saved = json.load(handle)
     assert len(saved["history"]) == ExperimentConfig.tiny().train.steps
     assert set(saved["history"][0]) >= {"action", "generation", "reconstruction", "image", "total"}
+    with open(os.path.join(run, "baselines.json")) as handle:   # the rows printed beside karma's
+        assert [r["variant"] for r in json.load(handle)["results"]] == [f"baseline: {n}" for n in BASELINES]
     metrics = command_eval(build_parser().parse_args(["eval", "--run", run]), say=lambda *a: None)
     for name in ("HR@10", "HR@50", "HR@200", "NDCG@10", "AUC", "decodability", "sink_ratio"):
         assert metrics[name] == pytest.approx(saved["test"][name], rel=1e-5, abs=1e-7), name

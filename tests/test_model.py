@@ -368,3 +368,21 @@ def test_unknown_section_and_image_without_images():
         ExperimentConfig.from_dict({"optim": {}})
     with pytest.raises(ConfigError, match="model.max_text_len"):
         ModelConfig(max_text_len=1)
+
+
+def test_flow_matching_noise_is_drawn_on_the_generators_device():
+    from karma.model import FlowMatchingHead
+
+    torch.manual_seed(0)
+    head = FlowMatchingHead(4, 6, 8)
+    condition, target = torch.randn(5, 6), torch.randn(5, 4)
+    # the same seeded generator gives the same loss; no generator draws on the target's device
+    first = head.loss(condition, target, torch.Generator().manual_seed(3))
+    assert torch.equal(first, head.loss(condition, target, torch.Generator().manual_seed(3)))
+    assert torch.isfinite(head.loss(condition, target))
+    if torch.cuda.is_available():   # the GPU lane: a CUDA generator with CUDA tensors, no draw on the CPU
+        head = head.cuda()
+        loss = head.loss(condition.cuda(), target.cuda(), torch.Generator(device="cuda").manual_seed(3))
+        assert loss.device.type == "cuda" and torch.isfinite(loss)
+        sample = head.sample(condition.cuda(), 4, generator=torch.Generator(device="cuda").manual_seed(3))
+        assert sample.device.type == "cuda"

@@ -21,6 +21,7 @@ import torch
 
 from .. import _backend
 from .._validation import check_same_device, check_tensor
+from .arguments import as_int, check_head, check_target_values
 from . import torch_impl as _torch_impl
 from .op import linear_cross_entropy
 
@@ -79,7 +80,7 @@ def weighted_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, ta
     computed in the forward (a second backward through the same graph recomputes them).
     """
     check_tensor(OP, "hidden", hidden, ndim=2, floating=True)
-    check_tensor(OP, "weight", weight, ndim=2, floating=True)
+    check_head(OP, hidden, weight, bias)
     check_tensor(OP, "target", target, ndim=1, integer=True)
     check_tensor(OP, "token_weight", token_weight, ndim=1, floating=True)
     if token_weight.requires_grad:
@@ -87,24 +88,14 @@ def weighted_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, ta
     if target.shape[0] != hidden.shape[0] or token_weight.shape[0] != hidden.shape[0]:
         raise ValueError(f"{OP}: target and token_weight must have shape [N] = [{hidden.shape[0]}], got "
                          f"{tuple(target.shape)} and {tuple(token_weight.shape)}")
-    check_same_device(OP, hidden=hidden, weight=weight, target=target, token_weight=token_weight, bias=bias)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{OP}: ignore_index must be an int, got {ignore_index!r}")
+    check_same_device(OP, hidden=hidden, target=target, token_weight=token_weight)
+    ignore_index = as_int(OP, "ignore_index", ignore_index)
     resolved = _backend.choose(OP, backend, hidden.device)
     if resolved != "torch" or not torch.is_grad_enabled():
         per_token = linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=ignore_index,
                                          reduction="none", backend=backend)
         return (per_token * token_weight.to(per_token.dtype)).sum(), per_token.detach()
-    # the checks linear_cross_entropy makes on the other path
-    if weight.shape[1] != hidden.shape[1] or weight.dtype != hidden.dtype:
-        raise ValueError(f"{OP}: weight must be [V, D={hidden.shape[1]}] of hidden's dtype {hidden.dtype}, got "
-                         f"{tuple(weight.shape)} {weight.dtype}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
-        raise ValueError(f"{OP}: bias must be [V={weight.shape[0]}] of dtype {hidden.dtype}, got "
-                         f"{tuple(bias.shape)} {bias.dtype}")
-    real = target[target != ignore_index]
-    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= weight.shape[0]):
-        raise ValueError(f"{OP}: target values must be in [0, {weight.shape[0]}) or ignore_index={ignore_index}")
+    check_target_values(OP, "target", target, weight.shape[0], ignore_index)
     total, per_token = _PrecomputedWeightedCE.apply(hidden, weight, bias, target, token_weight.detach(),
                                                     ignore_index)
     return total, per_token

@@ -49,7 +49,7 @@ from torch import nn
 
 from bench.conftest import DEVICE, QUICK, run_case
 from karma_kernels import contrastive_loss
-from karma_kernels.linear_ce.weighted import weighted_linear_cross_entropy
+from karma_kernels.linear_ce.weighted import mean_objectives_on_one_head
 
 VARIANTS = ("unfused", "fused")
 PAD_ID = 0
@@ -157,16 +157,10 @@ class KarmaStepModel(nn.Module):
         if fused:
             action = contrastive_loss(h, keys, key_ids=key_ids, temperature=TEMPERATURE)
             # the reconstruction state at [prefix, w_1..w_{L-1}] predicts w_1..w_L (prefix_len = 1)
-            target = text.reshape(-1)
-            valid = target != PAD_ID
-            count = valid.sum()
-            token_weight = torch.cat([torch.where(valid, scale / count, 0.0)
-                                      for scale in (GENERATION_WEIGHT, RECONSTRUCTION_WEIGHT)])
-            hidden = torch.cat([generation_states.reshape(-1, generation_states.shape[-1]),
-                                reconstruction_states[:, :-1].reshape(-1, reconstruction_states.shape[-1])])
-            lm_total, per_token = weighted_linear_cross_entropy(hidden, weight, target.repeat(2), token_weight,
-                                                                ignore_index=PAD_ID)
-            generation, reconstruction = (part.sum() / count for part in per_token.split(target.numel()))
+            lm_total, (generation, reconstruction) = mean_objectives_on_one_head(
+                (generation_states.reshape(-1, generation_states.shape[-1]),
+                 reconstruction_states[:, :-1].reshape(-1, reconstruction_states.shape[-1])),
+                weight, text.reshape(-1), (GENERATION_WEIGHT, RECONSTRUCTION_WEIGHT), ignore_index=PAD_ID)
             total = action + lm_total
         else:
             logits = h @ keys.float().T / TEMPERATURE

@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from karma_kernels import contrastive_loss, linear_cross_entropy, prefix_reconstruction_loss
-from karma_kernels.linear_ce.weighted import weighted_linear_cross_entropy
+from karma_kernels.linear_ce.weighted import mean_objectives_on_one_head
 
 from .data import ConfigError
 from .model import Batch, KarmaModel, history_tensors, position_ids_from_mask
@@ -110,15 +110,9 @@ def shared_head_lm_losses(model: KarmaModel, hidden_sets, text_ids: torch.Tensor
     """sum_k weights[k] * (mean LM loss of hidden_sets[k] [B * L, D] predicting text_ids [B, L]) in one fused
     call on the LM head, and each mean loss (detached). Pad tokens are ignored, as in ``generation_loss``."""
     target = text_ids.masked_fill(text_ids == model.pad_id, -100).reshape(-1)
-    valid = target != -100
-    count = valid.sum()
-    hidden = torch.cat(list(hidden_sets))
-    token_weight = torch.cat([torch.where(valid, weight / count.clamp_min(1), 0.0) for weight in weights])
-    total, per_token = weighted_linear_cross_entropy(
-        hidden, model.lm_head_weight.to(hidden.dtype), target.repeat(len(hidden_sets)), token_weight,
-        bias=_bias(model, hidden), ignore_index=-100, backend=backend)
-    means = [part.sum() / count for part in per_token.split(target.numel())]
-    return total, means
+    like = hidden_sets[0]
+    return mean_objectives_on_one_head(hidden_sets, model.lm_head_weight.to(like.dtype), target, weights,
+                                       bias=_bias(model, like), ignore_index=-100, backend=backend)
 
 
 def language_model_loss(model: KarmaModel, text_ids: torch.Tensor, bos_id: int, backend: str) -> torch.Tensor:

@@ -99,3 +99,18 @@ def weighted_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, ta
     total, per_token = _PrecomputedWeightedCE.apply(hidden, weight, bias, target, token_weight.detach(),
                                                     ignore_index)
     return total, per_token
+
+
+def mean_objectives_on_one_head(hidden_sets, weight: torch.Tensor, target: torch.Tensor, scales, *,
+                                bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                                backend: str = "auto"):
+    """sum_k scales[k] * (mean cross-entropy of hidden_sets[k] [N, D] predicting the same ``target`` [N]) in one
+    ``weighted_linear_cross_entropy`` call, and each objective's mean (detached). Every set predicts the same
+    targets (e.g. generation and reconstruction of one text); ignored tokens count in no mean."""
+    valid = target != ignore_index
+    count = valid.sum()
+    token_weight = torch.cat([torch.where(valid, scale / count.clamp_min(1), 0.0) for scale in scales])
+    hidden = torch.cat(list(hidden_sets))
+    total, per_token = weighted_linear_cross_entropy(hidden, weight, target.repeat(len(hidden_sets)), token_weight,
+                                                     bias=bias, ignore_index=ignore_index, backend=backend)
+    return total, [part.sum() / count for part in per_token.split(target.numel())]

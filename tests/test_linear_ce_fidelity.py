@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from karma_kernels import linear_cross_entropy, prefix_reconstruction_loss
 from karma_kernels.linear_ce.reference import linear_cross_entropy_reference
 from tests.conftest import TRITON_DEVICE
-from tests.test_linear_ce import make_inputs
+from tests.linear_ce_cases import make_inputs
 from tests.tolerances import assert_close_to_truth
 
 BACKENDS = ["torch", "reference", "triton"]

@@ -218,12 +218,13 @@ class KarmaModel(nn.Module):
         if self.uses_text:
             tokens = self.item_tokens[item_ids]
             mask = tokens != self.pad_id
+            weights = mask / mask.sum(1, keepdim=True).clamp_min(1)  # a mean over the real (non-pad) tokens
             if self.config.item_encoder == "backbone":
                 states = self.run_decoder(self.embed_tokens(tokens), mask).last_hidden_state
-            else:
-                states = self.embed_tokens(tokens)
-            weights = mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+                pooled = (states * weights.unsqueeze(-1).to(states.dtype)).sum(1)
+            else:  # one weighted bag per item: the [items, L, D] token rows are never gathered
+                table = self.backbone.get_input_embeddings().weight
+                pooled = F.embedding_bag(tokens, table, mode="sum", per_sample_weights=weights.to(table.dtype))
             embedding = self.text_to_item(pooled)
         if self.item_id_embedding is not None:
             ids = self.item_id_embedding(item_ids)

@@ -171,6 +171,31 @@ def test_text_length_from_the_data_warns_with_counts():
         assert text_length(tokenizer, texts, 4) == 4
 
 
+@pytest.mark.parametrize("encoder", ["bow", "backbone"])
+def test_text_item_tower_is_the_masked_mean_of_token_states(encoder):
+    """The bow tower pools with one weighted embedding bag per item; written out here as a gather and a masked
+    mean over the non-pad tokens (items with padding and an all-pad item included, gradients too)."""
+    ws = fresh(model={"item_encoder": encoder, "use_image": False})
+    model = ws.model
+    ids = torch.arange(5)
+    with torch.no_grad():
+        model.item_tokens[0, 2:] = model.pad_id                 # a short text
+        model.item_tokens[1] = model.pad_id                     # no text at all: a zero mean
+    tokens = model.item_tokens[ids]
+    mask = tokens != model.pad_id
+    assert mask[2:].all(dim=1).any() and not mask[1].any()
+    table = model.backbone.get_input_embeddings().weight
+    ours = model.item_embeddings(ids)
+    states = table[tokens] if encoder == "bow" else model.run_decoder(table[tokens], mask).last_hidden_state
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    expected = torch.nn.functional.normalize(model.text_to_item(pooled).float(), dim=-1)
+    torch.testing.assert_close(ours, expected)
+    grad_ours, = torch.autograd.grad(ours.square().sum() + (ours[:, 0] * 3).sum(), table)
+    grad_expected, = torch.autograd.grad(expected.square().sum() + (expected[:, 0] * 3).sum(), table)
+    torch.testing.assert_close(grad_ours, grad_expected)
+
+
 @pytest.mark.parametrize("encoder", ["id", "bow+id"])
 def test_id_and_hybrid_item_towers(encoder):
     ws = fresh(model={"item_encoder": encoder, "use_image": False})

@@ -34,6 +34,13 @@ constexpr int64_t kSmallMergeMaxShards = 16;
 // Writes up to k candidates of query q to `out` and returns their count, or -1 on bad input (recorded in errors).
 // Order was checked before (small_rows_sorted); ids are checked as they are read. Each output scans the S heads'
 // keys for the best (the collector orders ties by id itself, so the heads compare by key alone).
+// True when two neighbours of the key-ordered out[0, count) tie (only then has order_ties anything to do).
+inline bool has_equal_keys(const Candidate* out, int64_t count) {
+  int equal = 0;
+  for (int64_t j = 1; j < count; ++j) equal |= static_cast<int>(out[j].key == out[j - 1].key);
+  return equal != 0;
+}
+
 template <typename scalar_t, bool Largest>
 int64_t small_merge(const ShardRows<scalar_t>* shards, int64_t num_shards, int64_t q, int64_t k, Candidate* out,
                     InputErrorReport& errors) {
@@ -43,21 +50,27 @@ int64_t small_merge(const ShardRows<scalar_t>* shards, int64_t num_shards, int64
   int64_t head_ids[kSmallMergeMaxShards];
   int64_t positions[kSmallMergeMaxShards];
   bool failed = false;
+  const scalar_t* row_distances[kSmallMergeMaxShards];
+  const int64_t* row_ids[kSmallMergeMaxShards];
   // Makes shard s's head its next real candidate at or after pos.
   const auto read = [&](int64_t s, int64_t pos) {
-    const ShardRows<scalar_t>& shard = shards[s];
-    const int64_t* ids = shard.ids + q * shard.id_row_stride;
-    while (pos < shard.width && ids[pos] < 0) ++pos;
+    const int64_t width = shards[s].width;
+    const int64_t* ids = row_ids[s];
+    while (pos < width && ids[pos] < 0) ++pos;
     positions[s] = pos;
     head_keys[s] = kExhausted;
-    if (pos == shard.width) return;
-    if (!topk::translate_id(ids[pos], shard.offset, &head_ids[s])) {
-      errors.record_overflow(s, ids[pos], shard.offset);
+    if (pos == width) return;
+    if (!topk::translate_id(ids[pos], shards[s].offset, &head_ids[s])) {
+      errors.record_overflow(s, ids[pos], shards[s].offset);
       failed = true;
       return;
     }
-    head_keys[s] = topk::sort_key<Largest>(static_cast<Key>(shard.distances[q * shard.distance_row_stride + pos]));
+    head_keys[s] = topk::sort_key<Largest>(static_cast<Key>(row_distances[s][pos]));
   };
+  for (int64_t s = 0; s < num_shards; ++s) {
+    row_distances[s] = shards[s].distances + q * shards[s].distance_row_stride;
+    row_ids[s] = shards[s].ids + q * shards[s].id_row_stride;
+  }
   for (int64_t s = 0; s < num_shards; ++s) read(s, 0);
   topk::TopKCollector collector(out, k);
   while (!failed) {
@@ -68,7 +81,7 @@ int64_t small_merge(const ShardRows<scalar_t>* shards, int64_t num_shards, int64
     read(best, positions[best] + 1);
   }
   if (failed) return -1;
-  topk::order_ties(out, collector.count);
+  if (has_equal_keys(out, collector.count)) topk::order_ties(out, collector.count);
   return collector.count;
 }
 

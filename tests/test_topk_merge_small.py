@@ -150,3 +150,33 @@ def test_no_reference_is_kept_or_lost(extension):
         assert small(extension, d, i, 10, metric="cosine") is None
     del out
     assert (sys.getrefcount(d), sys.getrefcount(i)) == before
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_whole_row_check_of_every_width_and_position(extension, metric):
+    """sorted=True: a row out of order at any position (the float32 rows are checked four pairs at a time, the
+    last step overlapping) is refused and raises; NaN last, infinities and padding anywhere are in order."""
+    sign = 1.0 if metric == "l2" else -1.0
+    for dtype in (np.float32, np.float64):
+        for width in range(1, 14):
+            row = sign * np.arange(1, width + 1, dtype=dtype)
+            d = np.stack([np.tile(row, (2, 1)), np.tile(row + sign * 0.5, (2, 1))])  # (2 shards, 2 queries, width)
+            i = np.arange(d.size, dtype=np.int64).reshape(d.shape)
+            assert_equal(small(extension, d, i, 3, metric), through_the_op(d, i, 3, metric=metric))
+            for j in range(1, width):
+                bad = d.copy()
+                bad[1, 1, j - 1], bad[1, 1, j] = bad[1, 1, j], bad[1, 1, j - 1]  # shard 1, query 1
+                assert small(extension, bad, i, 2, metric) is None, (dtype, width, j)
+                with pytest.raises(ValueError, match=r"row 1 of distances\[1\] is not sorted best-first"):
+                    topk_merge(bad, i, 2, metric=metric)
+            if width >= 3:
+                odd = d.copy()
+                odd[0, 0, -1] = np.nan  # NaN last: in order
+                odd[0, 1, 0] = -sign * np.inf  # the best possible value first: in order
+                padded = i.copy()
+                padded[1, 0, width // 2] = -1  # padding in the middle, its distance anything
+                odd[1, 0, width // 2] = sign * 1e9
+                assert_equal(small(extension, odd, padded, 4, metric), through_the_op(odd, padded, 4, metric=metric))
+                nan_first = d.copy()
+                nan_first[0, 0, 0] = np.nan  # NaN before numbers: out of order
+                assert small(extension, nan_first, i, 2, metric) is None

@@ -6,7 +6,7 @@
 // rows four neighbour pairs at a time), then an S-way merge in which each output scans the S heads' keys for the
 // best: no tree or blocks to set up, so a query costs about what it reads, ~k + S candidates. The stream goes into
 // topk::TopKCollector (which keeps the smallest ids of the tie group cut by k); topk::order_ties then sorts ids within
-// ties. Tried and measured slower here (side by side, one process): heads as key << 32 | shard with a branch-free
+// ties, when there are any. Tried and measured slower here (side by side, one process): heads as key << 32 | shard with a branch-free
 // tournament, each row's first k keys converted up front (SSE2) and two queries interleaved, the next candidate of
 // each row read ahead, the best key kept in a register during the scan: 1.1-1.3x the time per query of this scan.
 #pragma once
@@ -31,9 +31,6 @@ namespace cpu_merge {
 constexpr int64_t kSmallMergeMaxK = 32;
 constexpr int64_t kSmallMergeMaxShards = 16;
 
-// Writes up to k candidates of query q to `out` and returns their count, or -1 on bad input (recorded in errors).
-// Order was checked before (small_rows_sorted); ids are checked as they are read. Each output scans the S heads'
-// keys for the best (the collector orders ties by id itself, so the heads compare by key alone).
 // True when two neighbours of the key-ordered out[0, count) tie (only then has order_ties anything to do).
 inline bool has_equal_keys(const Candidate* out, int64_t count) {
   int equal = 0;
@@ -41,6 +38,9 @@ inline bool has_equal_keys(const Candidate* out, int64_t count) {
   return equal != 0;
 }
 
+// Writes up to k candidates of query q to `out` and returns their count, or -1 on bad input (recorded in errors).
+// Order was checked before (small_rows_sorted); ids are checked as they are read. Each output scans the S heads'
+// keys for the best (the collector orders ties by id itself, so the heads compare by key alone).
 template <typename scalar_t, bool Largest>
 int64_t small_merge(const ShardRows<scalar_t>* shards, int64_t num_shards, int64_t q, int64_t k, Candidate* out,
                     InputErrorReport& errors) {

@@ -57,6 +57,9 @@ def test_outputs_are_fresh_c_contiguous_arrays_of_the_input_dtype(extension):
             assert_equal(out, through_the_op(d, i, k))
             if k > 32:
                 assert (out[1][:, 32:] == -1).all() and np.isposinf(out[0][:, 32:]).all()
+    empty_rows = (np.zeros((3, 2, 0), np.float32), np.zeros((3, 2, 0), np.int64))  # no candidates: all padding
+    for metric in ("l2", "ip"):
+        assert_equal(small(extension, *empty_rows, 3, metric), through_the_op(*empty_rows, 3, metric=metric))
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])

@@ -1,12 +1,17 @@
 // The Python module karma_kernels._C, and its one function: the small-call path of topk_merge for numpy.
 //
 // Importing the module registers the torch ops (the TORCH_LIBRARY blocks of the other files). merge_small takes
-// topk_merge's own arguments and merges a stacked (S, Q, W) float32/float64 numpy array straight from its memory into
-// output arrays it allocates: at one query per call (the serving case) building tensors and dispatching would cost
-// more than merging, and so would checking the arguments in Python. It takes only what needs no checks beyond the
-// arrays' (no id offsets, no dedup, backend "auto", rows contiguous, native byte order) and answers None for
-// anything else, or when sorted=True meets a row out of order; the Python wrapper then takes the op's path, which
-// raises the op's errors.
+// topk_merge's own arguments and merges numpy rows straight from their memory into output arrays it allocates: at
+// one query per call (the serving case) building tensors and dispatching would cost more than merging, and so would
+// checking the arguments in Python. It takes
+// - a stacked (S, Q, W) float32/float64 array with its int64 ids, any size (a large call releases the GIL and takes
+//   the op's CPU merge), without id offsets;
+// - and for a small sorted call (k <= 32, S <= 16, Q * (k + S) <= kInlineWork candidates read), also a list or
+//   tuple of S (Q, k_s) arrays (k_s may differ; what ShardedIndex.search passes), and id offsets as a list or tuple
+//   of ints or a 1-D int64 array;
+// plain ndarrays only (no subclass), native byte order, aligned, rows contiguous, no dedup, backend "auto". It
+// answers None for anything else, or when the merge meets bad input (a row out of order with sorted=True, an id
+// that its offset takes out of int64); the Python wrapper then takes the op's path, which raises the op's errors.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
@@ -26,6 +31,11 @@ bool merge_stacked_rows(const scalar_t* distances, const int64_t* ids, int64_t n
 
 namespace {
 
+using karma::cpu_merge::kSmallMergeMaxK;
+using karma::cpu_merge::kSmallMergeMaxShards;
+template <typename scalar_t>
+using ShardRows = karma::cpu_merge::ShardRows<scalar_t>;
+
 constexpr long long kMaxK = (1LL << 31) - 1;              // the wrapper's MAX_K
 constexpr long long kMaxPaddedOutput = 1LL << 31;         // the wrapper's MAX_PADDED_OUTPUT
 // Candidates read per call (Q * (k + S)) up to which the small merge runs on the calling thread with the GIL held
@@ -41,43 +51,136 @@ bool is_text(PyObject* object, PyObject* interned, const char* text) {
   return object == interned || (PyUnicode_CheckExact(object) && PyUnicode_CompareWithASCIIString(object, text) == 0);
 }
 
-// A plain (not a subclass), aligned, native-byte-order 3-D ndarray whose element type passes `kind`.
-bool plain_array(PyObject* object, bool (*kind)(PyArrayObject*)) {
-  if (!PyArray_CheckExact(object)) return false;
-  PyArrayObject* array = reinterpret_cast<PyArrayObject*>(object);
-  return PyArray_NDIM(array) == 3 && kind(array) && PyArray_ISNOTSWAPPED(array) && PyArray_ISALIGNED(array);
-}
-
 bool is_float(PyArrayObject* array) { return PyArray_TYPE(array) == NPY_FLOAT || PyArray_TYPE(array) == NPY_DOUBLE; }
 bool is_int64(PyArrayObject* array) {
   return (PyArray_TYPE(array) == NPY_LONG || PyArray_TYPE(array) == NPY_LONGLONG) && PyArray_ITEMSIZE(array) == 8;
 }
 
+// A plain (not a subclass), aligned, native-byte-order ndarray of `ndim` dimensions whose element type passes
+// `kind`, with every stride a whole number of elements and its rows (the last dimension) contiguous; or nullptr.
+PyArrayObject* plain_rows(PyObject* object, int ndim, bool (*kind)(PyArrayObject*)) {
+  if (!PyArray_CheckExact(object)) return nullptr;
+  PyArrayObject* array = reinterpret_cast<PyArrayObject*>(object);
+  if (PyArray_NDIM(array) != ndim || !kind(array) || !PyArray_ISNOTSWAPPED(array) || !PyArray_ISALIGNED(array)) {
+    return nullptr;
+  }
+  const npy_intp itemsize = PyArray_ITEMSIZE(array);
+  for (int dim = 0; dim < ndim; ++dim) {
+    if (PyArray_STRIDES(array)[dim] % itemsize != 0) return nullptr;
+  }
+  const bool rows_contiguous = PyArray_DIMS(array)[ndim - 1] <= 1 || PyArray_STRIDES(array)[ndim - 1] == itemsize;
+  return rows_contiguous ? array : nullptr;
+}
+
+int64_t element_stride(PyArrayObject* array, int dim) {
+  return PyArray_STRIDES(array)[dim] / PyArray_ITEMSIZE(array);
+}
+
+bool same_shape(PyArrayObject* a, PyArrayObject* b) {
+  for (int dim = 0; dim < PyArray_NDIM(a); ++dim) {
+    if (PyArray_DIMS(a)[dim] != PyArray_DIMS(b)[dim]) return false;
+  }
+  return true;
+}
+
+// id_offsets: None (all 0), a list or tuple of S ints that fit int64, or a 1-D int64 array of S. False for anything
+// else (the wrapper converts or rejects it).
+bool read_offsets(PyObject* object, int64_t num_shards, int64_t* offsets) {
+  if (object == Py_None) {
+    for (int64_t s = 0; s < num_shards; ++s) offsets[s] = 0;
+    return true;
+  }
+  if (PyList_CheckExact(object) || PyTuple_CheckExact(object)) {
+    if (PySequence_Fast_GET_SIZE(object) != num_shards) return false;
+    PyObject** items = PySequence_Fast_ITEMS(object);
+    for (int64_t s = 0; s < num_shards; ++s) {
+      if (!PyLong_CheckExact(items[s])) return false;  // bool, numpy ints, ...: the wrapper's checks
+      offsets[s] = PyLong_AsLongLong(items[s]);
+      if (offsets[s] == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return false;
+      }
+    }
+    return true;
+  }
+  PyArrayObject* array = plain_rows(object, 1, is_int64);
+  if (array == nullptr || PyArray_DIMS(array)[0] != num_shards) return false;
+  const auto* values = static_cast<const int64_t*>(PyArray_DATA(array));
+  for (int64_t s = 0; s < num_shards; ++s) offsets[s] = values[s];
+  return true;
+}
+
+// The outputs: a (Q, k) array of the distances' type and one of int64, as a tuple; nullptr (an exception set) when
+// allocation fails.
+PyObject* new_outputs(npy_intp num_queries, npy_intp k, int type_num) {
+  npy_intp shape[2] = {num_queries, k};
+  PyObject* distances = PyArray_SimpleNew(2, shape, type_num);
+  PyObject* ids = distances == nullptr ? nullptr : PyArray_SimpleNew(2, shape, NPY_INT64);
+  PyObject* result = ids == nullptr ? nullptr : PyTuple_New(2);
+  if (result == nullptr) {
+    Py_XDECREF(distances);
+    Py_XDECREF(ids);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(result, 0, distances);  // steals the references
+  PyTuple_SET_ITEM(result, 1, ids);
+  return result;
+}
+
+void* output_data(PyObject* outputs, int index) {
+  return PyArray_DATA(reinterpret_cast<PyArrayObject*>(PyTuple_GET_ITEM(outputs, index)));
+}
+
+bool runs_inline(bool sorted, int64_t k, int64_t num_shards, int64_t num_queries) {
+  return sorted && k <= kSmallMergeMaxK && num_shards <= kSmallMergeMaxShards &&
+         num_queries * (k + num_shards) <= kInlineWork;
+}
+
+// The small merge of these rows on the calling thread into new outputs; None on bad input.
 template <typename scalar_t>
-bool merge(PyArrayObject* d, PyArrayObject* i, int64_t k, bool largest, bool sorted, scalar_t* out_distances,
-           int64_t* out_ids) {
+PyObject* merge_inline(const ShardRows<scalar_t>* shards, int64_t num_shards, int64_t num_queries, int64_t k,
+                       bool largest, int type_num) {
+  PyObject* outputs = new_outputs(num_queries, k, type_num);
+  if (outputs == nullptr) return nullptr;
+  auto* out_distances = static_cast<scalar_t*>(output_data(outputs, 0));
+  auto* out_ids = static_cast<int64_t*>(output_data(outputs, 1));
+  karma::InputErrorReport errors;
+  const bool merged =
+      largest ? karma::cpu_merge::small_merge_queries<scalar_t, true>(shards, num_shards, 0, num_queries, k,
+                                                                      out_distances, out_ids, errors)
+              : karma::cpu_merge::small_merge_queries<scalar_t, false>(shards, num_shards, 0, num_queries, k,
+                                                                       out_distances, out_ids, errors);
+  if (merged) return outputs;
+  Py_DECREF(outputs);
+  Py_RETURN_NONE;
+}
+
+// A stacked (S, Q, W) input with ids of the same shape.
+template <typename scalar_t>
+PyObject* merge_stacked(PyArrayObject* d, PyArrayObject* i, PyObject* id_offsets, int64_t k, bool largest,
+                        bool sorted) {
   const npy_intp* shape = PyArray_DIMS(d);
   const int64_t num_shards = shape[0], num_queries = shape[1], width = shape[2];
-  const npy_intp* d_bytes = PyArray_STRIDES(d);
-  const npy_intp* i_bytes = PyArray_STRIDES(i);
-  const int64_t distance_strides[2] = {d_bytes[0] / static_cast<npy_intp>(sizeof(scalar_t)),
-                                       d_bytes[1] / static_cast<npy_intp>(sizeof(scalar_t))};
-  const int64_t id_strides[2] = {i_bytes[0] / 8, i_bytes[1] / 8};
   const auto* distances = static_cast<const scalar_t*>(PyArray_DATA(d));
   const auto* ids = static_cast<const int64_t*>(PyArray_DATA(i));
-  if (sorted && k <= karma::cpu_merge::kSmallMergeMaxK && num_shards <= karma::cpu_merge::kSmallMergeMaxShards &&
-      num_queries * (k + num_shards) <= kInlineWork) {
-    karma::cpu_merge::ShardRows<scalar_t> shards[karma::cpu_merge::kSmallMergeMaxShards];
+  const int type_num = PyArray_TYPE(d);
+  if (runs_inline(sorted, k, num_shards, num_queries)) {
+    int64_t offsets[kSmallMergeMaxShards];
+    if (!read_offsets(id_offsets, num_shards, offsets)) Py_RETURN_NONE;
+    ShardRows<scalar_t> shards[kSmallMergeMaxShards];
     for (int64_t s = 0; s < num_shards; ++s) {
-      shards[s] = {distances + s * distance_strides[0], ids + s * id_strides[0], distance_strides[1], id_strides[1],
-                   width, 0};
+      shards[s] = {distances + s * element_stride(d, 0), ids + s * element_stride(i, 0), element_stride(d, 1),
+                   element_stride(i, 1), width, offsets[s]};
     }
-    karma::InputErrorReport errors;
-    return largest ? karma::cpu_merge::small_merge_queries<scalar_t, true>(shards, num_shards, 0, num_queries, k,
-                                                                           out_distances, out_ids, errors)
-                   : karma::cpu_merge::small_merge_queries<scalar_t, false>(shards, num_shards, 0, num_queries, k,
-                                                                            out_distances, out_ids, errors);
+    return merge_inline(shards, num_shards, num_queries, k, largest, type_num);
   }
+  if (id_offsets != Py_None) Py_RETURN_NONE;
+  PyObject* outputs = new_outputs(num_queries, k, type_num);
+  if (outputs == nullptr) return nullptr;
+  auto* out_distances = static_cast<scalar_t*>(output_data(outputs, 0));
+  auto* out_ids = static_cast<int64_t*>(output_data(outputs, 1));
+  const int64_t distance_strides[2] = {element_stride(d, 0), element_stride(d, 1)};
+  const int64_t id_strides[2] = {element_stride(i, 0), element_stride(i, 1)};
   bool merged = false;
   Py_BEGIN_ALLOW_THREADS
   try {
@@ -87,7 +190,36 @@ bool merge(PyArrayObject* d, PyArrayObject* i, int64_t k, bool largest, bool sor
     merged = false;  // the op's path raises it with the op's message
   }
   Py_END_ALLOW_THREADS
-  return merged;
+  if (merged) return outputs;
+  Py_DECREF(outputs);
+  Py_RETURN_NONE;
+}
+
+// A list or tuple of S (Q, k_s) arrays with ids of the same shapes; the small merge only.
+template <typename scalar_t>
+PyObject* merge_listed(PyObject* distance_list, PyObject* id_list, PyObject* id_offsets, int64_t k, bool largest,
+                       bool sorted) {
+  const int64_t num_shards = PySequence_Fast_GET_SIZE(distance_list);
+  PyObject** distance_items = PySequence_Fast_ITEMS(distance_list);
+  PyObject** id_items = PySequence_Fast_ITEMS(id_list);
+  const int type_num = PyArray_TYPE(reinterpret_cast<PyArrayObject*>(distance_items[0]));
+  const int64_t num_queries = PyArray_DIMS(reinterpret_cast<PyArrayObject*>(distance_items[0]))[0];
+  int64_t offsets[kSmallMergeMaxShards];
+  if (!runs_inline(sorted, k, num_shards, num_queries) || !read_offsets(id_offsets, num_shards, offsets)) {
+    Py_RETURN_NONE;
+  }
+  ShardRows<scalar_t> shards[kSmallMergeMaxShards];
+  for (int64_t s = 0; s < num_shards; ++s) {
+    PyArrayObject* d = plain_rows(distance_items[s], 2, is_float);
+    PyArrayObject* i = plain_rows(id_items[s], 2, is_int64);
+    if (d == nullptr || i == nullptr || PyArray_TYPE(d) != type_num || !same_shape(d, i) ||
+        PyArray_DIMS(d)[0] != num_queries) {
+      Py_RETURN_NONE;
+    }
+    shards[s] = {static_cast<const scalar_t*>(PyArray_DATA(d)), static_cast<const int64_t*>(PyArray_DATA(i)),
+                 element_stride(d, 0), element_stride(i, 0), PyArray_DIMS(d)[1], offsets[s]};
+  }
+  return merge_inline(shards, num_shards, num_queries, k, largest, type_num);
 }
 
 // merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend) -> (distances, ids) or None (see the
@@ -97,64 +229,43 @@ PyObject* merge_small(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_TypeError, "merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend)");
     return nullptr;
   }
-  PyObject* const metric = args[3];
+  PyObject *distances = args[0], *ids = args[1], *metric = args[3];
   const bool largest = is_text(metric, interned_ip, "ip");
-  if (!plain_array(args[0], is_float) || !plain_array(args[1], is_int64) || !PyLong_CheckExact(args[2]) || args[4] != Py_None ||
-      (args[5] != Py_True && args[5] != Py_False) || args[6] != Py_False ||
+  if (!PyLong_CheckExact(args[2]) || (args[5] != Py_True && args[5] != Py_False) || args[6] != Py_False ||
       !is_text(args[7], interned_auto, "auto") || !(largest || is_text(metric, interned_l2, "l2"))) {
     Py_RETURN_NONE;
   }
-  PyArrayObject* d = reinterpret_cast<PyArrayObject*>(args[0]);
-  PyArrayObject* i = reinterpret_cast<PyArrayObject*>(args[1]);
   const long long k = PyLong_AsLongLong(args[2]);
   if (k == -1 && PyErr_Occurred()) {
     PyErr_Clear();
     Py_RETURN_NONE;
   }
-  const npy_intp* shape = PyArray_DIMS(d);
-  const npy_intp itemsize = PyArray_ITEMSIZE(d);
-  bool fits = k >= 1 && k <= kMaxK && shape[0] >= 1;
-  for (int dim = 0; fits && dim < 3; ++dim) {
-    fits = PyArray_DIMS(i)[dim] == shape[dim] && PyArray_STRIDES(d)[dim] % itemsize == 0 &&
-           PyArray_STRIDES(i)[dim] % 8 == 0;
-  }
-  fits = fits && (shape[2] <= 1 || (PyArray_STRIDES(d)[2] == itemsize && PyArray_STRIDES(i)[2] == 8));
-  // k may exceed the candidates per query (padding), but not into a huge output (the op's ValueError).
-  fits = fits && (k <= shape[0] * shape[2] || shape[1] * k <= kMaxPaddedOutput);
-  if (!fits) Py_RETURN_NONE;
-  npy_intp out_shape[2] = {shape[1], static_cast<npy_intp>(k)};
-  const bool is_float32 = PyArray_TYPE(d) == NPY_FLOAT;
-  PyObject* out_distances = PyArray_SimpleNew(2, out_shape, is_float32 ? NPY_FLOAT : NPY_DOUBLE);
-  if (out_distances == nullptr) return nullptr;
-  PyObject* out_ids = PyArray_SimpleNew(2, out_shape, NPY_INT64);
-  if (out_ids == nullptr) {
-    Py_DECREF(out_distances);
-    return nullptr;
-  }
-  void* od = PyArray_DATA(reinterpret_cast<PyArrayObject*>(out_distances));
-  auto* oi = static_cast<int64_t*>(PyArray_DATA(reinterpret_cast<PyArrayObject*>(out_ids)));
+  if (k < 1 || k > kMaxK) Py_RETURN_NONE;
   const bool sorted = args[5] == Py_True;
-  const bool merged = is_float32 ? merge<float>(d, i, k, largest, sorted, static_cast<float*>(od), oi)
-                                 : merge<double>(d, i, k, largest, sorted, static_cast<double*>(od), oi);
-  if (!merged) {
-    Py_DECREF(out_distances);
-    Py_DECREF(out_ids);
-    Py_RETURN_NONE;
+  if (PyArray_CheckExact(distances)) {
+    PyArrayObject* d = plain_rows(distances, 3, is_float);
+    PyArrayObject* i = plain_rows(ids, 3, is_int64);
+    if (d == nullptr || i == nullptr || !same_shape(d, i)) Py_RETURN_NONE;
+    const npy_intp* shape = PyArray_DIMS(d);
+    // At least one shard; k may exceed the candidates per query (padding), but not into a huge output.
+    if (shape[0] < 1 || (k > shape[0] * shape[2] && shape[1] * k > kMaxPaddedOutput)) Py_RETURN_NONE;
+    return PyArray_TYPE(d) == NPY_FLOAT ? merge_stacked<float>(d, i, args[4], k, largest, sorted)
+                                        : merge_stacked<double>(d, i, args[4], k, largest, sorted);
   }
-  PyObject* result = PyTuple_New(2);
-  if (result == nullptr) {
-    Py_DECREF(out_distances);
-    Py_DECREF(out_ids);
-    return nullptr;
-  }
-  PyTuple_SET_ITEM(result, 0, out_distances);  // steals the references
-  PyTuple_SET_ITEM(result, 1, out_ids);
-  return result;
+  const bool listed = (PyList_CheckExact(distances) || PyTuple_CheckExact(distances)) &&
+                      (PyList_CheckExact(ids) || PyTuple_CheckExact(ids)) &&
+                      PySequence_Fast_GET_SIZE(distances) >= 1 &&
+                      PySequence_Fast_GET_SIZE(distances) == PySequence_Fast_GET_SIZE(ids);
+  if (!listed) Py_RETURN_NONE;
+  PyArrayObject* first = plain_rows(PySequence_Fast_GET_ITEM(distances, 0), 2, is_float);
+  if (first == nullptr) Py_RETURN_NONE;
+  return PyArray_TYPE(first) == NPY_FLOAT ? merge_listed<float>(distances, ids, args[4], k, largest, sorted)
+                                          : merge_listed<double>(distances, ids, args[4], k, largest, sorted);
 }
 
 PyMethodDef methods[] = {
     {"merge_small", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(merge_small)), METH_FASTCALL,
-     "topk_merge's small-call path for stacked numpy arrays (see csrc/topk_merge_numpy.cpp)."},
+     "topk_merge's small-call path for numpy arrays (see csrc/topk_merge_numpy.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

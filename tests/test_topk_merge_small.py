@@ -116,7 +116,9 @@ def test_every_argument_the_path_does_not_take_falls_back_to_the_ops_answer_or_e
     calls = [  # (k, options): each refused by merge_small; the wrapper then answers or raises as the op does
         (2, dict(metric="cosine")), (2, dict(backend="gpu")), (2, dict(sorted="yes")), (2, dict(dedup=1)),
         (2, dict(sorted=np.bool_(True))), (0, {}), (-1, {}), (2.0, {}), (True, {}), (np.int64(2), {}), (2**63, {}),
-        (2**31 - 1, {}), (2, dict(id_offsets=[0, 1, 2])), (2, dict(id_offsets=[0, 10])), (2, dict(dedup=True)),
+        (2**31 - 1, {}), (2, dict(id_offsets=[0, 1, 2])), (2, dict(id_offsets=[0, 2**63 - 1])),
+        (2, dict(id_offsets=[0.0, 1.0])), (2, dict(id_offsets=[np.int64(0), 5])), (2, dict(id_offsets=[True, 0])),
+        (2, dict(id_offsets=np.array([0, 5], np.int32))), (2, dict(dedup=True)),
         (2, dict(backend="reference")), (2, dict(metric="L2")),
     ]
     for k, options in calls:
@@ -131,6 +133,7 @@ def test_every_argument_the_path_does_not_take_falls_back_to_the_ops_answer_or_e
             got = topk_merge(d, i, k, **options)
             np.testing.assert_array_equal(got[1], want[1].numpy())
     assert small(extension, list(d), i, 2) is None and small(extension, d[0], i[0], 2) is None
+    assert small(extension, list(d), list(i[:, :, :3]), 2) is None and small(extension, [], [], 2) is None
     assert small(extension, d, i[:, :, :3], 2) is None and small(extension, d[:0], i[:0], 2) is None
     # sorted=True over a row out of order anywhere: refused, and the op's ValueError names the row.
     disordered = np.array([[[0.1, 0.5, 0.3, 0.9]], [[0.2, 0.4, 0.6, 0.7]]], np.float32)
@@ -183,3 +186,45 @@ def test_whole_row_check_of_every_width_and_position(extension, metric):
                 nan_first = d.copy()
                 nan_first[0, 0, 0] = np.nan  # NaN before numbers: out of order
                 assert small(extension, nan_first, i, 2, metric) is None
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_listed_shards_and_id_offsets_equal_the_op(extension, metric):
+    """A small sorted call also takes a list (or tuple) of (Q, k_s) arrays, k_s unequal, and id offsets (what
+    ShardedIndex.search passes); a larger or unsorted listed call is the op's."""
+    rng = np.random.default_rng(6)
+    widths = [10, 0, 3, 10, 7, 1, 10, 12]
+    distances, ids = make_shards(rng, 8, 3, widths, metric=metric, tie_levels=4, nan_rate=0.05, padding_rate=0.1,
+                                 id_range=30)
+    offsets = [0, 1000, 2000, 3000, 4000, 5000, 6000, 2**62]
+    for id_offsets in (None, offsets, tuple(offsets), np.array(offsets, np.int64)):
+        for container in (list, tuple):
+            for k in (1, 10, 32):
+                got = small(extension, container(distances), container(ids), k, metric, id_offsets)
+                assert got is not None
+                want = topk_merge([torch.from_numpy(x) for x in distances], [torch.from_numpy(x) for x in ids], k,
+                                  metric=metric, id_offsets=id_offsets)
+                assert_equal(got, (want[0].numpy(), want[1].numpy()))
+                assert_equal(topk_merge(container(distances), container(ids), k, metric=metric,
+                                        id_offsets=id_offsets), got)
+    stacked = (np.stack([x[:, :3] for x in distances if x.shape[1] >= 3]),
+               np.stack([x[:, :3] for x in ids if x.shape[1] >= 3]))
+    stacked_offsets = offsets[:len(stacked[0])]
+    assert_equal(small(extension, *stacked, 5, metric, stacked_offsets),
+                 through_the_op(*stacked, 5, metric=metric, id_offsets=stacked_offsets))
+    big_queries = [np.repeat(x, 100, axis=0) for x in distances], [np.repeat(x, 100, axis=0) for x in ids]
+    refused = [(list(distances) * 3, list(ids) * 3, 10, {}), (distances, ids, 33, {}),
+               (distances, ids, 10, dict(sorted=False)), (*big_queries, 10, {}),
+               ([torch.from_numpy(x) for x in distances], [torch.from_numpy(x) for x in ids], 10, {}),
+               ([x.astype(np.float64) if s == 3 else x for s, x in enumerate(distances)], ids, 10, {}),
+               (distances, [x[:, :-1] if x.shape[1] else x for x in ids], 10, {}),
+               (distances, ids[:-1], 10, {}), (distances[:1] + [distances[1][:2]], ids[:1] + [ids[1][:2]], 10, {}),
+               (stacked[0], list(stacked[1]), 5, {}), (*stacked, 5, dict(id_offsets=[0] * 7))]
+    for d, i, k, options in refused:
+        full = {**dict(metric=metric, id_offsets=None, sorted=True), **options}
+        assert small(extension, d, i, k, **full) is None
+    # An id its offset takes out of int64: refused, and the op's error.
+    overflow = [0] * 7 + [2**63 - 1]
+    assert small(extension, distances, ids, 10, metric, overflow) is None
+    with pytest.raises(ValueError, match=r"id_offsets\[7\].*int64"):
+        topk_merge(distances, ids, 10, metric=metric, id_offsets=overflow)

@@ -32,6 +32,7 @@ _load_lock = threading.Lock()
 _extension_state: dict = {}  # "loaded": bool, set once by _extension_loaded()
 _merge_small = None  # karma_kernels._C.merge_small once the extension is loaded (the small-call path)
 _is_compiling = torch.compiler.is_compiling
+_SMALL_CALL_TYPES = (np.ndarray, list, tuple)  # what the small-call path may take as distances
 
 
 def _register_fake() -> None:
@@ -267,12 +268,12 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
         count. Rows with fewer than k real candidates end with id -1 and +inf ("l2") / -inf ("ip").
         Not differentiable.
     """
-    # The small-call path, first: a stacked numpy input merged straight from its memory (csrc/topk_merge_numpy.cpp),
-    # which checks every argument itself (the same checks as below) and answers None for anything it does not take
-    # or that is an error to raise; the general path below then handles the call. Tensors, Python checks and the
-    # dispatcher cost more than merging one query. (Not under torch.compile: there the inputs are tensors, and the
-    # extension may be loaded during the trace.)
-    if type(distances) is np.ndarray and _merge_small is not None and not _is_compiling():
+    # The small-call path, first: numpy rows (stacked, or a list for a small call) merged straight from their memory
+    # (csrc/topk_merge_numpy.cpp), which checks every argument itself (the same checks as below) and answers None for
+    # anything it does not take or that is an error to raise; the general path below then handles the call.
+    # Tensors, Python checks and the dispatcher cost more than merging one query. (Not under torch.compile, and
+    # asked before the global is read: Dynamo cannot guard on a C function.)
+    if type(distances) in _SMALL_CALL_TYPES and not _is_compiling() and _merge_small is not None:
         out = _merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend)
         if out is not None:
             return out

@@ -127,8 +127,17 @@ PyObject* new_outputs(npy_intp num_queries, npy_intp k, int type_num) {
   return result;
 }
 
-void* output_data(PyObject* outputs, int index) {
-  return PyArray_DATA(reinterpret_cast<PyArrayObject*>(PyTuple_GET_ITEM(outputs, index)));
+// New outputs filled by merge(out_distances, out_ids) -> bool; None when it answers false (bad input).
+template <typename scalar_t, typename Merge>
+PyObject* merge_into_new_outputs(int64_t num_queries, int64_t k, int type_num, const Merge& merge) {
+  PyObject* outputs = new_outputs(num_queries, k, type_num);
+  if (outputs == nullptr) return nullptr;
+  const auto data = [&](int index) {
+    return PyArray_DATA(reinterpret_cast<PyArrayObject*>(PyTuple_GET_ITEM(outputs, index)));
+  };
+  if (merge(static_cast<scalar_t*>(data(0)), static_cast<int64_t*>(data(1)))) return outputs;
+  Py_DECREF(outputs);
+  Py_RETURN_NONE;
 }
 
 bool runs_inline(bool sorted, int64_t k, int64_t num_shards, int64_t num_queries) {
@@ -140,19 +149,13 @@ bool runs_inline(bool sorted, int64_t k, int64_t num_shards, int64_t num_queries
 template <typename scalar_t>
 PyObject* merge_inline(const ShardRows<scalar_t>* shards, int64_t num_shards, int64_t num_queries, int64_t k,
                        bool largest, int type_num) {
-  PyObject* outputs = new_outputs(num_queries, k, type_num);
-  if (outputs == nullptr) return nullptr;
-  auto* out_distances = static_cast<scalar_t*>(output_data(outputs, 0));
-  auto* out_ids = static_cast<int64_t*>(output_data(outputs, 1));
-  karma::InputErrorReport errors;
-  const bool merged =
-      largest ? karma::cpu_merge::small_merge_queries<scalar_t, true>(shards, num_shards, 0, num_queries, k,
-                                                                      out_distances, out_ids, errors)
-              : karma::cpu_merge::small_merge_queries<scalar_t, false>(shards, num_shards, 0, num_queries, k,
-                                                                       out_distances, out_ids, errors);
-  if (merged) return outputs;
-  Py_DECREF(outputs);
-  Py_RETURN_NONE;
+  return merge_into_new_outputs<scalar_t>(num_queries, k, type_num, [&](scalar_t* out_distances, int64_t* out_ids) {
+    karma::InputErrorReport errors;
+    return largest ? karma::cpu_merge::small_merge_queries<scalar_t, true>(shards, num_shards, 0, num_queries, k,
+                                                                           out_distances, out_ids, errors)
+                   : karma::cpu_merge::small_merge_queries<scalar_t, false>(shards, num_shards, 0, num_queries, k,
+                                                                            out_distances, out_ids, errors);
+  });
 }
 
 // A stacked (S, Q, W) input with ids of the same shape.
@@ -175,24 +178,20 @@ PyObject* merge_stacked(PyArrayObject* d, PyArrayObject* i, PyObject* id_offsets
     return merge_inline(shards, num_shards, num_queries, k, largest, type_num);
   }
   if (id_offsets != Py_None) Py_RETURN_NONE;
-  PyObject* outputs = new_outputs(num_queries, k, type_num);
-  if (outputs == nullptr) return nullptr;
-  auto* out_distances = static_cast<scalar_t*>(output_data(outputs, 0));
-  auto* out_ids = static_cast<int64_t*>(output_data(outputs, 1));
   const int64_t distance_strides[2] = {element_stride(d, 0), element_stride(d, 1)};
   const int64_t id_strides[2] = {element_stride(i, 0), element_stride(i, 1)};
-  bool merged = false;
-  Py_BEGIN_ALLOW_THREADS
-  try {
-    merged = karma::merge_stacked_rows<scalar_t>(distances, ids, num_shards, num_queries, width, distance_strides,
-                                                 id_strides, k, largest, sorted, out_distances, out_ids);
-  } catch (const std::exception&) {
-    merged = false;  // the op's path raises it with the op's message
-  }
-  Py_END_ALLOW_THREADS
-  if (merged) return outputs;
-  Py_DECREF(outputs);
-  Py_RETURN_NONE;
+  return merge_into_new_outputs<scalar_t>(num_queries, k, type_num, [&](scalar_t* out_distances, int64_t* out_ids) {
+    bool merged = false;
+    Py_BEGIN_ALLOW_THREADS
+    try {
+      merged = karma::merge_stacked_rows<scalar_t>(distances, ids, num_shards, num_queries, width, distance_strides,
+                                                   id_strides, k, largest, sorted, out_distances, out_ids);
+    } catch (const std::exception&) {
+      merged = false;  // the op's path raises it with the op's message
+    }
+    Py_END_ALLOW_THREADS
+    return merged;
+  });
 }
 
 // A list or tuple of S (Q, k_s) arrays with ids of the same shapes; the small merge only.

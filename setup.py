@@ -16,6 +16,7 @@ def _extensions():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp_sources or os.environ.get("KARMA_NO_EXTENSION") == "1":
         return [], {}
+    import numpy  # topk_merge_numpy.cpp uses numpy's C API (numpy is a dependency, installed before the build)
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -31,7 +32,7 @@ def _extensions():
         ext = CUDAExtension(
             "karma_kernels._C",
             cpp_sources + cu_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=[os.path.join(ROOT, "csrc"), numpy.get_include()],
             define_macros=[("KARMA_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=openmp,
@@ -40,7 +41,7 @@ def _extensions():
         ext = CppExtension(
             "karma_kernels._C",
             cpp_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=[os.path.join(ROOT, "csrc"), numpy.get_include()],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=openmp,
         )

@@ -17,6 +17,7 @@
 
 #include "topk_merge.h"
 #include "topk_merge_cpu_rows.h"
+#include "topk_merge_cpu_small.h"
 #include "topk_merge_cpu_sorted.h"
 #include "topk_merge_errors.h"
 
@@ -77,18 +78,12 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
 
   if (sorted && !dedup && k <= cpu_merge::kSmallMergeMaxK && num_shards <= cpu_merge::kSmallMergeMaxShards) {
     cpu_merge::parallel_over_queries(num_queries, grain, [&](const auto& claim) {
-      std::vector<Candidate> buffer(k);
       int64_t begin, end;
       while (claim(begin, end)) {
-        for (int64_t q = begin; q < end; ++q) {
-          if (errors.failed.load(std::memory_order_relaxed) || !rows_sorted<scalar_t, Largest>(shards, q, errors)) return;
-          const int64_t count = cpu_merge::small_merge<scalar_t, Largest>(shards, q, k, buffer.data(), errors);
-          if (count < 0) return;
-          for (int64_t j = 0; j < count; ++j) {
-            out_distances[q * k + j] = static_cast<scalar_t>(topk::distance_of<Largest, Key>(buffer[j].key));
-            out_ids[q * k + j] = buffer[j].id;
-          }
-          pad_row(q, count);
+        if (errors.failed.load(std::memory_order_relaxed) ||
+            !cpu_merge::small_merge_queries<scalar_t, Largest>(shards.data(), num_shards, begin, end, k,
+                                                                out_distances, out_ids, errors)) {
+          return;
         }
       }
     });

@@ -1,6 +1,6 @@
-// The CPU merge's building blocks over raw shard rows (no tensors): the row table, the whole-row sorted check,
-// the small merge (the serving case), and the thread partition. Included by topk_merge_cpu.cpp only; the S-way
-// merge of long rows is topk_merge_cpu_sorted.h.
+// The CPU merge's building blocks over raw shard rows (no tensors): the row table, the whole-row sorted check and
+// the thread partition. The small merge (the serving case) is topk_merge_cpu_small.h; the S-way merge of long rows
+// is topk_merge_cpu_sorted.h.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -204,55 +204,6 @@ bool has_equal_neighbours(const scalar_t* values, int64_t n) {
     equal |= static_cast<int>(a == b);
   }
   return equal != 0;
-}
-
-// The small merge (k and S small, no dedup): the serving case, one query with k = 10 per call. Each output scans
-// the S shard heads' keys for the best: no tree and no blocks to set up, so a query costs about what it reads,
-// ~k + S candidates, where the loser tree's setup would dominate. The stream goes into topk::TopKCollector (which
-// keeps the smallest ids of the tie group cut by k); order_ties then sorts ids within ties. Ids are checked as they
-// are read; order was checked by rows_sorted. Writes up to k candidates to `out` and returns their count, or -1 on
-// bad input (recorded in errors).
-constexpr int64_t kSmallMergeMaxK = 32;
-constexpr int64_t kSmallMergeMaxShards = 16;
-
-template <typename scalar_t, bool Largest>
-int64_t small_merge(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, int64_t k, Candidate* out,
-                    InputErrorReport& errors) {
-  using Key = at::opmath_type<scalar_t>;
-  constexpr uint64_t kExhausted = ~uint64_t{0};  // after every key (NaN's included)
-  const int64_t num_shards = static_cast<int64_t>(shards.size());
-  // The collector orders ties by id itself, so the heads compare by key alone.
-  uint64_t head_keys[kSmallMergeMaxShards];
-  int64_t head_ids[kSmallMergeMaxShards];
-  int64_t positions[kSmallMergeMaxShards];
-  bool failed = false;
-  // Makes shard s's head its next real candidate at or after pos.
-  const auto read = [&](int64_t s, int64_t pos) {
-    const ShardRows<scalar_t>& shard = shards[s];
-    const int64_t* ids = shard.ids + q * shard.id_row_stride;
-    while (pos < shard.width && ids[pos] < 0) ++pos;
-    positions[s] = pos;
-    head_keys[s] = kExhausted;
-    if (pos == shard.width) return;
-    if (!topk::translate_id(ids[pos], shard.offset, &head_ids[s])) {
-      errors.record_overflow(s, ids[pos], shard.offset);
-      failed = true;
-      return;
-    }
-    head_keys[s] = topk::sort_key<Largest>(static_cast<Key>(shard.distances[q * shard.distance_row_stride + pos]));
-  };
-  for (int64_t s = 0; s < num_shards; ++s) read(s, 0);
-  topk::TopKCollector collector(out, k);
-  while (!failed) {
-    int64_t best = 0;
-    for (int64_t s = 1; s < num_shards; ++s) best = head_keys[s] < head_keys[best] ? s : best;
-    const uint64_t key = head_keys[best];
-    if (key == kExhausted || !collector.offer(Candidate{key, head_ids[best]})) break;
-    read(best, positions[best] + 1);
-  }
-  if (failed) return -1;
-  topk::order_ties(out, collector.count);
-  return collector.count;
 }
 
 }  // namespace cpu_merge

@@ -1,16 +1,26 @@
 // The Python module karma_kernels._C, and its one function: the small-call path of topk_merge for numpy.
 //
-// Importing the module registers the torch ops (the TORCH_LIBRARY blocks of the other files). merge_numpy
-// merges a stacked (S, Q, W) float32/float64 array straight from the numpy buffers into preallocated outputs:
-// at one query per call (the serving case) the op's own path spends most of its time building tensors and
-// dispatching, not merging. It takes only what needs no checks beyond the buffers' (no id offsets, no dedup,
-// rows contiguous) and answers False for anything else, or when sorted=True meets a row out of order; the
-// Python wrapper then takes the op's path, which raises the op's errors.
+// Importing the module registers the torch ops (the TORCH_LIBRARY blocks of the other files). merge_small takes
+// topk_merge's own arguments and merges numpy rows straight from their memory into output arrays it allocates: at
+// one query per call (the serving case) building tensors and dispatching would cost more than merging, and so would
+// checking the arguments in Python. It takes
+// - a stacked (S, Q, W) float32/float64 array with its int64 ids, any size (a large call releases the GIL and takes
+//   the op's CPU merge), without id offsets;
+// - and for a small sorted call (k <= 32, S <= 16, Q * (k + S) <= kInlineWork candidates read), also a list or
+//   tuple of S (Q, k_s) arrays (k_s may differ; what ShardedIndex.search passes), and id offsets as a list or tuple
+//   of ints or a 1-D int64 array;
+// plain ndarrays only (no subclass), native byte order, aligned, rows contiguous, no dedup, backend "auto". It
+// answers None for anything else, or when the merge meets bad input (a row out of order with sorted=True, an id
+// that its offset takes out of int64); the Python wrapper then takes the op's path, which raises the op's errors.
+#define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
 
 #include <cstdint>
-#include <cstring>
 #include <exception>
+
+#include "topk_merge_cpu_small.h"
 
 namespace karma {
 template <typename scalar_t>
@@ -21,106 +31,250 @@ bool merge_stacked_rows(const scalar_t* distances, const int64_t* ids, int64_t n
 
 namespace {
 
-// A buffer view, released when it goes out of scope.
-class BufferView {
- public:
-  BufferView() = default;
-  BufferView(const BufferView&) = delete;
-  BufferView& operator=(const BufferView&) = delete;
-  ~BufferView() {
-    if (held_) PyBuffer_Release(&buffer_);
-  }
-  bool acquire(PyObject* object, int flags, int ndim) {
-    held_ = PyObject_GetBuffer(object, &buffer_, flags) == 0;
-    if (!held_) PyErr_Clear();
-    return held_ && buffer_.ndim == ndim;
-  }
-  // 'f' float32, 'd' float64, 'i' int64 ("l"/"q" with 8 bytes), 0 otherwise.
-  char kind() const {
-    const char* f = buffer_.format;
-    if (f == nullptr || f[0] == '\0' || f[1] != '\0') return 0;
-    if (f[0] == 'f' && buffer_.itemsize == 4) return 'f';
-    if (f[0] == 'd' && buffer_.itemsize == 8) return 'd';
-    if ((f[0] == 'l' || f[0] == 'q') && buffer_.itemsize == 8) return 'i';
-    return 0;
-  }
-  int64_t size(int d) const { return buffer_.shape[d]; }
-  // Stride of dimension d in elements, or kNotWhole when it is not a whole number of them.
-  static constexpr int64_t kNotWhole = INT64_MIN;
-  int64_t stride(int d) const {
-    const Py_ssize_t bytes = buffer_.strides[d];
-    return bytes % buffer_.itemsize == 0 ? bytes / buffer_.itemsize : kNotWhole;
-  }
-  void* data() const { return buffer_.buf; }
-
- private:
-  Py_buffer buffer_{};
-  bool held_ = false;
-};
-
+using karma::cpu_merge::kSmallMergeMaxK;
+using karma::cpu_merge::kSmallMergeMaxShards;
 template <typename scalar_t>
-bool merge(const BufferView& d, const BufferView& i, int64_t k, bool largest, bool sorted, const BufferView& out_d,
-           const BufferView& out_i) {
-  const int64_t distance_strides[2] = {d.stride(0), d.stride(1)};
-  const int64_t id_strides[2] = {i.stride(0), i.stride(1)};
-  bool merged = false;
-  Py_BEGIN_ALLOW_THREADS
-  try {
-    merged = karma::merge_stacked_rows<scalar_t>(
-        static_cast<const scalar_t*>(d.data()), static_cast<const int64_t*>(i.data()), d.size(0), d.size(1),
-        d.size(2), distance_strides, id_strides, k, largest, sorted, static_cast<scalar_t*>(out_d.data()),
-        static_cast<int64_t*>(out_i.data()));
-  } catch (const std::exception&) {
-    merged = false;  // the op's path raises it with the op's message
-  }
-  Py_END_ALLOW_THREADS
-  return merged;
+using ShardRows = karma::cpu_merge::ShardRows<scalar_t>;
+
+constexpr long long kMaxK = (1LL << 31) - 1;              // the wrapper's MAX_K
+constexpr long long kMaxPaddedOutput = 1LL << 31;         // the wrapper's MAX_PADDED_OUTPUT
+// Candidates read per call (Q * (k + S)) up to which the small merge runs on the calling thread with the GIL held
+// (about 10 us); a larger call releases the GIL and takes the op's CPU merge (threads when it is large).
+constexpr int64_t kInlineWork = 2048;
+
+PyObject* interned_l2 = nullptr;
+PyObject* interned_ip = nullptr;
+PyObject* interned_auto = nullptr;
+
+// The exact str `text` (a literal in the caller's code is the interned object: one pointer compare).
+bool is_text(PyObject* object, PyObject* interned, const char* text) {
+  return object == interned || (PyUnicode_CheckExact(object) && PyUnicode_CompareWithASCIIString(object, text) == 0);
 }
 
-// merge_numpy(distances, ids, k, largest, sorted, out_distances, out_ids) -> bool (see the file's comment).
-PyObject* merge_numpy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 7) {
-    PyErr_SetString(PyExc_TypeError, "merge_numpy(distances, ids, k, largest, sorted, out_distances, out_ids)");
+bool is_float(PyArrayObject* array) { return PyArray_TYPE(array) == NPY_FLOAT || PyArray_TYPE(array) == NPY_DOUBLE; }
+bool is_int64(PyArrayObject* array) {
+  return (PyArray_TYPE(array) == NPY_LONG || PyArray_TYPE(array) == NPY_LONGLONG) && PyArray_ITEMSIZE(array) == 8;
+}
+
+// A plain (not a subclass), aligned, native-byte-order ndarray of `ndim` dimensions whose element type passes
+// `kind`, with every stride a whole number of elements and its rows (the last dimension) contiguous; or nullptr.
+PyArrayObject* plain_rows(PyObject* object, int ndim, bool (*kind)(PyArrayObject*)) {
+  if (!PyArray_CheckExact(object)) return nullptr;
+  PyArrayObject* array = reinterpret_cast<PyArrayObject*>(object);
+  if (PyArray_NDIM(array) != ndim || !kind(array) || !PyArray_ISNOTSWAPPED(array) || !PyArray_ISALIGNED(array)) {
     return nullptr;
+  }
+  const npy_intp itemsize = PyArray_ITEMSIZE(array);
+  for (int dim = 0; dim < ndim; ++dim) {
+    if (PyArray_STRIDES(array)[dim] % itemsize != 0) return nullptr;
+  }
+  const bool rows_contiguous = PyArray_DIMS(array)[ndim - 1] <= 1 || PyArray_STRIDES(array)[ndim - 1] == itemsize;
+  return rows_contiguous ? array : nullptr;
+}
+
+int64_t element_stride(PyArrayObject* array, int dim) {
+  return PyArray_STRIDES(array)[dim] / PyArray_ITEMSIZE(array);
+}
+
+bool same_shape(PyArrayObject* a, PyArrayObject* b) {
+  for (int dim = 0; dim < PyArray_NDIM(a); ++dim) {
+    if (PyArray_DIMS(a)[dim] != PyArray_DIMS(b)[dim]) return false;
+  }
+  return true;
+}
+
+// id_offsets: None (all 0), a list or tuple of S ints that fit int64, or a 1-D int64 array of S. False for anything
+// else (the wrapper converts or rejects it).
+bool read_offsets(PyObject* object, int64_t num_shards, int64_t* offsets) {
+  if (object == Py_None) {
+    for (int64_t s = 0; s < num_shards; ++s) offsets[s] = 0;
+    return true;
+  }
+  if (PyList_CheckExact(object) || PyTuple_CheckExact(object)) {
+    if (PySequence_Fast_GET_SIZE(object) != num_shards) return false;
+    PyObject** items = PySequence_Fast_ITEMS(object);
+    for (int64_t s = 0; s < num_shards; ++s) {
+      if (!PyLong_CheckExact(items[s])) return false;  // bool, numpy ints, ...: the wrapper's checks
+      offsets[s] = PyLong_AsLongLong(items[s]);
+      if (offsets[s] == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return false;
+      }
+    }
+    return true;
+  }
+  PyArrayObject* array = plain_rows(object, 1, is_int64);
+  if (array == nullptr || PyArray_DIMS(array)[0] != num_shards) return false;
+  const auto* values = static_cast<const int64_t*>(PyArray_DATA(array));
+  for (int64_t s = 0; s < num_shards; ++s) offsets[s] = values[s];
+  return true;
+}
+
+// The outputs: a (Q, k) array of the distances' type and one of int64, as a tuple; nullptr (an exception set) when
+// allocation fails.
+PyObject* new_outputs(npy_intp num_queries, npy_intp k, int type_num) {
+  npy_intp shape[2] = {num_queries, k};
+  PyObject* distances = PyArray_SimpleNew(2, shape, type_num);
+  PyObject* ids = distances == nullptr ? nullptr : PyArray_SimpleNew(2, shape, NPY_INT64);
+  PyObject* result = ids == nullptr ? nullptr : PyTuple_New(2);
+  if (result == nullptr) {
+    Py_XDECREF(distances);
+    Py_XDECREF(ids);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(result, 0, distances);  // steals the references
+  PyTuple_SET_ITEM(result, 1, ids);
+  return result;
+}
+
+// New outputs filled by merge(out_distances, out_ids) -> bool; None when it answers false (bad input).
+template <typename scalar_t, typename Merge>
+PyObject* merge_into_new_outputs(int64_t num_queries, int64_t k, int type_num, const Merge& merge) {
+  PyObject* outputs = new_outputs(num_queries, k, type_num);
+  if (outputs == nullptr) return nullptr;
+  const auto data = [&](int index) {
+    return PyArray_DATA(reinterpret_cast<PyArrayObject*>(PyTuple_GET_ITEM(outputs, index)));
+  };
+  if (merge(static_cast<scalar_t*>(data(0)), static_cast<int64_t*>(data(1)))) return outputs;
+  Py_DECREF(outputs);
+  Py_RETURN_NONE;
+}
+
+bool runs_inline(bool sorted, int64_t k, int64_t num_shards, int64_t num_queries) {
+  return sorted && k <= kSmallMergeMaxK && num_shards <= kSmallMergeMaxShards &&
+         num_queries * (k + num_shards) <= kInlineWork;
+}
+
+// The small merge of these rows on the calling thread into new outputs; None on bad input.
+template <typename scalar_t>
+PyObject* merge_inline(const ShardRows<scalar_t>* shards, int64_t num_shards, int64_t num_queries, int64_t k,
+                       bool largest, int type_num) {
+  return merge_into_new_outputs<scalar_t>(num_queries, k, type_num, [&](scalar_t* out_distances, int64_t* out_ids) {
+    karma::InputErrorReport errors;
+    return largest ? karma::cpu_merge::small_merge_queries<scalar_t, true>(shards, num_shards, 0, num_queries, k,
+                                                                           out_distances, out_ids, errors)
+                   : karma::cpu_merge::small_merge_queries<scalar_t, false>(shards, num_shards, 0, num_queries, k,
+                                                                            out_distances, out_ids, errors);
+  });
+}
+
+// A stacked (S, Q, W) input with ids of the same shape.
+template <typename scalar_t>
+PyObject* merge_stacked(PyArrayObject* d, PyArrayObject* i, PyObject* id_offsets, int64_t k, bool largest,
+                        bool sorted) {
+  const npy_intp* shape = PyArray_DIMS(d);
+  const int64_t num_shards = shape[0], num_queries = shape[1], width = shape[2];
+  const auto* distances = static_cast<const scalar_t*>(PyArray_DATA(d));
+  const auto* ids = static_cast<const int64_t*>(PyArray_DATA(i));
+  const int type_num = PyArray_TYPE(d);
+  if (runs_inline(sorted, k, num_shards, num_queries)) {
+    int64_t offsets[kSmallMergeMaxShards];
+    if (!read_offsets(id_offsets, num_shards, offsets)) Py_RETURN_NONE;
+    ShardRows<scalar_t> shards[kSmallMergeMaxShards];
+    for (int64_t s = 0; s < num_shards; ++s) {
+      shards[s] = {distances + s * element_stride(d, 0), ids + s * element_stride(i, 0), element_stride(d, 1),
+                   element_stride(i, 1), width, offsets[s]};
+    }
+    return merge_inline(shards, num_shards, num_queries, k, largest, type_num);
+  }
+  if (id_offsets != Py_None) Py_RETURN_NONE;
+  const int64_t distance_strides[2] = {element_stride(d, 0), element_stride(d, 1)};
+  const int64_t id_strides[2] = {element_stride(i, 0), element_stride(i, 1)};
+  return merge_into_new_outputs<scalar_t>(num_queries, k, type_num, [&](scalar_t* out_distances, int64_t* out_ids) {
+    bool merged = false;
+    Py_BEGIN_ALLOW_THREADS
+    try {
+      merged = karma::merge_stacked_rows<scalar_t>(distances, ids, num_shards, num_queries, width, distance_strides,
+                                                   id_strides, k, largest, sorted, out_distances, out_ids);
+    } catch (const std::exception&) {
+      merged = false;  // the op's path raises it with the op's message
+    }
+    Py_END_ALLOW_THREADS
+    return merged;
+  });
+}
+
+// A list or tuple of S (Q, k_s) arrays with ids of the same shapes; the small merge only.
+template <typename scalar_t>
+PyObject* merge_listed(PyObject* distance_list, PyObject* id_list, PyObject* id_offsets, int64_t k, bool largest,
+                       bool sorted) {
+  const int64_t num_shards = PySequence_Fast_GET_SIZE(distance_list);
+  PyObject** distance_items = PySequence_Fast_ITEMS(distance_list);
+  PyObject** id_items = PySequence_Fast_ITEMS(id_list);
+  const int type_num = PyArray_TYPE(reinterpret_cast<PyArrayObject*>(distance_items[0]));
+  const int64_t num_queries = PyArray_DIMS(reinterpret_cast<PyArrayObject*>(distance_items[0]))[0];
+  int64_t offsets[kSmallMergeMaxShards];
+  if (!runs_inline(sorted, k, num_shards, num_queries) || !read_offsets(id_offsets, num_shards, offsets)) {
+    Py_RETURN_NONE;
+  }
+  ShardRows<scalar_t> shards[kSmallMergeMaxShards];
+  for (int64_t s = 0; s < num_shards; ++s) {
+    PyArrayObject* d = plain_rows(distance_items[s], 2, is_float);
+    PyArrayObject* i = plain_rows(id_items[s], 2, is_int64);
+    if (d == nullptr || i == nullptr || PyArray_TYPE(d) != type_num || !same_shape(d, i) ||
+        PyArray_DIMS(d)[0] != num_queries) {
+      Py_RETURN_NONE;
+    }
+    shards[s] = {static_cast<const scalar_t*>(PyArray_DATA(d)), static_cast<const int64_t*>(PyArray_DATA(i)),
+                 element_stride(d, 0), element_stride(i, 0), PyArray_DIMS(d)[1], offsets[s]};
+  }
+  return merge_inline(shards, num_shards, num_queries, k, largest, type_num);
+}
+
+// merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend) -> (distances, ids) or None (see the
+// file's comment): topk_merge's arguments as the caller passed them.
+PyObject* merge_small(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8) {
+    PyErr_SetString(PyExc_TypeError, "merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend)");
+    return nullptr;
+  }
+  PyObject *distances = args[0], *ids = args[1], *metric = args[3];
+  const bool largest = is_text(metric, interned_ip, "ip");
+  if (!PyLong_CheckExact(args[2]) || (args[5] != Py_True && args[5] != Py_False) || args[6] != Py_False ||
+      !is_text(args[7], interned_auto, "auto") || !(largest || is_text(metric, interned_l2, "l2"))) {
+    Py_RETURN_NONE;
   }
   const long long k = PyLong_AsLongLong(args[2]);
   if (k == -1 && PyErr_Occurred()) {
     PyErr_Clear();
-    Py_RETURN_FALSE;
+    Py_RETURN_NONE;
   }
-  const int largest = PyObject_IsTrue(args[3]);
-  const int sorted = PyObject_IsTrue(args[4]);
-  BufferView d, i, out_d, out_i;
-  if (k < 1 || largest < 0 || sorted < 0 || !d.acquire(args[0], PyBUF_STRIDES | PyBUF_FORMAT, 3) ||
-      !i.acquire(args[1], PyBUF_STRIDES | PyBUF_FORMAT, 3) ||
-      !out_d.acquire(args[5], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT, 2) ||
-      !out_i.acquire(args[6], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT, 2)) {
-    PyErr_Clear();
-    Py_RETURN_FALSE;
+  if (k < 1 || k > kMaxK) Py_RETURN_NONE;
+  const bool sorted = args[5] == Py_True;
+  if (PyArray_CheckExact(distances)) {
+    PyArrayObject* d = plain_rows(distances, 3, is_float);
+    PyArrayObject* i = plain_rows(ids, 3, is_int64);
+    if (d == nullptr || i == nullptr || !same_shape(d, i)) Py_RETURN_NONE;
+    const npy_intp* shape = PyArray_DIMS(d);
+    // At least one shard; k may exceed the candidates per query (padding), but not into a huge output.
+    if (shape[0] < 1 || (k > shape[0] * shape[2] && shape[1] * k > kMaxPaddedOutput)) Py_RETURN_NONE;
+    return PyArray_TYPE(d) == NPY_FLOAT ? merge_stacked<float>(d, i, args[4], k, largest, sorted)
+                                        : merge_stacked<double>(d, i, args[4], k, largest, sorted);
   }
-  const char kind = d.kind();
-  bool fits = (kind == 'f' || kind == 'd') && i.kind() == 'i' && out_d.kind() == kind && out_i.kind() == 'i' &&
-              d.size(0) >= 1;
-  for (int dim = 0; fits && dim < 3; ++dim) {
-    fits = d.size(dim) == i.size(dim) && d.stride(dim) != BufferView::kNotWhole && i.stride(dim) != BufferView::kNotWhole;
-  }
-  fits = fits && (d.size(2) <= 1 || (d.stride(2) == 1 && i.stride(2) == 1)) && out_d.size(0) == d.size(1) &&
-         out_d.size(1) == k && out_i.size(0) == d.size(1) && out_i.size(1) == k;
-  if (!fits) Py_RETURN_FALSE;
-  const bool merged = kind == 'f' ? merge<float>(d, i, k, largest, sorted, out_d, out_i)
-                                  : merge<double>(d, i, k, largest, sorted, out_d, out_i);
-  if (merged) Py_RETURN_TRUE;
-  Py_RETURN_FALSE;
+  const bool listed = (PyList_CheckExact(distances) || PyTuple_CheckExact(distances)) &&
+                      (PyList_CheckExact(ids) || PyTuple_CheckExact(ids)) &&
+                      PySequence_Fast_GET_SIZE(distances) >= 1 &&
+                      PySequence_Fast_GET_SIZE(distances) == PySequence_Fast_GET_SIZE(ids);
+  if (!listed) Py_RETURN_NONE;
+  PyArrayObject* first = plain_rows(PySequence_Fast_GET_ITEM(distances, 0), 2, is_float);
+  if (first == nullptr) Py_RETURN_NONE;
+  return PyArray_TYPE(first) == NPY_FLOAT ? merge_listed<float>(distances, ids, args[4], k, largest, sorted)
+                                          : merge_listed<double>(distances, ids, args[4], k, largest, sorted);
 }
 
 PyMethodDef methods[] = {
-    {"merge_numpy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(merge_numpy)), METH_FASTCALL,
-     "topk_merge's small-call path for stacked numpy arrays (see csrc/topk_merge_numpy.cpp)."},
+    {"merge_small", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(merge_small)), METH_FASTCALL,
+     "topk_merge's small-call path for numpy arrays (see csrc/topk_merge_numpy.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  if (_import_array() < 0) return nullptr;  // numpy's C API (numpy is a dependency)
+  interned_l2 = PyUnicode_InternFromString("l2");
+  interned_ip = PyUnicode_InternFromString("ip");
+  interned_auto = PyUnicode_InternFromString("auto");
+  if (interned_l2 == nullptr || interned_ip == nullptr || interned_auto == nullptr) return nullptr;
   return PyModule_Create(&module_def);
 }

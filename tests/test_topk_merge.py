@@ -182,40 +182,6 @@ def test_numpy_in_numpy_out_torch_in_torch_out_and_list_equals_stacked(merge):
                                   merge(distances, ids, 5, id_offsets=offsets)[1])
 
 
-def test_stacked_numpy_small_call_path_equals_the_op():
-    """A stacked numpy input is merged straight from its buffers (csrc/topk_merge_numpy.cpp); anything that
-    path does not take goes to the op. Both give the op's results and errors."""
-    import karma_kernels._C as extension
-
-    rng = np.random.default_rng(12)
-    distances, ids = make_shards(rng, 8, 64, 10, tie_levels=3, nan_rate=0.05, padding_rate=0.1, id_range=50)
-    d, i = np.stack(distances), np.stack(ids)
-    out = (np.empty((64, 10), np.float32), np.empty((64, 10), np.int64))
-    assert extension.merge_numpy(d, i, 10, False, True, *out)  # taken
-    assert not extension.merge_numpy(np.repeat(d, 2, axis=2)[:, :, ::2], i, 10, False, True, *out)  # strided rows
-    readonly = d.copy()
-    readonly.flags.writeable = False
-    variants = [(d, i), (d[:, ::-1], i[:, ::-1]), (d[::-2], i[::-2]), (readonly, i), (d.astype(np.float64), i),
-                (np.repeat(d, 2, axis=2)[:, :, ::2], i), (d.astype(np.float16), i)]
-    for vd, vi in variants:
-        for metric in ("l2", "ip"):
-            for sorted_rows in (True, False):
-                key = -vd.astype(np.float64) if metric == "ip" else vd.astype(np.float64)
-                order = np.argsort(key, axis=2, kind="stable") if sorted_rows else np.indices(vd.shape)[2]
-                sd, si = np.take_along_axis(vd, order, 2), np.take_along_axis(np.broadcast_to(vi, vd.shape), order, 2)
-                for k in (1, 10, 33):
-                    got = topk_merge(sd, si, k, metric=metric, sorted=sorted_rows)
-                    want = topk_merge(torch.from_numpy(np.ascontiguousarray(sd)),
-                                      torch.from_numpy(np.ascontiguousarray(si)), k, metric=metric, sorted=sorted_rows)
-                    np.testing.assert_array_equal(got[1], want[1].numpy())
-                    np.testing.assert_array_equal(got[0], want[0].numpy())
-    disordered = np.array([[[0.1, 0.5, 0.3, 0.9]], [[0.2, 0.4, 0.6, 0.7]]], np.float32)
-    disordered_ids = np.arange(8).reshape(2, 1, 4)
-    assert not extension.merge_numpy(disordered, disordered_ids, 4, False, True, *(x[:1, :4].copy() for x in out))
-    with pytest.raises(ValueError, match=r"row 0 of distances\[0\] is not sorted best-first"):
-        topk_merge(disordered, disordered_ids, 4)
-
-
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_matches_faiss_merge_where_semantics_agree(metric, merge):
     faiss = pytest.importorskip("faiss")

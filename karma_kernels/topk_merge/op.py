@@ -30,6 +30,9 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 
 _load_lock = threading.Lock()
 _extension_state: dict = {}  # "loaded": bool, set once by _extension_loaded()
+_merge_small = None  # karma_kernels._C.merge_small once the extension is loaded (the small-call path)
+_is_compiling = torch.compiler.is_compiling
+_SMALL_CALL_TYPES = (np.ndarray, list, tuple)  # what the small-call path may take as distances
 
 
 def _register_fake() -> None:
@@ -48,13 +51,14 @@ def _register_fake() -> None:
 @torch.compiler.assume_constant_result
 def _extension_loaded() -> bool:
     """Imports karma_kernels._C once; warns once when it is not built."""
+    global _merge_small
     with _load_lock:
         if "loaded" not in _extension_state:
             try:
                 module = importlib.import_module("karma_kernels._C")
                 _register_fake()
                 _extension_state["loaded"] = True
-                _extension_state["merge_numpy"] = getattr(module, "merge_numpy", None)
+                _merge_small = getattr(module, "merge_small", None)
             except ImportError as error:
                 _extension_state["loaded"] = False
                 warnings.warn(
@@ -264,16 +268,14 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
         count. Rows with fewer than k real candidates end with id -1 and +inf ("l2") / -inf ("ip").
         Not differentiable.
     """
-    # The small-call path: a stacked numpy input merged straight from its buffers (csrc/topk_merge_numpy.cpp),
-    # without tensors or the dispatcher, which cost more than merging one query. It answers False for
-    # anything it does not take (or an error to raise), and the general path below handles the call.
-    # (Not under torch.compile: there the inputs are tensors, and the state may be filled during the trace.)
-    merge_numpy = None if torch.compiler.is_compiling() else _extension_state.get("merge_numpy")
-    if (merge_numpy is not None and type(distances) is np.ndarray and type(ids) is np.ndarray
-            and distances.ndim == 3 and id_offsets is None and dedup is False and backend == "auto"
-            and type(k) is int and 0 < k <= distances.shape[0] * distances.shape[2] and (metric == "l2" or metric == "ip") and (sorted is True or sorted is False)):
-        out = (np.empty((distances.shape[1], k), distances.dtype), np.empty((distances.shape[1], k), np.int64))
-        if merge_numpy(distances, ids, k, metric == "ip", sorted, out[0], out[1]):
+    # The small-call path, first: numpy rows (stacked, or a list for a small call) merged straight from their memory
+    # (csrc/topk_merge_numpy.cpp), which checks every argument itself (the same checks as below) and answers None for
+    # anything it does not take or that is an error to raise; the general path below then handles the call.
+    # Tensors, Python checks and the dispatcher cost more than merging one query. (Not under torch.compile, and
+    # asked before the global is read: Dynamo cannot guard on a C function.)
+    if type(distances) in _SMALL_CALL_TYPES and not _is_compiling() and _merge_small is not None:
+        out = _merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend)
+        if out is not None:
             return out
     library = _library_of("distances", distances)
     if _library_of("ids", ids) != library:

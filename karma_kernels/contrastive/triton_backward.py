@@ -23,8 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_tiles import (_grad_tile, _load_rows, _logit_tile, _mma, _query_block, _row_grad_inputs,
-                           _store_rows)
+from .triton_tiles import (_grad_tile, _load_operand, _load_value, _logit_tile, _mma, _query_block,
+                           _row_grad_inputs, _store_rows)
 
 
 @triton.jit
@@ -37,6 +37,16 @@ def _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M: tl.constexpr, 
         col_coef = tl.zeros((BLOCK_M,), dtype=tl.float32)
         col_lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
     return col_coef, col_lse
+
+
+@triton.jit
+def _output_stride(operand_stride, DOT: tl.constexpr):
+    """Row stride of dQ / dK (contiguous, like their inputs): half the operand's in "split_f16" mode, whose
+    operands are [rows, 2·D] float16 parts."""
+    if DOT == "split_f16":
+        return operand_stride // 2
+    else:
+        return operand_stride
 
 
 @triton.jit
@@ -56,16 +66,16 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
     dims1 = dims0 + HALF
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
     row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B)
-    q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
-    q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
+    q0 = _load_operand(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D, DOT)
+    q1 = _load_operand(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D, DOT)
 
     acc0 = tl.zeros((BLOCK_B, HALF), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_B, HALF), dtype=tl.float32)
     for n0 in range(0, M, BLOCK_M):
         cols = n0 + tl.arange(0, BLOCK_M)
         col_ok = cols < M
-        k0 = _load_rows(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D)
-        k1 = _load_rows(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D)
+        k0 = _load_operand(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D, DOT)
+        k1 = _load_operand(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D, DOT)
         s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols, row_ok,
                                           col_ok, target, positive_id, inv_t, D, stride_q, stride_k, HAS_KEY_IDS,
                                           HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
@@ -77,14 +87,15 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
     out_scale = inv_t * tl.load(unscale_ptr)
     dq0 = acc0 * out_scale
     dq1 = acc1 * out_scale
-    _store_rows(dq_ptr, rows, row_ok, stride_q, dims0, D, dq0)
-    _store_rows(dq_ptr, rows, row_ok, stride_q, dims1, D, dq1)
+    out_stride = _output_stride(stride_q, DOT)
+    _store_rows(dq_ptr, rows, row_ok, out_stride, dims0, D, dq0)
+    _store_rows(dq_ptr, rows, row_ok, out_stride, dims1, D, dq1)
     # q_i . dq_i over this D slice, in float32 before rounding dq: the temperature gradient's pieces. Q is read
     # again (after the stores, so the load stays here): keeping the resident tile's registers alive across the
     # key loop for this costs a whole Q block of registers
-    q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
-    q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
-    q_dot_dq = tl.sum(q0.to(tl.float32) * dq0, axis=1) + tl.sum(q1.to(tl.float32) * dq1, axis=1)
+    q0 = _load_value(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D, DOT)
+    q1 = _load_value(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D, DOT)
+    q_dot_dq = tl.sum(q0 * dq0, axis=1) + tl.sum(q1 * dq1, axis=1)
     tl.store(dot_partial_ptr + pid_d * B + rows, q_dot_dq, mask=row_ok)
 
 
@@ -111,8 +122,8 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
     dims1 = dims0 + HALF
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
     col_coef, col_lse = _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
-    k0 = _load_rows(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D)
-    k1 = _load_rows(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D)
+    k0 = _load_operand(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D, DOT)
+    k1 = _load_operand(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D, DOT)
 
     acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
@@ -120,8 +131,8 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
     for r0 in range(0, B, BLOCK_B):
         rows, row_ok, target, positive_id = _query_block(r0, B, target_ptr, key_ids_ptr, HAS_KEY_IDS, BLOCK_B)
         row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B)
-        q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
-        q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
+        q0 = _load_operand(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D, DOT)
+        q1 = _load_operand(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D, DOT)
         s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols, row_ok,
                                           col_ok, target, positive_id, inv_t, D, stride_q, stride_k, HAS_KEY_IDS,
                                           HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
@@ -144,8 +155,9 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
             part = _mma(g, k1, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
             tl.atomic_add(dq_acc_ptr + row_offsets + dims1[None, :], part, mask=row_ok[:, None], sem="relaxed")
     unscale = tl.load(unscale_ptr)
-    _store_rows(dk_ptr, cols, col_ok, stride_k, dims0, D, acc0 * (inv_t * unscale))
-    _store_rows(dk_ptr, cols, col_ok, stride_k, dims1, D, acc1 * (inv_t * unscale))
+    out_stride = _output_stride(stride_k, DOT)
+    _store_rows(dk_ptr, cols, col_ok, out_stride, dims0, D, acc0 * (inv_t * unscale))
+    _store_rows(dk_ptr, cols, col_ok, out_stride, dims1, D, acc1 * (inv_t * unscale))
     if LOGQ_GRAD and not ATOMIC_DQ:
         tl.store(dlogq_ptr + cols, column_sum, mask=col_ok & (pid_d == 0))
 

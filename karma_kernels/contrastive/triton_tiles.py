@@ -1,9 +1,15 @@
 """Tile-level Triton helpers shared by the contrastive forward and backward kernels.
 
 Conventions: a tile is [rows, keys]; logits and every elementwise value are float32. ``DOT`` (constexpr) picks how a
-``tl.dot`` runs: "native" (float16 / bfloat16 operands on tensor cores, float32 accumulation), "tf32x3" (float32
-inputs on GPU: three TF32 tensor-core products, close to float32 accuracy) or "ieee" (float32 FMA; what the
-interpreter runs, whatever the input dtype, because its half-precision dot is wrong).
+``tl.dot`` runs: "native" (float16 / bfloat16 operands on tensor cores, float32 accumulation), "split_f16" (float32
+inputs on GPU with D <= 256: q and k arrive pre-split by the launcher into float16 (hi, lo) parts, see
+``triton_impl.split_f16``; a dot is three float16 tensor-core products hi·lo + lo·hi + hi·hi, float32-class
+accuracy; a float32 register operand (the gradient tile) is split in registers), "tf32x3" (float32 inputs beyond
+that D: three TF32 products) or "ieee" (float32 FMA; what the interpreter runs for the other modes, because its
+bfloat16 dot is wrong).
+
+In "split_f16" mode an operand tile is a tuple (hi, lo) of float16 tiles read from a parts tensor [rows, 2·D]
+(hi in columns [0, D), lo in [D, 2·D)); ``_load_value`` gives hi + lo in float32 where a value is needed.
 """
 from __future__ import annotations
 
@@ -12,10 +18,28 @@ import triton.language as tl
 
 
 @triton.jit
+def _split_f16(x):
+    """(hi, lo) float16 parts of a float32 tile whose entries lie within float16's range: hi + lo = x to ~2**-22."""
+    hi = x.to(tl.float16)
+    return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _dot_parts(a, b, acc):
+    """acc + a @ b for (hi, lo) parts: the small products first, lo·lo (~2**-22 of the result) left out."""
+    acc = tl.dot(a[1], b[0], acc)
+    acc = tl.dot(a[0], b[1], acc)
+    return tl.dot(a[0], b[0], acc)
+
+
+@triton.jit
 def _mma(a, b, acc, DOT: tl.constexpr):
-    """acc + a @ b with the precision ``DOT`` names; a half-precision ``a`` is cast to ``b``'s dtype first."""
+    """acc + a @ b with the precision ``DOT`` names; a half-precision ``a`` is cast to ``b``'s dtype first; in
+    "split_f16" mode ``b`` is a (hi, lo) tuple and the float32 ``a`` is split here."""
     if DOT == "native":
         return tl.dot(a.to(b.dtype), b, acc)
+    elif DOT == "split_f16":
+        return _dot_parts(_split_f16(a.to(tl.float32)), b, acc)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT)
 
@@ -53,11 +77,32 @@ def _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _resident_halves(ptr, rows, row_ok, stride, dims0, dims1, D, EVEN_D: tl.constexpr, RESIDENT: tl.constexpr):
+def _load_operand(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr, DOT: tl.constexpr):
+    """A dot operand tile ptr[rows, dims]: a (hi, lo) tuple of float16 parts in "split_f16" mode."""
+    if DOT == "split_f16":
+        return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D), \
+            _load_rows(ptr + D, rows, row_ok, stride, dims, D, EVEN_D)
+    else:
+        return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D)
+
+
+@triton.jit
+def _load_value(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr, DOT: tl.constexpr):
+    """ptr[rows, dims] as float32 values (hi + lo of the parts in "split_f16" mode)."""
+    if DOT == "split_f16":
+        return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D).to(tl.float32) + \
+            _load_rows(ptr + D, rows, row_ok, stride, dims, D, EVEN_D).to(tl.float32)
+    else:
+        return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D).to(tl.float32)
+
+
+@triton.jit
+def _resident_halves(ptr, rows, row_ok, stride, dims0, dims1, D, EVEN_D: tl.constexpr, RESIDENT: tl.constexpr,
+                     DOT: tl.constexpr):
     """The two D halves of a block of rows when it stays resident (else placeholders: the dots read D chunks)."""
     if RESIDENT:
-        return _load_rows(ptr, rows, row_ok, stride, dims0, D, EVEN_D), \
-            _load_rows(ptr, rows, row_ok, stride, dims1, D, EVEN_D)
+        return _load_operand(ptr, rows, row_ok, stride, dims0, D, EVEN_D, DOT), \
+            _load_operand(ptr, rows, row_ok, stride, dims1, D, EVEN_D, DOT)
     else:
         return 0.0, 0.0
 
@@ -73,8 +118,13 @@ def _store_rows(ptr, rows, row_ok, stride, dims, D, value):
 def _resident_dots(q0, q1, k0, k1, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
     """q . k of resident tiles held as two D halves: every kernel forms its logits in this one order, so the
     backward's tiles are bitwise the forward's (a row whose only valid key is its positive gets G = 0 exactly)."""
-    acc = _mma(q0, tl.trans(k0), tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32), DOT)
-    return _mma(q1, tl.trans(k1), acc, DOT)
+    acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    if DOT == "split_f16":
+        acc = _dot_parts(q0, (tl.trans(k0[0]), tl.trans(k0[1])), acc)
+        return _dot_parts(q1, (tl.trans(k1[0]), tl.trans(k1[1])), acc)
+    else:
+        acc = _mma(q0, tl.trans(k0), acc, DOT)
+        return _mma(q1, tl.trans(k1), acc, DOT)
 
 
 @triton.jit

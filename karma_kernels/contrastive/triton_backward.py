@@ -23,8 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_tiles import (_grad_tile, _load_operand, _load_value, _logit_tile, _mma, _query_block,
-                           _row_grad_inputs, _store_rows)
+from .triton_tiles import (_grad_acc, _grad_operand, _grad_result, _grad_tile, _load_operand, _load_value,
+                           _logit_tile, _mma, _mma_grad, _query_block, _row_grad_inputs, _store_rows, _transposed)
 
 
 @triton.jit
@@ -69,8 +69,8 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
     q0 = _load_operand(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D, DOT)
     q1 = _load_operand(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D, DOT)
 
-    acc0 = tl.zeros((BLOCK_B, HALF), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_B, HALF), dtype=tl.float32)
+    acc0 = _grad_acc(BLOCK_B, HALF, GRAD_DOT)
+    acc1 = _grad_acc(BLOCK_B, HALF, GRAD_DOT)
     for n0 in range(0, M, BLOCK_M):
         cols = n0 + tl.arange(0, BLOCK_M)
         col_ok = cols < M
@@ -82,11 +82,12 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
         col_coef, col_lse = _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
         g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef,
                        col_lse, PAIRWISE, SYMMETRIC)
-        acc0 = _mma(g, k0, acc0, GRAD_DOT)
-        acc1 = _mma(g, k1, acc1, GRAD_DOT)
+        g_operand = _grad_operand(g, GRAD_DOT)
+        acc0 = _mma_grad(g_operand, k0, acc0, GRAD_DOT)
+        acc1 = _mma_grad(g_operand, k1, acc1, GRAD_DOT)
     out_scale = inv_t * tl.load(unscale_ptr)
-    dq0 = acc0 * out_scale
-    dq1 = acc1 * out_scale
+    dq0 = _grad_result(acc0, GRAD_DOT) * out_scale
+    dq1 = _grad_result(acc1, GRAD_DOT) * out_scale
     out_stride = _output_stride(stride_q, DOT)
     _store_rows(dq_ptr, rows, row_ok, out_stride, dims0, D, dq0)
     _store_rows(dq_ptr, rows, row_ok, out_stride, dims1, D, dq1)
@@ -125,8 +126,8 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
     k0 = _load_operand(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D, DOT)
     k1 = _load_operand(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D, DOT)
 
-    acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    acc0 = _grad_acc(BLOCK_M, HALF, GRAD_DOT)
+    acc1 = _grad_acc(BLOCK_M, HALF, GRAD_DOT)
     column_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for r0 in range(0, B, BLOCK_B):
         rows, row_ok, target, positive_id = _query_block(r0, B, target_ptr, key_ids_ptr, HAS_KEY_IDS, BLOCK_B)
@@ -143,21 +144,22 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
                 tl.atomic_add(dlogq_ptr + cols, tl.sum(g, axis=0), mask=col_ok & (pid_d == 0), sem="relaxed")
             else:
                 column_sum += tl.sum(g, axis=0)
-        acc0 = _mma(tl.trans(g), q0, acc0, GRAD_DOT)
-        acc1 = _mma(tl.trans(g), q1, acc1, GRAD_DOT)
+        g_operand = _grad_operand(g, GRAD_DOT)
+        acc0 = _mma_grad(_transposed(g_operand, GRAD_DOT), q0, acc0, GRAD_DOT)
+        acc1 = _mma_grad(_transposed(g_operand, GRAD_DOT), q1, acc1, GRAD_DOT)
         if ATOMIC_DQ:
             if RESIDENT:    # one slice: a constant row stride (a runtime one costs the symmetric tile a spill)
                 row_offsets = rows.to(tl.int64)[:, None] * BLOCK_DV
             else:
                 row_offsets = rows.to(tl.int64)[:, None] * (tl.num_programs(1) * BLOCK_DV)
-            part = _mma(g, k0, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
+            part = _grad_result(_mma_grad(g_operand, k0, _grad_acc(BLOCK_B, HALF, GRAD_DOT), GRAD_DOT), GRAD_DOT)
             tl.atomic_add(dq_acc_ptr + row_offsets + dims0[None, :], part, mask=row_ok[:, None], sem="relaxed")
-            part = _mma(g, k1, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
+            part = _grad_result(_mma_grad(g_operand, k1, _grad_acc(BLOCK_B, HALF, GRAD_DOT), GRAD_DOT), GRAD_DOT)
             tl.atomic_add(dq_acc_ptr + row_offsets + dims1[None, :], part, mask=row_ok[:, None], sem="relaxed")
     unscale = tl.load(unscale_ptr)
     out_stride = _output_stride(stride_k, DOT)
-    _store_rows(dk_ptr, cols, col_ok, out_stride, dims0, D, acc0 * (inv_t * unscale))
-    _store_rows(dk_ptr, cols, col_ok, out_stride, dims1, D, acc1 * (inv_t * unscale))
+    _store_rows(dk_ptr, cols, col_ok, out_stride, dims0, D, _grad_result(acc0, GRAD_DOT) * (inv_t * unscale))
+    _store_rows(dk_ptr, cols, col_ok, out_stride, dims1, D, _grad_result(acc1, GRAD_DOT) * (inv_t * unscale))
     if LOGQ_GRAD and not ATOMIC_DQ:
         tl.store(dlogq_ptr + cols, column_sum, mask=col_ok & (pid_d == 0))
 

@@ -46,7 +46,9 @@ class Configs:
 
 def _gpu_defaults(dtype: torch.dtype, pairwise: bool, symmetric: bool) -> Configs:
     if dtype == torch.float32:          # float16 (hi, lo) parts: twice the shared memory of a half-precision tile
-        return Configs(Config(64, 64, 8, 2), Config(64, 64, 8, 2), Config(64, 64, 8, 2))
+        # gradient kernels: 32 keys per tile (at 64 x 64 the symmetric, key_ids and logq variants spill 16-256 B,
+        # docs/kernel_audit.md)
+        return Configs(Config(64, 64, 8, 2), Config(64, 32, 8, 2), Config(64, 32, 8, 2))
     forward = Config(128, 64, 8, 2) if pairwise else Config(128, 64, 8, 3)
     # the symmetric tile's column terms need the registers of a third stage
     return Configs(forward, Config(64, 64, 8, 2), Config(64, 64, 8, 2 if symmetric else 3))
@@ -209,7 +211,8 @@ def backward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, p
 # autotuning (KARMA_AUTOTUNE=1, GPU only): tiles, warps and stages of every kernel; one tuning per power-of-two
 # bucket of B and M (and per D, dtype and mode); configs whose shared memory cannot fit are never tried.
 
-TUNE_SPACE = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2))
+TUNE_SPACE = ((64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 8, 2),
+              (128, 128, 8, 2))   # (64, 32, 8, 2): float32's gradient kernels
 
 
 def use_autotune() -> bool:

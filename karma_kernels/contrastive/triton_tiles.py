@@ -33,13 +33,62 @@ def _dot_parts(a, b, acc):
 
 
 @triton.jit
+def _grad_operand(g, DOT: tl.constexpr):
+    """A float32 register tile (the gradient tile) as the left operand of ``_mma``: split once into (hi, lo) in
+    "split_f16" mode (every dot of the tile reads the same parts), else as is (``_mma`` casts it)."""
+    if DOT == "split_f16":
+        return _split_f16(g)
+    else:
+        return g
+
+
+@triton.jit
+def _transposed(a, DOT: tl.constexpr):
+    """tl.trans of an operand (of each part in "split_f16" mode)."""
+    if DOT == "split_f16":
+        return tl.trans(a[0]), tl.trans(a[1])
+    else:
+        return tl.trans(a)
+
+
+@triton.jit
+def _grad_acc(ROWS: tl.constexpr, COLS: tl.constexpr, DOT: tl.constexpr):
+    """A zero accumulator of a (ROWS x COLS) gradient product (``_mma_grad``): held transposed in "split_f16" mode."""
+    if DOT == "split_f16":
+        return tl.zeros((COLS, ROWS), dtype=tl.float32)
+    else:
+        return tl.zeros((ROWS, COLS), dtype=tl.float32)
+
+
+@triton.jit
+def _mma_grad(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b for a register tile ``a`` (``_grad_operand``); in "split_f16" mode acc is held transposed and
+    updated as acc + b^T a^T: the parts of ``a`` then go to the dots through shared memory, and every product of
+    the chain keeps one accumulator layout (with ``a`` as the register operand Triton converts the float32
+    accumulator between two layouts per tile)."""
+    if DOT == "split_f16":
+        return _dot_parts(_transposed(b, DOT), _transposed(a, DOT), acc)
+    else:
+        return _mma(a, b, acc, DOT)
+
+
+@triton.jit
+def _grad_result(acc, DOT: tl.constexpr):
+    """The (ROWS x COLS) value of a ``_grad_acc`` accumulator."""
+    if DOT == "split_f16":
+        return tl.trans(acc)
+    else:
+        return acc
+
+
+@triton.jit
 def _mma(a, b, acc, DOT: tl.constexpr):
-    """acc + a @ b with the precision ``DOT`` names; a half-precision ``a`` is cast to ``b``'s dtype first; in
-    "split_f16" mode ``b`` is a (hi, lo) tuple and the float32 ``a`` is split here."""
+    """acc + a @ b with the precision ``DOT`` names; a float32 ``a`` is cast to ``b``'s dtype first; in
+    "split_f16" mode both are (hi, lo) tuples (``_load_operand``, ``_grad_operand``)."""
     if DOT == "native":
         return tl.dot(a.to(b.dtype), b, acc)
     elif DOT == "split_f16":
-        return _dot_parts(_split_f16(a.to(tl.float32)), b, acc)
+        return _dot_parts(a, b, acc)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT)
 

@@ -9,14 +9,16 @@ Two schedules (the launcher picks one, like PyTorch: deterministic when
 * deterministic: ``_grad_query_kernel`` (programs own query rows: 2 dots per tile) + ``_grad_keys_kernel`` (programs
   own keys: 2 dots per tile), no atomics: 4F.
 
-For D <= BLOCK_D (``RESIDENT``: every default config up to D = 256) the program's own block is loaded once and
-the loop's tiles are software-pipelined. Larger D (and float32 inputs) splits the output's D over a second grid
-axis of BLOCK_DV slices, each recomputing the logits in BLOCK_D chunks: with S slices the atomic schedule does
-(S + 2)F, the deterministic one 2(S + 1)F.
+For D <= BLOCK_D (``RESIDENT``: every default config up to D = 256, every dtype) the program's own block is loaded
+once and the loop's tiles are software-pipelined. Larger D splits the output's D over a second grid axis of
+BLOCK_DV slices, each recomputing the logits in BLOCK_D chunks: with S slices the atomic schedule does (S + 2)F,
+the deterministic one 2(S + 1)F. float32 inputs take the deterministic schedule.
 
 G reaches ``tl.dot`` in the input's half precision: the upstream coefficients arrive multiplied by a power of two
 S (see ``triton_impl.grad_scale``) so that small entries of G do not flush to zero; ``unscale`` = 1/S is applied
-to the float32 accumulators.
+to the float32 accumulators. float32 inputs ("split_f16", see triton_tiles): q and k arrive as float16 (hi, lo)
+parts, G is split once per tile into (hi, lo) and the gradient accumulators are held transposed (acc^T += K^T G^T,
+``_mma_grad``), which keeps every product of a chain in one accumulator layout.
 """
 from __future__ import annotations
 

@@ -226,6 +226,11 @@ def test_split_f16_parts_reconstruct_the_scaled_input():
         assert float((rebuilt - scaled).abs().max() / scaled.abs().max()) <= 2.0 ** -23
     parts, scale = triton_impl.split_f16(torch.zeros(3, 8))
     assert torch.isfinite(scale) and not parts.any()
+    x = torch.randn(5, 9, generator=gen)      # D not a multiple of 8: lo starts at column 16 (16-byte aligned)
+    parts, scale = triton_impl.split_f16(x)
+    assert parts.shape == (5, 32) and not parts[:, 9:16].any() and not parts[:, 25:].any()
+    rebuilt = parts[:, :9].double() + parts[:, 16:25].double()
+    assert float((rebuilt - x.double() * float(scale)).abs().max()) <= 2.0 ** -23 * 2.0 ** 14
 
 
 def _split_dot(a_parts, b_parts):

@@ -36,7 +36,10 @@ def audit_plan(batch: int, dim: int, dtype: torch.dtype, mode: str = "softmax", 
     for launch in launches:
         # B, M, D and the row strides are multiples of 16 at the audited shapes: the runtime specialises them so
         aligned = ("B", "M", "D", "stride_q", "stride_k") if dim % 16 == 0 and batch % 16 == 0 else ()
-        operands = {"q_ptr": "*fp16", "k_ptr": "*fp16"} if launch.constexprs["DOT"] == "split_f16" else {}
+        operands = {}
+        if launch.constexprs["DOT"] == "split_f16":    # float16 parts, rows of 2·P with P a multiple of 8
+            operands = {"q_ptr": "*fp16", "k_ptr": "*fp16"}
+            aligned = tuple(sorted(set(aligned) | {"stride_q", "stride_k"}))
         audited.append(KernelLaunch(
             name=launch.name, kernel=launch.kernel, constexprs=launch.constexprs,
             signature=signature_for(launch.kernel, launch.constexprs, {**pointers, **operands}),

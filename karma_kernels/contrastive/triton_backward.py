@@ -42,11 +42,15 @@ def _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M: tl.constexpr, 
 
 
 @triton.jit
-def _output_stride(operand_stride, DOT: tl.constexpr):
-    """Row stride of dQ / dK (contiguous, like their inputs): half the operand's in "split_f16" mode, whose
-    operands are [rows, 2·D] float16 parts."""
+def _output_stride(operand_stride, D, DOT: tl.constexpr, EVEN_D: tl.constexpr):
+    """Row stride of dQ / dK (contiguous, like their inputs): D in "split_f16" mode, whose operands are
+    [rows, 2·P] float16 parts (written as half the parts' stride when that is D: 0-24 fewer registers in the
+    audit than D itself)."""
     if DOT == "split_f16":
-        return operand_stride // 2
+        if EVEN_D:
+            return operand_stride // 2
+        else:
+            return D
     else:
         return operand_stride
 
@@ -90,7 +94,7 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
     out_scale = inv_t * tl.load(unscale_ptr)
     dq0 = _grad_result(acc0, GRAD_DOT) * out_scale
     dq1 = _grad_result(acc1, GRAD_DOT) * out_scale
-    out_stride = _output_stride(stride_q, DOT)
+    out_stride = _output_stride(stride_q, D, DOT, EVEN_D)
     _store_rows(dq_ptr, rows, row_ok, out_stride, dims0, D, dq0)
     _store_rows(dq_ptr, rows, row_ok, out_stride, dims1, D, dq1)
     # q_i . dq_i over this D slice, in float32 before rounding dq: the temperature gradient's pieces. Q is read
@@ -159,7 +163,7 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
             part = _grad_result(_mma_grad(g_operand, k1, _grad_acc(BLOCK_B, HALF, GRAD_DOT), GRAD_DOT), GRAD_DOT)
             tl.atomic_add(dq_acc_ptr + row_offsets + dims1[None, :], part, mask=row_ok[:, None], sem="relaxed")
     unscale = tl.load(unscale_ptr)
-    out_stride = _output_stride(stride_k, DOT)
+    out_stride = _output_stride(stride_k, D, DOT, EVEN_D)
     _store_rows(dk_ptr, cols, col_ok, out_stride, dims0, D, _grad_result(acc0, GRAD_DOT) * (inv_t * unscale))
     _store_rows(dk_ptr, cols, col_ok, out_stride, dims1, D, _grad_result(acc1, GRAD_DOT) * (inv_t * unscale))
     if LOGQ_GRAD and not ATOMIC_DQ:

@@ -64,17 +64,24 @@ SPLIT_EXPONENT = 14
 
 
 def split_f16(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(parts, scale): ``parts`` [rows, 2·D] float16 with hi = parts[:, :D], lo = parts[:, D:] and
+    """(parts, scale): ``parts`` [rows, 2·P] float16 (P = D rounded up to a multiple of 8, so that the lo part
+    starts 16-byte aligned; the padding is zero) with hi = parts[:, :D], lo = parts[:, P:P + D] and
     hi + lo = x * scale to ~2**-22 of max |x * scale| (hi rounds x * scale to float16, lo the remainder; entries
     too small for a normal lo lose nothing that matters relative to the largest); ``scale`` a 0-d float32 power
-    of two (no host sync). The dots of two such operands are then three exact float16 products summed in float32
-    (the kernels' "split_f16" mode)."""
+    of two (no host sync; max |x| is taken within [2**-31, 2**60], beyond which logits of such inputs are
+    degenerate in float32 anyway). The dots of two such operands are then three exact float16 products summed in
+    float32 (the kernels' "split_f16" mode)."""
     _, exponent = torch.frexp(x.detach().abs().amax().to(torch.float32))
     one = torch.ones((), dtype=torch.float32, device=x.device)
     scale = torch.ldexp(one, SPLIT_EXPONENT - exponent.clamp(-30, 60))
     scaled = x.detach().to(torch.float32) * scale
     hi = scaled.to(torch.float16)
-    return torch.cat((hi, (scaled - hi.to(torch.float32)).to(torch.float16)), dim=1), scale
+    rows, dim = x.shape
+    padded = -(-dim // 8) * 8
+    parts = torch.zeros(rows, 2 * padded, dtype=torch.float16, device=x.device)
+    parts[:, :dim] = hi
+    parts[:, padded:padded + dim] = (scaled - hi.to(torch.float32)).to(torch.float16)
+    return parts, scale
 
 
 def _kernel_operands(query, keys, temperature, dot: str):

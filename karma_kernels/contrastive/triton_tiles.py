@@ -8,8 +8,9 @@ accuracy; a float32 register operand (the gradient tile) is split in registers),
 that D: three TF32 products) or "ieee" (float32 FMA; what the interpreter runs for the other modes, because its
 bfloat16 dot is wrong).
 
-In "split_f16" mode an operand tile is a tuple (hi, lo) of float16 tiles read from a parts tensor [rows, 2·D]
-(hi in columns [0, D), lo in [D, 2·D)); ``_load_value`` gives hi + lo in float32 where a value is needed.
+In "split_f16" mode an operand tile is a tuple (hi, lo) of float16 tiles read from a parts tensor [rows, 2·P]
+(hi in columns [0, D), lo from column P = stride / 2, D rounded up to 8); ``_load_value`` gives hi + lo in
+float32 where a value is needed.
 """
 from __future__ import annotations
 
@@ -126,11 +127,21 @@ def _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _lo_offset(stride, D, EVEN_D: tl.constexpr):
+    """Column of the lo parts in a [rows, 2·P] parts tensor: P = stride / 2, which is D when D is a tile width
+    (a multiple of 8; D keeps the compiler's divisibility facts and costs fewer registers than stride // 2)."""
+    if EVEN_D:
+        return D
+    else:
+        return stride // 2
+
+
+@triton.jit
 def _load_operand(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr, DOT: tl.constexpr):
     """A dot operand tile ptr[rows, dims]: a (hi, lo) tuple of float16 parts in "split_f16" mode."""
     if DOT == "split_f16":
         return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D), \
-            _load_rows(ptr + D, rows, row_ok, stride, dims, D, EVEN_D)
+            _load_rows(ptr + _lo_offset(stride, D, EVEN_D), rows, row_ok, stride, dims, D, EVEN_D)
     else:
         return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D)
 
@@ -140,7 +151,7 @@ def _load_value(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr, DOT: t
     """ptr[rows, dims] as float32 values (hi + lo of the parts in "split_f16" mode)."""
     if DOT == "split_f16":
         return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D).to(tl.float32) + \
-            _load_rows(ptr + D, rows, row_ok, stride, dims, D, EVEN_D).to(tl.float32)
+            _load_rows(ptr + _lo_offset(stride, D, EVEN_D), rows, row_ok, stride, dims, D, EVEN_D).to(tl.float32)
     else:
         return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D).to(tl.float32)
 

@@ -286,10 +286,11 @@ SPLIT_CASES = [   # (B, M, D, mode, symmetric, key_ids, logq, reduction): the in
     (20, 37, 40, "softmax", False, True, True, "mean"),
     (17, 20, 9, "pairwise", False, False, True, "none"),
     (20, 20, 36, "softmax", True, True, True, "sum"),
+    (12, 20, 72, "softmax", False, True, False, "mean"),    # D > 64: transposed gradient accumulators
 ]
 
 
-@pytest.mark.parametrize("case_args", SPLIT_CASES, ids=lambda a: f"B{a[0]}-{a[3]}-sym{int(a[4])}")
+@pytest.mark.parametrize("case_args", SPLIT_CASES, ids=lambda a: f"B{a[0]}-D{a[2]}-{a[3]}-sym{int(a[4])}")
 def test_float32_split_f16_kernels_match_the_reference(case_args, monkeypatch):
     """The float32 GPU path's kernels ("split_f16": float16 parts of q and k, the gradient tile split in registers,
     scales folded into the temperature) run under the interpreter, whose float16 dots are exact products with
@@ -301,7 +302,7 @@ def test_float32_split_f16_kernels_match_the_reference(case_args, monkeypatch):
     real_run = triton_configs.run
 
     def recording_run(launch, args, tune, bucket=()):
-        modes.append((launch.constexprs["DOT"], args[0].dtype))
+        modes.append((launch.constexprs["DOT"], args[0].dtype, launch.constexprs.get("GRAD_DOT", "split_f16")))
         return real_run(launch, args, tune, bucket)
 
     monkeypatch.setattr(triton_impl, "run", recording_run)
@@ -309,4 +310,7 @@ def test_float32_split_f16_kernels_match_the_reference(case_args, monkeypatch):
     case = make_case(batch, num_keys, dim, torch.float32, mode=mode, symmetric=symmetric, with_ids=with_ids,
                      with_logq=with_logq, reduction=reduction, seed=batch + 1, device=TRITON_DEVICE)
     check_parity(case, "triton")
-    assert modes and all(m == ("split_f16", torch.float16) for m in modes), modes
+    grad_mode = "split_f16_t" if dim > 64 else "split_f16"
+    assert modes and all(m[:2] == ("split_f16", torch.float16) and m[2] in ("split_f16", grad_mode)
+                         for m in modes), modes
+    assert any(m[2] == grad_mode for m in modes), modes

@@ -98,4 +98,4 @@ def test_float32_contrastive_plan_is_resident_on_tensor_cores_within_5f(monkeypa
         assert launch.tensor_cores and launch.signature["q_ptr"] == "*fp16", launch.name
         assert len(launch.grid) == 1 or launch.grid[1] == 1, launch.name
         if "GRAD_DOT" in launch.constexprs:
-            assert launch.constexprs["GRAD_DOT"] == "split_f16", launch.name
+            assert launch.constexprs["GRAD_DOT"] == "split_f16_t", launch.name   # transposed accumulators

@@ -74,6 +74,8 @@ def audit_plans(quick: bool = False) -> List[AuditPlan]:
                   audit_plan(big, 256, torch.float32, with_ids_logq=True, logq_grad=True),
                   audit_plan(16384, 128, torch.bfloat16),
                   audit_plan(16384, 64, torch.bfloat16, "pairwise"),
+                  audit_plan(16384, 128, torch.float32, symmetric=True, with_ids_logq=True, logq_grad=True),
+                  audit_plan(16384, 64, torch.float32, "pairwise"),
                   audit_plan(16384, 512, torch.bfloat16),
                   audit_plan(16384, 512, torch.bfloat16, deterministic=True)]
         from .triton_sigmoid import audit_plan as sigmoid_audit_plan  # the sigmoid mode's own kernels

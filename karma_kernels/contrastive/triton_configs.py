@@ -44,22 +44,25 @@ class Configs:
     grad_query: Config         # the deterministic schedule's dQ kernel
 
 
-def _gpu_defaults(dtype: torch.dtype, pairwise: bool, symmetric: bool) -> Configs:
+def _gpu_defaults(dtype: torch.dtype, pairwise: bool, symmetric: bool, dim: int) -> Configs:
     if dtype == torch.float32:          # float16 (hi, lo) parts: twice the shared memory of a half-precision tile
-        # gradient kernels: 32 keys per tile (at 64 x 64 the symmetric, key_ids and logq variants spill 16-256 B,
-        # docs/kernel_audit.md)
-        return Configs(Config(64, 64, 8, 2), Config(64, 32, 8, 2), Config(64, 32, 8, 2))
+        # gradient kernels: 32 keys per tile for D > 64 (at 64 x 64 the symmetric, key_ids and logq variants
+        # spill 16-256 B at D = 256, docs/kernel_audit.md); 64 at D <= 64, where the dK dot with 32 keys is
+        # mma.sync (its M < 64) and registers are plenty
+        grad = Config(64, 64, 8, 2) if dim <= 64 else Config(64, 32, 8, 2)
+        return Configs(Config(64, 64, 8, 2), grad, grad)
     forward = Config(128, 64, 8, 2) if pairwise else Config(128, 64, 8, 3)
     # the symmetric tile's column terms need the registers of a third stage
     return Configs(forward, Config(64, 64, 8, 2), Config(64, 64, 8, 2 if symmetric else 3))
 
 
-def default_configs(dtype: torch.dtype = torch.bfloat16, pairwise: bool = False, symmetric: bool = False) -> Configs:
+def default_configs(dtype: torch.dtype = torch.bfloat16, pairwise: bool = False, symmetric: bool = False,
+                    dim: int = MAX_RESIDENT_D) -> Configs:
     """Default tiles. Under the interpreter 16-wide tiles, so that tests cover several tiles per axis."""
     if interpreter_active():
         small = Config(16, 16, 1, 1)
         return Configs(small, small, small)
-    return _gpu_defaults(dtype, pairwise, symmetric)
+    return _gpu_defaults(dtype, pairwise, symmetric, dim)
 
 
 # float32 dots under the interpreter: "ieee" (float32 products); tests set "split_f16" to run the GPU path's
@@ -81,9 +84,12 @@ def dot_mode(dtype: torch.dtype, dim: int = MAX_RESIDENT_D) -> str:
 def grad_dot_mode(dtype: torch.dtype, dim: int = MAX_RESIDENT_D) -> str:
     """``GRAD_DOT`` of the gradient kernels (G K, G^T Q): the logits' mode, except float32 FMA beside tf32x3 (D > 256:
     tf32 wgmma cannot read the transposed shared-memory operands these dots need, and its register splits of
-    the gradient tiles spill). The logits always keep ``dot_mode``, so that the backward recomputes bitwise the
-    forward's logits."""
+    the gradient tiles spill) and "split_f16_t" beside "split_f16" for D > 64 (transposed accumulators, see
+    triton_tiles._mma_grad; at D <= 64 their D halves would be the wgmma's M < 64). The logits always keep
+    ``dot_mode``, so that the backward recomputes bitwise the forward's logits."""
     mode = dot_mode(dtype, dim)
+    if mode == "split_f16" and dim > 64:
+        return "split_f16_t"
     return "ieee" if mode == "tf32x3" else mode
 
 
@@ -145,7 +151,7 @@ def forward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, pa
                      splits: Optional[Tuple[int, int]] = None, num_sms: Optional[int] = None) -> List[Launch]:
     """One launch: the row pass, or for ``symmetric`` the one-pass row + column statistics on an (S_r, S_c) grid
     (``splits``, else :func:`symmetric_splits` of ``num_sms``, default :data:`DEFAULT_SMS`)."""
-    config = config or default_configs(dtype, pairwise, symmetric).forward
+    config = config or default_configs(dtype, pairwise, symmetric, dim).forward
     tiling = d_tiling(dim, resident_limit(dtype))
     constexprs = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, RESIDENT=tiling["RESIDENT"],
                       EVEN_D=tiling["EVEN_D"] and tiling["RESIDENT"], BLOCK_B=config.block_b,
@@ -173,7 +179,7 @@ def backward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, p
                       configs: Optional[Configs] = None) -> List[Launch]:
     """Atomic schedule (one kernel) unless ``deterministic`` or float32 (whose atomic kernel spills registers in
     every config tried, the float16-parts one included: docs/kernel_audit.md); else dQ + dK kernels."""
-    configs = configs or default_configs(dtype, pairwise, symmetric)
+    configs = configs or default_configs(dtype, pairwise, symmetric, dim)
     tiling = d_tiling(dim, resident_limit(dtype))
     atomic = not deterministic and dtype != torch.float32
     chunks = 1 if tiling["RESIDENT"] else triton.cdiv(dim, CHUNK_D)

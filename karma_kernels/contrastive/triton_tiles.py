@@ -6,7 +6,8 @@ inputs on GPU with D <= 256: q and k arrive pre-split by the launcher into float
 ``triton_impl.split_f16``; a dot is three float16 tensor-core products hi·lo + lo·hi + hi·hi, float32-class
 accuracy; a float32 register operand (the gradient tile) is split in registers), "tf32x3" (float32 inputs beyond
 that D: three TF32 products) or "ieee" (float32 FMA; what the interpreter runs for the other modes, because its
-bfloat16 dot is wrong).
+bfloat16 dot is wrong). ``GRAD_DOT`` "split_f16_t" is "split_f16" with the gradient accumulators held transposed
+(``_mma_grad``).
 
 In "split_f16" mode an operand tile is a tuple (hi, lo) of float16 tiles read from a parts tensor [rows, 2·P]
 (hi in columns [0, D), lo from column P = stride / 2, D rounded up to 8); ``_load_value`` gives hi + lo in
@@ -36,8 +37,8 @@ def _dot_parts(a, b, acc):
 @triton.jit
 def _grad_operand(g, DOT: tl.constexpr):
     """A float32 register tile (the gradient tile) as the left operand of ``_mma``: split once into (hi, lo) in
-    "split_f16" mode (every dot of the tile reads the same parts), else as is (``_mma`` casts it)."""
-    if DOT == "split_f16":
+    "split_f16" modes (every dot of the tile reads the same parts), else as is (``_mma`` casts it)."""
+    if DOT == "split_f16" or DOT == "split_f16_t":
         return _split_f16(g)
     else:
         return g
@@ -45,8 +46,8 @@ def _grad_operand(g, DOT: tl.constexpr):
 
 @triton.jit
 def _transposed(a, DOT: tl.constexpr):
-    """tl.trans of an operand (of each part in "split_f16" mode)."""
-    if DOT == "split_f16":
+    """tl.trans of an operand (of each part in the "split_f16" modes)."""
+    if DOT == "split_f16" or DOT == "split_f16_t":
         return tl.trans(a[0]), tl.trans(a[1])
     else:
         return tl.trans(a)
@@ -54,8 +55,9 @@ def _transposed(a, DOT: tl.constexpr):
 
 @triton.jit
 def _grad_acc(ROWS: tl.constexpr, COLS: tl.constexpr, DOT: tl.constexpr):
-    """A zero accumulator of a (ROWS x COLS) gradient product (``_mma_grad``): held transposed in "split_f16" mode."""
-    if DOT == "split_f16":
+    """A zero accumulator of a (ROWS x COLS) gradient product (``_mma_grad``): held transposed in "split_f16_t"
+    mode."""
+    if DOT == "split_f16_t":
         return tl.zeros((COLS, ROWS), dtype=tl.float32)
     else:
         return tl.zeros((ROWS, COLS), dtype=tl.float32)
@@ -63,11 +65,12 @@ def _grad_acc(ROWS: tl.constexpr, COLS: tl.constexpr, DOT: tl.constexpr):
 
 @triton.jit
 def _mma_grad(a, b, acc, DOT: tl.constexpr):
-    """acc + a @ b for a register tile ``a`` (``_grad_operand``); in "split_f16" mode acc is held transposed and
+    """acc + a @ b for a register tile ``a`` (``_grad_operand``); in "split_f16_t" mode (float32 with D > 64) acc is
+    held transposed and
     updated as acc + b^T a^T: the parts of ``a`` then go to the dots through shared memory, and every product of
     the chain keeps one accumulator layout (with ``a`` as the register operand Triton converts the float32
     accumulator between two layouts per tile)."""
-    if DOT == "split_f16":
+    if DOT == "split_f16_t":
         return _dot_parts(_transposed(b, DOT), _transposed(a, DOT), acc)
     else:
         return _mma(a, b, acc, DOT)
@@ -76,7 +79,7 @@ def _mma_grad(a, b, acc, DOT: tl.constexpr):
 @triton.jit
 def _grad_result(acc, DOT: tl.constexpr):
     """The (ROWS x COLS) value of a ``_grad_acc`` accumulator."""
-    if DOT == "split_f16":
+    if DOT == "split_f16_t":
         return tl.trans(acc)
     else:
         return acc
@@ -88,7 +91,7 @@ def _mma(a, b, acc, DOT: tl.constexpr):
     "split_f16" mode both are (hi, lo) tuples (``_load_operand``, ``_grad_operand``)."""
     if DOT == "native":
         return tl.dot(a.to(b.dtype), b, acc)
-    elif DOT == "split_f16":
+    elif DOT == "split_f16" or DOT == "split_f16_t":
         return _dot_parts(a, b, acc)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT)

@@ -65,11 +65,10 @@ def _grad_acc(ROWS: tl.constexpr, COLS: tl.constexpr, DOT: tl.constexpr):
 
 @triton.jit
 def _mma_grad(a, b, acc, DOT: tl.constexpr):
-    """acc + a @ b for a register tile ``a`` (``_grad_operand``); in "split_f16_t" mode (float32 with D > 64) acc is
-    held transposed and
-    updated as acc + b^T a^T: the parts of ``a`` then go to the dots through shared memory, and every product of
-    the chain keeps one accumulator layout (with ``a`` as the register operand Triton converts the float32
-    accumulator between two layouts per tile)."""
+    """acc + a @ b for a register tile ``a`` (``_grad_operand``). In "split_f16_t" mode (float32 with D > 64) acc
+    is held transposed and updated as acc + b^T a^T: the parts of ``a`` then reach the dots through shared memory
+    and every product of the chain keeps one accumulator layout (with ``a`` as the register operand Triton gives
+    the three products two layouts and converts the float32 accumulator twice per tile)."""
     if DOT == "split_f16_t":
         return _dot_parts(_transposed(b, DOT), _transposed(a, DOT), acc)
     else:
@@ -131,8 +130,8 @@ def _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr):
 
 @triton.jit
 def _lo_offset(stride, D, EVEN_D: tl.constexpr):
-    """Column of the lo parts in a [rows, 2·P] parts tensor: P = stride / 2, which is D when D is a tile width
-    (a multiple of 8; D keeps the compiler's divisibility facts and costs fewer registers than stride // 2)."""
+    """Column of the lo parts in a [rows, 2·P] parts tensor: P = stride / 2, which is D with EVEN_D (D a power of
+    two >= 32; in the audit D costs fewer registers than stride // 2)."""
     if EVEN_D:
         return D
     else:
@@ -181,13 +180,8 @@ def _store_rows(ptr, rows, row_ok, stride, dims, D, value):
 def _resident_dots(q0, q1, k0, k1, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
     """q . k of resident tiles held as two D halves: every kernel forms its logits in this one order, so the
     backward's tiles are bitwise the forward's (a row whose only valid key is its positive gets G = 0 exactly)."""
-    acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    if DOT == "split_f16":
-        acc = _dot_parts(q0, (tl.trans(k0[0]), tl.trans(k0[1])), acc)
-        return _dot_parts(q1, (tl.trans(k1[0]), tl.trans(k1[1])), acc)
-    else:
-        acc = _mma(q0, tl.trans(k0), acc, DOT)
-        return _mma(q1, tl.trans(k1), acc, DOT)
+    acc = _mma(q0, _transposed(k0, DOT), tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32), DOT)
+    return _mma(q1, _transposed(k1, DOT), acc, DOT)
 
 
 @triton.jit

@@ -120,6 +120,12 @@ def test_autotune_prunes_configs_over_the_shared_memory_limit():
     assert [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_M"]) for c in kept] == [(128, 64), (64, 64)]
     named32 = {"q_ptr": torch.empty(1, 256, dtype=torch.float32)}
     assert len(triton_configs._prune("forward")(configs, named32, BLOCK_D=256)) == 1   # only (64, 64, 2 stages)
+    # float32 on GPU: q_ptr holds float16 (hi, lo) parts, 4 bytes per element; float32's default gradient tiles fit
+    parts = {"q_ptr": torch.empty(1, 512, dtype=torch.float16)}
+    split = [triton.Config({"BLOCK_B": 64, "BLOCK_M": 32}, num_warps=8, num_stages=2)] + configs
+    kept = triton_configs._prune("grad_keys")(split, parts, BLOCK_D=256, BLOCK_DV=256, DOT="split_f16",
+                                              ATOMIC_DQ=False)
+    assert [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_M"]) for c in kept] == [(64, 32), (64, 64)]
 
 
 def test_autotune_buckets_batch_sizes_by_power_of_two():

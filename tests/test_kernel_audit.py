@@ -78,3 +78,24 @@ def test_default_configs_pass_the_audit(op):
         pytest.skip("ptxas is not available to build sm_90 binaries")
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert "all rules hold" in result.stdout
+
+
+def test_float32_contrastive_plan_is_resident_on_tensor_cores_within_5f(monkeypatch):
+    """float32 at the benchmark shape (B = M = 65536, D = 256): no D split (one program column per kernel), every
+    dot on float16 parts ("split_f16": wgmma, checked with 0 spills by the audit run above, which compiles this
+    plan in its CI set) and forward + backward <= 5F, the deterministic budget (7F with the D-sliced FMA gradients
+    before). The plan of a GPU process: this one may run under the interpreter."""
+    from karma_kernels.contrastive import triton_audit, triton_configs
+    import torch
+
+    monkeypatch.setattr(triton_configs, "interpreter_active", lambda: False)
+
+    plan = triton_audit.audit_plan(65536, 256, torch.float32)
+    assert plan.case in [p.case for p in triton_audit.audit_plans(quick=True)]
+    assert plan.work_budget == 5.0 and plan.work() <= 5.0 + 1e-9
+    for launch in plan.launches:
+        assert launch.constexprs["DOT"] == "split_f16" and launch.constexprs["RESIDENT"], launch.name
+        assert launch.tensor_cores and launch.signature["q_ptr"] == "*fp16", launch.name
+        assert len(launch.grid) == 1 or launch.grid[1] == 1, launch.name
+        if "GRAD_DOT" in launch.constexprs:
+            assert launch.constexprs["GRAD_DOT"] == "split_f16_t", launch.name   # transposed accumulators

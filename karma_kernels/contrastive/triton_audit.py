@@ -3,8 +3,10 @@
 Built from ``triton_configs.forward_launches`` / ``backward_launches``, the functions the launchers call, so the
 audit compiles exactly what runs. F = 2·B·M·D (one pass of logits); budgets: forward + backward <= 4F with the
 atomic backward (1F forward + 3F) and <= 5F with the deterministic one (1F + 4F), the symmetric mode included
-(its row and column statistics come from one pass over the tiles). With D > 256 (float32: any D) the backward
-splits D into S slices that each recompute the logits: budget + (S - 1)F atomic, + 2(S - 1)F deterministic.
+(its row and column statistics come from one pass over the tiles). With D > 256 the backward splits D into S
+slices that each recompute the logits: budget + (S - 1)F atomic, + 2(S - 1)F deterministic. float32 inputs take
+the deterministic schedule (5F at D <= 256); their "split_f16" kernels read float16 (hi, lo) parts of q and k and
+run three tensor-core products per dot: the work is counted per dot product of the op (F), not per product.
 """
 from __future__ import annotations
 
@@ -34,9 +36,13 @@ def audit_plan(batch: int, dim: int, dtype: torch.dtype, mode: str = "softmax", 
     for launch in launches:
         # B, M, D and the row strides are multiples of 16 at the audited shapes: the runtime specialises them so
         aligned = ("B", "M", "D", "stride_q", "stride_k") if dim % 16 == 0 and batch % 16 == 0 else ()
+        operands = {}
+        if launch.constexprs["DOT"] == "split_f16":    # float16 parts, rows of 2·P with P a multiple of 8
+            operands = {"q_ptr": "*fp16", "k_ptr": "*fp16"}
+            aligned = tuple(sorted(set(aligned) | {"stride_q", "stride_k"}))
         audited.append(KernelLaunch(
             name=launch.name, kernel=launch.kernel, constexprs=launch.constexprs,
-            signature=signature_for(launch.kernel, launch.constexprs, pointers),
+            signature=signature_for(launch.kernel, launch.constexprs, {**pointers, **operands}),
             num_warps=launch.config.num_warps, num_stages=launch.config.num_stages, grid=launch.grid,
             matmul_flops=launch.matmul_flops, phase=launch.phase, divisible_by_16=aligned))
     unit = 2.0 * batch * batch * dim
@@ -63,9 +69,13 @@ def audit_plans(quick: bool = False) -> List[AuditPlan]:
     if not quick:
         plans += [audit_plan(big, 256, torch.bfloat16, with_ids_logq=True, logq_grad=True),
                   audit_plan(big, 256, torch.float16, "pairwise"),
-                  audit_plan(big, 256, torch.float32, deterministic=True),
+                  audit_plan(big, 256, torch.float32, "pairwise"),
+                  audit_plan(big, 256, torch.float32, symmetric=True),
+                  audit_plan(big, 256, torch.float32, with_ids_logq=True, logq_grad=True),
                   audit_plan(16384, 128, torch.bfloat16),
                   audit_plan(16384, 64, torch.bfloat16, "pairwise"),
+                  audit_plan(16384, 128, torch.float32, symmetric=True, with_ids_logq=True, logq_grad=True),
+                  audit_plan(16384, 64, torch.float32, "pairwise"),
                   audit_plan(16384, 512, torch.bfloat16),
                   audit_plan(16384, 512, torch.bfloat16, deterministic=True)]
         from .triton_sigmoid import audit_plan as sigmoid_audit_plan  # the sigmoid mode's own kernels

@@ -9,22 +9,24 @@ Two schedules (the launcher picks one, like PyTorch: deterministic when
 * deterministic: ``_grad_query_kernel`` (programs own query rows: 2 dots per tile) + ``_grad_keys_kernel`` (programs
   own keys: 2 dots per tile), no atomics: 4F.
 
-For D <= BLOCK_D (``RESIDENT``: every default config up to D = 256) the program's own block is loaded once and
-the loop's tiles are software-pipelined. Larger D (and float32 inputs) splits the output's D over a second grid
-axis of BLOCK_DV slices, each recomputing the logits in BLOCK_D chunks: with S slices the atomic schedule does
-(S + 2)F, the deterministic one 2(S + 1)F.
+For D <= BLOCK_D (``RESIDENT``: every default config up to D = 256, every dtype) the program's own block is loaded
+once and the loop's tiles are software-pipelined. Larger D splits the output's D over a second grid axis of
+BLOCK_DV slices, each recomputing the logits in BLOCK_D chunks: with S slices the atomic schedule does (S + 2)F,
+the deterministic one 2(S + 1)F. float32 inputs take the deterministic schedule.
 
 G reaches ``tl.dot`` in the input's half precision: the upstream coefficients arrive multiplied by a power of two
 S (see ``triton_impl.grad_scale``) so that small entries of G do not flush to zero; ``unscale`` = 1/S is applied
-to the float32 accumulators.
+to the float32 accumulators. float32 inputs ("split_f16", see triton_tiles): q and k arrive as float16 (hi, lo)
+parts, G is split once per tile into (hi, lo) and the gradient accumulators are held transposed (acc^T += K^T G^T,
+``_mma_grad``), which keeps every product of a chain in one accumulator layout.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .triton_tiles import (_grad_tile, _load_rows, _logit_tile, _mma, _query_block, _row_grad_inputs,
-                           _store_rows)
+from .triton_tiles import (_grad_acc, _grad_operand, _grad_result, _grad_tile, _load_operand, _load_value,
+                           _logit_tile, _mma, _mma_grad, _query_block, _row_grad_inputs, _store_rows, _transposed)
 
 
 @triton.jit
@@ -37,6 +39,20 @@ def _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M: tl.constexpr, 
         col_coef = tl.zeros((BLOCK_M,), dtype=tl.float32)
         col_lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
     return col_coef, col_lse
+
+
+@triton.jit
+def _output_stride(operand_stride, D, DOT: tl.constexpr, EVEN_D: tl.constexpr):
+    """Row stride of dQ / dK (contiguous, like their inputs): D in "split_f16" mode, whose operands are
+    [rows, 2·P] float16 parts (written as half the parts' stride when that is D: 0-24 fewer registers in the
+    audit than D itself)."""
+    if DOT == "split_f16":
+        if EVEN_D:
+            return operand_stride // 2
+        else:
+            return D
+    else:
+        return operand_stride
 
 
 @triton.jit
@@ -56,35 +72,37 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
     dims1 = dims0 + HALF
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
     row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B)
-    q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
-    q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
+    q0 = _load_operand(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D, DOT)
+    q1 = _load_operand(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D, DOT)
 
-    acc0 = tl.zeros((BLOCK_B, HALF), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_B, HALF), dtype=tl.float32)
+    acc0 = _grad_acc(BLOCK_B, HALF, GRAD_DOT)
+    acc1 = _grad_acc(BLOCK_B, HALF, GRAD_DOT)
     for n0 in range(0, M, BLOCK_M):
         cols = n0 + tl.arange(0, BLOCK_M)
         col_ok = cols < M
-        k0 = _load_rows(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D)
-        k1 = _load_rows(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D)
+        k0 = _load_operand(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D, DOT)
+        k1 = _load_operand(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D, DOT)
         s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols, row_ok,
                                           col_ok, target, positive_id, inv_t, D, stride_q, stride_k, HAS_KEY_IDS,
                                           HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
         col_coef, col_lse = _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
         g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef,
                        col_lse, PAIRWISE, SYMMETRIC)
-        acc0 = _mma(g, k0, acc0, GRAD_DOT)
-        acc1 = _mma(g, k1, acc1, GRAD_DOT)
+        g_operand = _grad_operand(g, GRAD_DOT)
+        acc0 = _mma_grad(g_operand, k0, acc0, GRAD_DOT)
+        acc1 = _mma_grad(g_operand, k1, acc1, GRAD_DOT)
     out_scale = inv_t * tl.load(unscale_ptr)
-    dq0 = acc0 * out_scale
-    dq1 = acc1 * out_scale
-    _store_rows(dq_ptr, rows, row_ok, stride_q, dims0, D, dq0)
-    _store_rows(dq_ptr, rows, row_ok, stride_q, dims1, D, dq1)
+    dq0 = _grad_result(acc0, GRAD_DOT) * out_scale
+    dq1 = _grad_result(acc1, GRAD_DOT) * out_scale
+    out_stride = _output_stride(stride_q, D, DOT, EVEN_D)
+    _store_rows(dq_ptr, rows, row_ok, out_stride, dims0, D, dq0)
+    _store_rows(dq_ptr, rows, row_ok, out_stride, dims1, D, dq1)
     # q_i . dq_i over this D slice, in float32 before rounding dq: the temperature gradient's pieces. Q is read
     # again (after the stores, so the load stays here): keeping the resident tile's registers alive across the
     # key loop for this costs a whole Q block of registers
-    q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
-    q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
-    q_dot_dq = tl.sum(q0.to(tl.float32) * dq0, axis=1) + tl.sum(q1.to(tl.float32) * dq1, axis=1)
+    q0 = _load_value(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D, DOT)
+    q1 = _load_value(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D, DOT)
+    q_dot_dq = tl.sum(q0 * dq0, axis=1) + tl.sum(q1 * dq1, axis=1)
     tl.store(dot_partial_ptr + pid_d * B + rows, q_dot_dq, mask=row_ok)
 
 
@@ -111,17 +129,17 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
     dims1 = dims0 + HALF
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
     col_coef, col_lse = _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
-    k0 = _load_rows(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D)
-    k1 = _load_rows(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D)
+    k0 = _load_operand(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D, DOT)
+    k1 = _load_operand(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D, DOT)
 
-    acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    acc0 = _grad_acc(BLOCK_M, HALF, GRAD_DOT)
+    acc1 = _grad_acc(BLOCK_M, HALF, GRAD_DOT)
     column_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for r0 in range(0, B, BLOCK_B):
         rows, row_ok, target, positive_id = _query_block(r0, B, target_ptr, key_ids_ptr, HAS_KEY_IDS, BLOCK_B)
         row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B)
-        q0 = _load_rows(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D)
-        q1 = _load_rows(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D)
+        q0 = _load_operand(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D, DOT)
+        q1 = _load_operand(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D, DOT)
         s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols, row_ok,
                                           col_ok, target, positive_id, inv_t, D, stride_q, stride_k, HAS_KEY_IDS,
                                           HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
@@ -132,20 +150,22 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
                 tl.atomic_add(dlogq_ptr + cols, tl.sum(g, axis=0), mask=col_ok & (pid_d == 0), sem="relaxed")
             else:
                 column_sum += tl.sum(g, axis=0)
-        acc0 = _mma(tl.trans(g), q0, acc0, GRAD_DOT)
-        acc1 = _mma(tl.trans(g), q1, acc1, GRAD_DOT)
+        g_operand = _grad_operand(g, GRAD_DOT)
+        acc0 = _mma_grad(_transposed(g_operand, GRAD_DOT), q0, acc0, GRAD_DOT)
+        acc1 = _mma_grad(_transposed(g_operand, GRAD_DOT), q1, acc1, GRAD_DOT)
         if ATOMIC_DQ:
             if RESIDENT:    # one slice: a constant row stride (a runtime one costs the symmetric tile a spill)
                 row_offsets = rows.to(tl.int64)[:, None] * BLOCK_DV
             else:
                 row_offsets = rows.to(tl.int64)[:, None] * (tl.num_programs(1) * BLOCK_DV)
-            part = _mma(g, k0, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
+            part = _grad_result(_mma_grad(g_operand, k0, _grad_acc(BLOCK_B, HALF, GRAD_DOT), GRAD_DOT), GRAD_DOT)
             tl.atomic_add(dq_acc_ptr + row_offsets + dims0[None, :], part, mask=row_ok[:, None], sem="relaxed")
-            part = _mma(g, k1, tl.zeros((BLOCK_B, HALF), dtype=tl.float32), GRAD_DOT)
+            part = _grad_result(_mma_grad(g_operand, k1, _grad_acc(BLOCK_B, HALF, GRAD_DOT), GRAD_DOT), GRAD_DOT)
             tl.atomic_add(dq_acc_ptr + row_offsets + dims1[None, :], part, mask=row_ok[:, None], sem="relaxed")
     unscale = tl.load(unscale_ptr)
-    _store_rows(dk_ptr, cols, col_ok, stride_k, dims0, D, acc0 * (inv_t * unscale))
-    _store_rows(dk_ptr, cols, col_ok, stride_k, dims1, D, acc1 * (inv_t * unscale))
+    out_stride = _output_stride(stride_k, D, DOT, EVEN_D)
+    _store_rows(dk_ptr, cols, col_ok, out_stride, dims0, D, _grad_result(acc0, GRAD_DOT) * (inv_t * unscale))
+    _store_rows(dk_ptr, cols, col_ok, out_stride, dims1, D, _grad_result(acc1, GRAD_DOT) * (inv_t * unscale))
     if LOGQ_GRAD and not ATOMIC_DQ:
         tl.store(dlogq_ptr + cols, column_sum, mask=col_ok & (pid_d == 0))
 

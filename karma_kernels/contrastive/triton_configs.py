@@ -44,43 +44,61 @@ class Configs:
     grad_query: Config         # the deterministic schedule's dQ kernel
 
 
-def _gpu_defaults(dtype: torch.dtype, pairwise: bool, symmetric: bool) -> Configs:
-    if dtype == torch.float32:          # D chunks / slices (see resident_limit)
-        return Configs(Config(128, 64, 8, 2), Config(64, 64, 8, 2), Config(64, 64, 8, 2))
+def _gpu_defaults(dtype: torch.dtype, pairwise: bool, symmetric: bool, dim: int) -> Configs:
+    if dtype == torch.float32:          # float16 (hi, lo) parts: twice the shared memory of a half-precision tile
+        # gradient kernels: 32 keys per tile for D > 64 (at 64 x 64 the symmetric, key_ids and logq variants
+        # spill 16-256 B at D = 256, docs/kernel_audit.md); 64 at D <= 64, where the dK dot with 32 keys is
+        # mma.sync (its M < 64) and registers are plenty
+        grad = Config(64, 64, 8, 2) if dim <= 64 else Config(64, 32, 8, 2)
+        return Configs(Config(64, 64, 8, 2), grad, grad)
     forward = Config(128, 64, 8, 2) if pairwise else Config(128, 64, 8, 3)
     # the symmetric tile's column terms need the registers of a third stage
     return Configs(forward, Config(64, 64, 8, 2), Config(64, 64, 8, 2 if symmetric else 3))
 
 
-def default_configs(dtype: torch.dtype = torch.bfloat16, pairwise: bool = False, symmetric: bool = False) -> Configs:
+def default_configs(dtype: torch.dtype = torch.bfloat16, pairwise: bool = False, symmetric: bool = False,
+                    dim: int = MAX_RESIDENT_D) -> Configs:
     """Default tiles. Under the interpreter 16-wide tiles, so that tests cover several tiles per axis."""
     if interpreter_active():
         small = Config(16, 16, 1, 1)
         return Configs(small, small, small)
-    return _gpu_defaults(dtype, pairwise, symmetric)
+    return _gpu_defaults(dtype, pairwise, symmetric, dim)
 
 
-def dot_mode(dtype: torch.dtype) -> str:
-    """``DOT`` of the kernels (see triton_tiles): ieee under the interpreter, tf32x3 for float32 on GPU."""
-    if interpreter_active():
-        return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "native"
+# float32 dots under the interpreter: "ieee" (float32 products); tests set "split_f16" to run the GPU path's
+# float16-parts arithmetic (the interpreter's float16 dot is exact products with float32 accumulation)
+INTERPRETED_FLOAT32_DOT = "ieee"
 
 
-def grad_dot_mode(dtype: torch.dtype) -> str:
-    """``GRAD_DOT`` of the gradient kernels (G K, G^T Q): float32 FMA for float32 inputs on GPU, where the tf32x3
-    split of the gradient tiles spills registers in every config tried; the logits keep ``dot_mode`` (tf32x3), so
-    that the backward recomputes bitwise the forward's logits."""
-    mode = dot_mode(dtype)
+def dot_mode(dtype: torch.dtype, dim: int = MAX_RESIDENT_D) -> str:
+    """``DOT`` of the kernels (see triton_tiles). float32 on GPU: "split_f16" while the rows stay resident
+    (D <= MAX_RESIDENT_D: q and k pre-split into float16 parts by the launcher, three float16 tensor-core products
+    per dot), "tf32x3" over D chunks beyond. Under the interpreter "ieee" (``INTERPRETED_FLOAT32_DOT`` for
+    float32)."""
+    if dtype == torch.float32:
+        mode = INTERPRETED_FLOAT32_DOT if interpreter_active() else "split_f16"
+        return mode if dim <= MAX_RESIDENT_D else ("ieee" if interpreter_active() else "tf32x3")
+    return "ieee" if interpreter_active() else "native"
+
+
+def grad_dot_mode(dtype: torch.dtype, dim: int = MAX_RESIDENT_D) -> str:
+    """``GRAD_DOT`` of the gradient kernels (G K, G^T Q): the logits' mode, except float32 FMA beside tf32x3 (D > 256:
+    tf32 wgmma cannot read the transposed shared-memory operands these dots need, and its register splits of
+    the gradient tiles spill) and "split_f16_t" beside "split_f16" for D > 64 (transposed accumulators, see
+    triton_tiles._mma_grad; at D <= 64 their D halves would be the wgmma's M < 64). The logits always keep
+    ``dot_mode``, so that the backward recomputes bitwise the forward's logits."""
+    mode = dot_mode(dtype, dim)
+    if mode == "split_f16" and dim > 64:
+        return "split_f16_t"
     return "ieee" if mode == "tf32x3" else mode
 
 
 def resident_limit(dtype: torch.dtype) -> int:
-    """Largest D whose kernels keep whole rows resident. float32 (tf32x3 or FMA dots) needs more than 255 registers
-    per thread for the resident D = 256 gradient tiles in every config tried (docs/kernel_audit.md), so its
-    kernels always run over D chunks / slices (backward: the deterministic schedule); the forward follows, so that
-    the backward recomputes bitwise the forward's logits."""
-    return 0 if dtype == torch.float32 else MAX_RESIDENT_D
+    """Largest D whose kernels keep whole rows resident: MAX_RESIDENT_D for every dtype (float32 through its float16
+    parts; with tf32x3 or FMA dots its resident gradient tiles spilled in every config tried,
+    docs/kernel_audit.md)."""
+    return MAX_RESIDENT_D
+
 
 
 def d_tiling(dim: int, resident_limit: int = MAX_RESIDENT_D) -> Dict[str, Any]:
@@ -91,14 +109,17 @@ def d_tiling(dim: int, resident_limit: int = MAX_RESIDENT_D) -> Dict[str, Any]:
     return dict(BLOCK_D=CHUNK_D, BLOCK_DV=SLICE_D, RESIDENT=False, EVEN_D=dim % SLICE_D == 0)
 
 
-def shared_memory_estimate(kind: str, config: Config, block_d: int, element_bytes: int) -> int:
+def shared_memory_estimate(kind: str, config: Config, block_d: int, element_bytes: int, atomic: bool = True) -> int:
     """A static upper estimate of a resident-tile kernel's shared memory (for pruning autotune configs): the
-    resident block, ``num_stages`` buffers of the streamed tile and one float32 tile for layout conversions."""
+    resident block, ``num_stages`` buffers of the streamed tile and one float32 tile for layout conversions.
+    ``element_bytes``: of one operand element (4 for float32's float16 hi + lo parts)."""
     own, streamed = (config.block_b, config.block_m) if kind in ("forward", "grad_query") else \
         (config.block_m, config.block_b)
     staging = config.block_b * config.block_m * 4
-    if kind == "grad_keys":     # G^T and G as dot operands, a float32 dQ half-tile on its way to the atomics
-        staging += 2 * config.block_b * config.block_m * element_bytes + config.block_b * block_d // 2 * 4
+    if kind == "grad_keys":     # G^T (and G) as dot operands, a float32 dQ half-tile on its way to the atomics
+        staging += config.block_b * config.block_m * element_bytes
+        if atomic:
+            staging += config.block_b * config.block_m * element_bytes + config.block_b * block_d // 2 * 4
     return (own + config.num_stages * streamed) * block_d * element_bytes + staging
 
 
@@ -130,11 +151,11 @@ def forward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, pa
                      splits: Optional[Tuple[int, int]] = None, num_sms: Optional[int] = None) -> List[Launch]:
     """One launch: the row pass, or for ``symmetric`` the one-pass row + column statistics on an (S_r, S_c) grid
     (``splits``, else :func:`symmetric_splits` of ``num_sms``, default :data:`DEFAULT_SMS`)."""
-    config = config or default_configs(dtype, pairwise, symmetric).forward
+    config = config or default_configs(dtype, pairwise, symmetric, dim).forward
     tiling = d_tiling(dim, resident_limit(dtype))
     constexprs = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, RESIDENT=tiling["RESIDENT"],
                       EVEN_D=tiling["EVEN_D"] and tiling["RESIDENT"], BLOCK_B=config.block_b,
-                      BLOCK_M=config.block_m, BLOCK_D=tiling["BLOCK_D"], DOT=dot_mode(dtype))
+                      BLOCK_M=config.block_m, BLOCK_D=tiling["BLOCK_D"], DOT=dot_mode(dtype, dim))
     chunks = 1 if tiling["RESIDENT"] else triton.cdiv(dim, CHUNK_D)
     row_blocks, key_tiles = triton.cdiv(batch, config.block_b), triton.cdiv(num_keys, config.block_m)
     # every tile once (the symmetric grid partitions the row blocks x key tiles exactly)
@@ -157,14 +178,14 @@ def backward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, p
                       has_key_ids: bool, has_logq: bool, logq_grad: bool, deterministic: bool,
                       configs: Optional[Configs] = None) -> List[Launch]:
     """Atomic schedule (one kernel) unless ``deterministic`` or float32 (whose atomic kernel spills registers in
-    every config tried, docs/kernel_audit.md); else dQ + dK kernels."""
-    configs = configs or default_configs(dtype, pairwise, symmetric)
+    every config tried, the float16-parts one included: docs/kernel_audit.md); else dQ + dK kernels."""
+    configs = configs or default_configs(dtype, pairwise, symmetric, dim)
     tiling = d_tiling(dim, resident_limit(dtype))
     atomic = not deterministic and dtype != torch.float32
     chunks = 1 if tiling["RESIDENT"] else triton.cdiv(dim, CHUNK_D)
     slices = triton.cdiv(dim, tiling["BLOCK_DV"])
     base = dict(HAS_KEY_IDS=has_key_ids, HAS_LOGQ=has_logq, PAIRWISE=pairwise, SYMMETRIC=symmetric,
-                DOT=dot_mode(dtype), GRAD_DOT=grad_dot_mode(dtype), RESIDENT=tiling["RESIDENT"],
+                DOT=dot_mode(dtype, dim), GRAD_DOT=grad_dot_mode(dtype, dim), RESIDENT=tiling["RESIDENT"],
                 EVEN_D=tiling["EVEN_D"], BLOCK_D=tiling["BLOCK_D"], BLOCK_DV=tiling["BLOCK_DV"])
 
     def per_tile(config: Config, dots_with_dv: int) -> float:
@@ -196,7 +217,8 @@ def backward_launches(batch: int, num_keys: int, dim: int, dtype: torch.dtype, p
 # autotuning (KARMA_AUTOTUNE=1, GPU only): tiles, warps and stages of every kernel; one tuning per power-of-two
 # bucket of B and M (and per D, dtype and mode); configs whose shared memory cannot fit are never tried.
 
-TUNE_SPACE = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2))
+TUNE_SPACE = ((64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 8, 2),
+              (128, 128, 8, 2))   # (64, 32, 8, 2): float32's gradient kernels
 
 
 def use_autotune() -> bool:
@@ -215,9 +237,10 @@ def _prune(kind: str):
         q = named_args["q_ptr"]
         block_d = max(kwargs.get("BLOCK_D", 0), kwargs.get("BLOCK_DV", 0))   # resident block or D slice
         limit = _shared_memory_limit(q.device)
+        element_bytes = q.element_size() * (2 if kwargs.get("DOT") == "split_f16" else 1)   # (hi, lo) parts
         fits = [c for c in configs if shared_memory_estimate(
             kind, Config(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages), block_d,
-            q.element_size()) <= limit]
+            element_bytes, bool(kwargs.get("ATOMIC_DQ", True))) <= limit]
         return fits or configs[:1]
     return prune
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_tiles import _load_rows, _logit_tile, _query_block, _resident_halves, _softplus_sigmoid
+from .triton_tiles import _load_value, _logit_tile, _query_block, _resident_halves, _softplus_sigmoid
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature
     HALF: tl.constexpr = BLOCK_D // 2
     dims0 = tl.arange(0, HALF)
     dims1 = dims0 + HALF
-    q0, q1 = _resident_halves(q_ptr, rows, row_ok, stride_q, dims0, dims1, D, EVEN_D, RESIDENT)
+    q0, q1 = _resident_halves(q_ptr, rows, row_ok, stride_q, dims0, dims1, D, EVEN_D, RESIDENT, DOT)
 
     positive = tl.zeros((BLOCK_B,), dtype=tl.float32)
     if PAIRWISE:
@@ -54,9 +54,9 @@ def _forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature
         dot = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for d0 in range(0, D, 64):
             chunk = d0 + tl.arange(0, 64)
-            q_part = _load_rows(q_ptr, rows, row_ok, stride_q, chunk, D, False)
-            k_part = _load_rows(k_ptr, target, row_ok, stride_k, chunk, D, False)
-            dot += tl.sum(q_part.to(tl.float32) * k_part.to(tl.float32), axis=1)
+            q_part = _load_value(q_ptr, rows, row_ok, stride_q, chunk, D, False, DOT)
+            k_part = _load_value(k_ptr, target, row_ok, stride_k, chunk, D, False, DOT)
+            dot += tl.sum(q_part * k_part, axis=1)
         positive = dot * inv_t
         if HAS_LOGQ:
             positive -= tl.load(logq_ptr + target, mask=row_ok, other=0.0).to(tl.float32)
@@ -70,7 +70,7 @@ def _forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature
     for n0 in range(0, M, BLOCK_M):
         cols = n0 + tl.arange(0, BLOCK_M)
         col_ok = cols < M
-        k0, k1 = _resident_halves(k_ptr, cols, col_ok, stride_k, dims0, dims1, D, EVEN_D, RESIDENT)
+        k0, k1 = _resident_halves(k_ptr, cols, col_ok, stride_k, dims0, dims1, D, EVEN_D, RESIDENT, DOT)
         s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols, row_ok,
                                           col_ok, target, positive_id, inv_t, D, stride_q, stride_k, HAS_KEY_IDS,
                                           HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
@@ -129,14 +129,14 @@ def _symmetric_forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, t
     for block in range(first_block, (pid_r + 1) * row_blocks // splits_r):
         rows, row_ok, target, positive_id = _query_block(block * BLOCK_B, B, target_ptr, key_ids_ptr,
                                                          HAS_KEY_IDS, BLOCK_B)
-        q0, q1 = _resident_halves(q_ptr, rows, row_ok, stride_q, dims0, dims1, D, EVEN_D, RESIDENT)
+        q0, q1 = _resident_halves(q_ptr, rows, row_ok, stride_q, dims0, dims1, D, EVEN_D, RESIDENT, DOT)
         row_max = tl.full((BLOCK_B,), -1e30, dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
         positive = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for tile in range(pid_c * key_tiles // splits_c, (pid_c + 1) * key_tiles // splits_c):
             cols = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             col_ok = cols < M
-            k0, k1 = _resident_halves(k_ptr, cols, col_ok, stride_k, dims0, dims1, D, EVEN_D, RESIDENT)
+            k0, k1 = _resident_halves(k_ptr, cols, col_ok, stride_k, dims0, dims1, D, EVEN_D, RESIDENT, DOT)
             s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols,
                                               row_ok, col_ok, target, positive_id, inv_t, D, stride_q, stride_k,
                                               HAS_KEY_IDS, HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)

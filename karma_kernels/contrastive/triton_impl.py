@@ -15,8 +15,12 @@ by float32 atomics. The upstream coefficients are multiplied by a power of two (
 the gradient tile survives its cast to float16; the kernels divide it out of their float32 accumulators.
 
 Precision: loads are upcast to float32 before any elementwise arithmetic; logits are accumulated in float32.
-On a GPU, float16/bfloat16 tiles go to ``tl.dot`` in their own dtype and float32 tiles use tf32x3 (three TF32
-products: tensor cores at close to float32 accuracy); under the interpreter every dot runs on float32 values.
+On a GPU, float16/bfloat16 tiles go to ``tl.dot`` in their own dtype. float32 inputs with D <= 256 are split here
+once per call into float16 (hi, lo) parts of a power-of-two scaled copy (``split_f16``), which the kernels read
+as dot operands: three float16 tensor-core products per dot (hi·lo + lo·hi + hi·hi), float32-class accuracy, no
+operand splits in registers; the scales are folded into the temperature the kernels read and undone on the
+outputs. float32 with D > 256 uses tf32x3 logits and FMA gradient dots. Under the interpreter every dot runs on
+float32 values.
 float64 inputs are not supported here (backend "torch"). The launchers make no host synchronisation.
 """
 from __future__ import annotations
@@ -52,6 +56,44 @@ def grad_scale(magnitude: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     exponent = exponent.clamp(-100, 100)
     one = torch.ones((), dtype=torch.float32, device=magnitude.device)
     return torch.ldexp(one, GRAD_SCALE_EXPONENT - exponent), torch.ldexp(one, exponent - GRAD_SCALE_EXPONENT)
+
+
+# split_f16 scales a tensor so that its largest entry lies in [2**(SPLIT_EXPONENT - 1), 2**SPLIT_EXPONENT): the
+# hi part then stays below float16's max, and float16 products of two such parts (< 2**28) sum safely in float32
+SPLIT_EXPONENT = 14
+
+
+def split_f16(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(parts, scale): ``parts`` [rows, 2·P] float16 (P = D rounded up to a multiple of 8, so that the lo part
+    starts 16-byte aligned; the padding is zero) with hi = parts[:, :D], lo = parts[:, P:P + D] and
+    hi + lo = x * scale to ~2**-22 of max |x * scale| (hi rounds x * scale to float16, lo the remainder; entries
+    too small for a normal lo lose nothing that matters relative to the largest); ``scale`` a 0-d float32 power
+    of two (no host sync; max |x| is taken within [2**-31, 2**60], beyond which logits of such inputs are
+    degenerate in float32 anyway). The dots of two such operands are then three exact float16 products summed in
+    float32 (the kernels' "split_f16" mode)."""
+    _, exponent = torch.frexp(x.detach().abs().amax().to(torch.float32))
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    scale = torch.ldexp(one, SPLIT_EXPONENT - exponent.clamp(-30, 60))
+    scaled = x.detach().to(torch.float32) * scale
+    hi = scaled.to(torch.float16)
+    rows, dim = x.shape
+    padded = -(-dim // 8) * 8
+    parts = torch.zeros(rows, 2 * padded, dtype=torch.float16, device=x.device)
+    parts[:, :dim] = hi
+    parts[:, padded:padded + dim] = (scaled - hi.to(torch.float32)).to(torch.float16)
+    return parts, scale
+
+
+def _kernel_operands(query, keys, temperature, dot: str):
+    """(q, k, temperature, q_scale, k_scale) as the kernels read them: in "split_f16" mode the float16 parts and
+    the temperature times both scales (so that the kernels' logits are the unscaled ones, bitwise: powers of two),
+    else the inputs and scales of 1."""
+    if dot != "split_f16":
+        one = torch.ones((), dtype=torch.float32, device=query.device)
+        return query, keys, temperature, one, one
+    q_parts, q_scale = split_f16(query)
+    k_parts, k_scale = split_f16(keys)
+    return q_parts, k_parts, temperature.detach().to(torch.float32) * (q_scale * k_scale), q_scale, k_scale
 
 
 def _bucket(batch: int, num_keys: int, dim: int) -> tuple:
@@ -99,18 +141,19 @@ def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, s
                                 key_ids is not None, logq is not None, config, splits, _sm_count(query.device))
     tune, bucket = use_autotune() and config is None, _bucket(batch, num_keys, dim)
     key_ids_arg = int32_key_ids(target, key_ids)
+    q_arg, k_arg, temperature, _, _ = _kernel_operands(query, keys, temperature, launches[0].constexprs["DOT"])
     if not symmetric:
         loss = torch.empty(batch, dtype=torch.float32, device=query.device)
         stats = torch.zeros(3, batch, dtype=torch.float32, device=query.device)
-        run(launches[0], (query, keys, target, key_ids_arg, logq if logq is not None else loss, temperature, loss,
-                          stats, batch, num_keys, dim, query.stride(0), keys.stride(0)), tune, bucket)
+        run(launches[0], (q_arg, k_arg, target, key_ids_arg, logq if logq is not None else loss, temperature, loss,
+                          stats, batch, num_keys, dim, q_arg.stride(0), k_arg.stride(0)), tune, bucket)
         return loss, stats
     # one pass: partial row statistics per key-tile range, partial column statistics per row-block range
     split_r, split_c = launches[0].grid
     row_part = torch.empty(3, split_c, batch, dtype=torch.float32, device=query.device)
     col_part = torch.empty(2, split_r, num_keys, dtype=torch.float32, device=query.device)
-    run(launches[0], (query, keys, target, key_ids_arg, logq if logq is not None else row_part, temperature,
-                      row_part, col_part, batch, num_keys, dim, query.stride(0), keys.stride(0)), tune, bucket)
+    run(launches[0], (q_arg, k_arg, target, key_ids_arg, logq if logq is not None else row_part, temperature,
+                      row_part, col_part, batch, num_keys, dim, q_arg.stride(0), k_arg.stride(0)), tune, bucket)
     stats = torch.stack((_merge_lse(row_part[0], row_part[1]), _merge_lse(col_part[0], col_part[1]),
                          row_part[2].sum(0)))
     loss = ((stats[0] - stats[2]) + (stats[1] - stats[2])) / 2
@@ -146,23 +189,28 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
     dk = torch.empty_like(keys)
     # column sums of G * S (added per tile by the atomic kernel)
     dlogq = torch.zeros(num_keys, dtype=torch.float32, device=query.device) if want_logq_grad else None
-    common = (query, keys, target, int32_key_ids(target, key_ids), logq if logq is not None else row_coef,
-              temperature, stats, scaled_coef, unscale)
-    sizes = (batch, num_keys, dim, query.stride(0), keys.stride(0))
+    # split_f16 operands: the kernels' dQ comes out times 1/q_scale, dK times 1/k_scale, q . dq times q_scale
+    q_arg, k_arg, kernel_temperature, q_scale, k_scale = _kernel_operands(query, keys, temperature,
+                                                                          launches[0].constexprs["DOT"])
+    common = (q_arg, k_arg, target, int32_key_ids(target, key_ids), logq if logq is not None else row_coef,
+              kernel_temperature, stats, scaled_coef)
+    sizes = (batch, num_keys, dim, q_arg.stride(0), k_arg.stride(0))
     keys_launch = launches[-1]
     if keys_launch.constexprs["ATOMIC_DQ"]:
         dq_acc = torch.zeros(batch, keys_launch.grid[1] * keys_launch.constexprs["BLOCK_DV"], dtype=torch.float32,
                              device=query.device)
-        run(keys_launch, common + (dk, dlogq if dlogq is not None else dq_acc, dq_acc) + sizes, tune, bucket)
-        dq32 = dq_acc[:, :dim] * (unscale * inv_temperature)
+        run(keys_launch, common + (unscale * k_scale, dk, dlogq if dlogq is not None else dq_acc, dq_acc) + sizes,
+            tune, bucket)
+        dq32 = dq_acc[:, :dim] * (unscale * inv_temperature / k_scale)
         dq = dq32.to(query.dtype)
         dtemperature = -(query.to(torch.float32) * dq32).sum() * inv_temperature
     else:
         dq = torch.empty_like(query)
         dot_partial = torch.empty(launches[0].grid[1], batch, dtype=torch.float32, device=query.device)
-        run(launches[0], common + (dq, dot_partial) + sizes, tune, bucket)
-        run(keys_launch, common + (dk, dlogq if dlogq is not None else row_coef, row_coef) + sizes, tune, bucket)
-        dtemperature = -dot_partial.sum() * inv_temperature
+        run(launches[0], common + (unscale * q_scale, dq, dot_partial) + sizes, tune, bucket)
+        run(keys_launch, common + (unscale * k_scale, dk, dlogq if dlogq is not None else row_coef, row_coef)
+            + sizes, tune, bucket)
+        dtemperature = -dot_partial.sum() * (inv_temperature / q_scale)
     if dlogq is not None:
         dlogq = -dlogq * unscale
     return dq, dk, dtemperature, dlogq

@@ -1,9 +1,17 @@
 """Tile-level Triton helpers shared by the contrastive forward and backward kernels.
 
 Conventions: a tile is [rows, keys]; logits and every elementwise value are float32. ``DOT`` (constexpr) picks how a
-``tl.dot`` runs: "native" (float16 / bfloat16 operands on tensor cores, float32 accumulation), "tf32x3" (float32
-inputs on GPU: three TF32 tensor-core products, close to float32 accuracy) or "ieee" (float32 FMA; what the
-interpreter runs, whatever the input dtype, because its half-precision dot is wrong).
+``tl.dot`` runs: "native" (float16 / bfloat16 operands on tensor cores, float32 accumulation), "split_f16" (float32
+inputs on GPU with D <= 256: q and k arrive pre-split by the launcher into float16 (hi, lo) parts, see
+``triton_impl.split_f16``; a dot is three float16 tensor-core products hi·lo + lo·hi + hi·hi, float32-class
+accuracy; a float32 register operand (the gradient tile) is split in registers), "tf32x3" (float32 inputs beyond
+that D: three TF32 products) or "ieee" (float32 FMA; what the interpreter runs for the other modes, because its
+bfloat16 dot is wrong). ``GRAD_DOT`` "split_f16_t" is "split_f16" with the gradient accumulators held transposed
+(``_mma_grad``).
+
+In "split_f16" mode an operand tile is a tuple (hi, lo) of float16 tiles read from a parts tensor [rows, 2·P]
+(hi in columns [0, D), lo from column P = stride / 2, D rounded up to 8); ``_load_value`` gives hi + lo in
+float32 where a value is needed.
 """
 from __future__ import annotations
 
@@ -12,10 +20,78 @@ import triton.language as tl
 
 
 @triton.jit
+def _split_f16(x):
+    """(hi, lo) float16 parts of a float32 tile whose entries lie within float16's range: hi + lo = x to ~2**-22."""
+    hi = x.to(tl.float16)
+    return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _dot_parts(a, b, acc):
+    """acc + a @ b for (hi, lo) parts: the small products first, lo·lo (~2**-22 of the result) left out."""
+    acc = tl.dot(a[1], b[0], acc)
+    acc = tl.dot(a[0], b[1], acc)
+    return tl.dot(a[0], b[0], acc)
+
+
+@triton.jit
+def _grad_operand(g, DOT: tl.constexpr):
+    """A float32 register tile (the gradient tile) as the left operand of ``_mma``: split once into (hi, lo) in
+    "split_f16" modes (every dot of the tile reads the same parts), else as is (``_mma`` casts it)."""
+    if DOT == "split_f16" or DOT == "split_f16_t":
+        return _split_f16(g)
+    else:
+        return g
+
+
+@triton.jit
+def _transposed(a, DOT: tl.constexpr):
+    """tl.trans of an operand (of each part in the "split_f16" modes)."""
+    if DOT == "split_f16" or DOT == "split_f16_t":
+        return tl.trans(a[0]), tl.trans(a[1])
+    else:
+        return tl.trans(a)
+
+
+@triton.jit
+def _grad_acc(ROWS: tl.constexpr, COLS: tl.constexpr, DOT: tl.constexpr):
+    """A zero accumulator of a (ROWS x COLS) gradient product (``_mma_grad``): held transposed in "split_f16_t"
+    mode."""
+    if DOT == "split_f16_t":
+        return tl.zeros((COLS, ROWS), dtype=tl.float32)
+    else:
+        return tl.zeros((ROWS, COLS), dtype=tl.float32)
+
+
+@triton.jit
+def _mma_grad(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b for a register tile ``a`` (``_grad_operand``). In "split_f16_t" mode (float32 with D > 64) acc
+    is held transposed and updated as acc + b^T a^T: the parts of ``a`` then reach the dots through shared memory
+    and every product of the chain keeps one accumulator layout (with ``a`` as the register operand Triton gives
+    the three products two layouts and converts the float32 accumulator twice per tile)."""
+    if DOT == "split_f16_t":
+        return _dot_parts(_transposed(b, DOT), _transposed(a, DOT), acc)
+    else:
+        return _mma(a, b, acc, DOT)
+
+
+@triton.jit
+def _grad_result(acc, DOT: tl.constexpr):
+    """The (ROWS x COLS) value of a ``_grad_acc`` accumulator."""
+    if DOT == "split_f16_t":
+        return tl.trans(acc)
+    else:
+        return acc
+
+
+@triton.jit
 def _mma(a, b, acc, DOT: tl.constexpr):
-    """acc + a @ b with the precision ``DOT`` names; a half-precision ``a`` is cast to ``b``'s dtype first."""
+    """acc + a @ b with the precision ``DOT`` names; a float32 ``a`` is cast to ``b``'s dtype first; in
+    "split_f16" mode both are (hi, lo) tuples (``_load_operand``, ``_grad_operand``)."""
     if DOT == "native":
         return tl.dot(a.to(b.dtype), b, acc)
+    elif DOT == "split_f16" or DOT == "split_f16_t":
+        return _dot_parts(a, b, acc)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT)
 
@@ -53,11 +129,42 @@ def _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _resident_halves(ptr, rows, row_ok, stride, dims0, dims1, D, EVEN_D: tl.constexpr, RESIDENT: tl.constexpr):
+def _lo_offset(stride, D, EVEN_D: tl.constexpr):
+    """Column of the lo parts in a [rows, 2·P] parts tensor: P = stride / 2, which is D with EVEN_D (D a power of
+    two >= 32; in the audit D costs fewer registers than stride // 2)."""
+    if EVEN_D:
+        return D
+    else:
+        return stride // 2
+
+
+@triton.jit
+def _load_operand(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr, DOT: tl.constexpr):
+    """A dot operand tile ptr[rows, dims]: a (hi, lo) tuple of float16 parts in "split_f16" mode."""
+    if DOT == "split_f16":
+        return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D), \
+            _load_rows(ptr + _lo_offset(stride, D, EVEN_D), rows, row_ok, stride, dims, D, EVEN_D)
+    else:
+        return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D)
+
+
+@triton.jit
+def _load_value(ptr, rows, row_ok, stride, dims, D, EVEN_D: tl.constexpr, DOT: tl.constexpr):
+    """ptr[rows, dims] as float32 values (hi + lo of the parts in "split_f16" mode)."""
+    if DOT == "split_f16":
+        return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D).to(tl.float32) + \
+            _load_rows(ptr + _lo_offset(stride, D, EVEN_D), rows, row_ok, stride, dims, D, EVEN_D).to(tl.float32)
+    else:
+        return _load_rows(ptr, rows, row_ok, stride, dims, D, EVEN_D).to(tl.float32)
+
+
+@triton.jit
+def _resident_halves(ptr, rows, row_ok, stride, dims0, dims1, D, EVEN_D: tl.constexpr, RESIDENT: tl.constexpr,
+                     DOT: tl.constexpr):
     """The two D halves of a block of rows when it stays resident (else placeholders: the dots read D chunks)."""
     if RESIDENT:
-        return _load_rows(ptr, rows, row_ok, stride, dims0, D, EVEN_D), \
-            _load_rows(ptr, rows, row_ok, stride, dims1, D, EVEN_D)
+        return _load_operand(ptr, rows, row_ok, stride, dims0, D, EVEN_D, DOT), \
+            _load_operand(ptr, rows, row_ok, stride, dims1, D, EVEN_D, DOT)
     else:
         return 0.0, 0.0
 
@@ -73,8 +180,8 @@ def _store_rows(ptr, rows, row_ok, stride, dims, D, value):
 def _resident_dots(q0, q1, k0, k1, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
     """q . k of resident tiles held as two D halves: every kernel forms its logits in this one order, so the
     backward's tiles are bitwise the forward's (a row whose only valid key is its positive gets G = 0 exactly)."""
-    acc = _mma(q0, tl.trans(k0), tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32), DOT)
-    return _mma(q1, tl.trans(k1), acc, DOT)
+    acc = _mma(q0, _transposed(k0, DOT), tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32), DOT)
+    return _mma(q1, _transposed(k1, DOT), acc, DOT)
 
 
 @triton.jit

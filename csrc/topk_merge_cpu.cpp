@@ -18,6 +18,7 @@
 #include "topk_merge.h"
 #include "topk_merge_cpu_rows.h"
 #include "topk_merge_cpu_sorted.h"
+#include "topk_merge_cpu_threshold.h"
 #include "topk_merge_errors.h"
 
 namespace karma {
@@ -94,6 +95,25 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
     });
     return;
   }
+
+#if defined(KARMA_HAS_AVX512_MERGE)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // Long float32 rows on an AVX-512 CPU: threshold, then sort (the loser tree takes the queries it hands back).
+    if (sorted && !dedup && k <= cpu_merge::kThresholdMaxK && cpu_merge::threshold_merge_enabled()) {
+      cpu_merge::parallel_over_queries(num_queries, grain, [&](const auto& claim) {
+        cpu_merge::ThresholdMerge<Largest> merge(shards, k);
+        cpu_merge::SortedMerge<float, Largest> tree(shards, total_width, k, false);
+        int64_t begin, end;
+        while (claim(begin, end)) {
+          if (!cpu_merge::merge_threshold_queries(merge, tree, begin, end, k, out_distances, out_ids, errors, pad_row)) {
+            return;
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
 
   if (sorted) {
     using Merge = cpu_merge::SortedMerge<scalar_t, Largest>;

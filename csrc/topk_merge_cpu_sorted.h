@@ -18,6 +18,21 @@
 namespace karma {
 namespace cpu_merge {
 
+// Sorts the ids of each run of equal keys of a written row (already in key order; a run's distances are all the
+// same value).
+template <typename scalar_t, bool Largest>
+void order_tie_groups(const scalar_t* out_distances, int64_t* out_ids, int64_t count) {
+  const auto key_of = [](scalar_t value) { return topk::sort_key<Largest>(static_cast<at::opmath_type<scalar_t>>(value)); };
+  int64_t start = 0;
+  while (start < count) {
+    const uint64_t key = key_of(out_distances[start]);
+    int64_t end = start + 1;
+    while (end < count && key_of(out_distances[end]) == key) ++end;
+    std::sort(out_ids + start, out_ids + end);
+    start = end;
+  }
+}
+
 // The S-way merge of one query's sorted rows. Which shard wins an output is a coin flip, so each output waits on
 // the one before: a chain of ~12 cycles (load the next head, then log2(S) compare-and-swaps), which is what costs.
 // Two queries are merged at once, their steps interleaved in one loop (merge_sorted_queries), so that the core
@@ -193,7 +208,7 @@ class SortedMerge {
       if (key_of(c.winner) == last) take_smallest_ids_of_boundary_ties<Depth, Dedup>(c, last);
     }
     if (failed_) return -1;
-    if (has_equal_neighbours(c.out_distances, count)) order_tie_groups(c.out_distances, c.out_ids, count);
+    if (has_equal_neighbours(c.out_distances, count)) order_tie_groups<scalar_t, Largest>(c.out_distances, c.out_ids, count);
     return count;
   }
 
@@ -357,19 +372,6 @@ class SortedMerge {
     }
     std::partial_sort(tie_ids_.begin(), tie_ids_.begin() + (k - group_start), tie_ids_.end());
     std::copy(tie_ids_.begin(), tie_ids_.begin() + (k - group_start), c.out_ids + group_start);
-  }
-
-  // Sorts the ids of each run of equal keys (the written row is already in key order; a run's distances are
-  // all the same value).
-  static void order_tie_groups(const scalar_t* out_distances, int64_t* out_ids, int64_t count) {
-    int64_t start = 0;
-    while (start < count) {
-      const KeyBits key = sort_key_of(out_distances[start]);
-      int64_t end = start + 1;
-      while (end < count && sort_key_of(out_distances[end]) == key) ++end;
-      std::sort(out_ids + start, out_ids + end);
-      start = end;
-    }
   }
 
   const std::vector<ShardRows<scalar_t>>& shards_;

@@ -18,7 +18,6 @@
 #include "topk_merge.h"
 #include "topk_merge_cpu_rows.h"
 #include "topk_merge_cpu_sorted.h"
-#include "topk_merge_cpu_threshold.h"
 #include "topk_merge_errors.h"
 
 namespace karma {
@@ -96,32 +95,18 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
     return;
   }
 
-#if defined(KARMA_HAS_AVX512_MERGE)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    // Long float32 rows on an AVX-512 CPU: threshold, then sort (the loser tree takes the queries it hands back).
-    if (sorted && !dedup && k <= cpu_merge::kThresholdMaxK && cpu_merge::threshold_merge_enabled()) {
-      cpu_merge::parallel_over_queries(num_queries, grain, [&](const auto& claim) {
-        cpu_merge::ThresholdMerge<Largest> merge(shards, k);
-        cpu_merge::SortedMerge<float, Largest> tree(shards, total_width, k, false);
-        int64_t begin, end;
-        while (claim(begin, end)) {
-          if (!cpu_merge::merge_threshold_queries(merge, tree, begin, end, k, out_distances, out_ids, errors, pad_row)) {
-            return;
-          }
-        }
-      });
-      return;
-    }
-  }
-#endif
-
   if (sorted) {
     using Merge = cpu_merge::SortedMerge<scalar_t, Largest>;
     // Slots are 32-bit: (leaves + s) * kBlock must fit (checked here: nothing may throw inside the parallel region).
+#if defined(KARMA_HAS_AVX512_PASSES)
+    const bool avx512 = cpu_merge::avx512::enabled();
+#else
+    const bool avx512 = false;
+#endif
     TORCH_CHECK_VALUE(num_shards <= (int64_t{1} << 24), "topk_merge: sorted=True merges at most 2^24 shards per ",
                       "call, got ", num_shards, "; merge them in groups or pass sorted=False");
     cpu_merge::parallel_over_queries(num_queries, grain, [&](const auto& claim) {
-      Merge a(shards, total_width, k, dedup), b(shards, total_width, k, dedup);  // two queries in flight
+      Merge a(shards, total_width, k, dedup, avx512), b(shards, total_width, k, dedup, avx512);  // two in flight
       // The S-way merges of each claimed range, with the tree depth as a compile-time constant where it is small.
       const auto merge_claims = [&](auto depth, auto dedup_rows) {
         constexpr int kDepth = decltype(depth)::value;

@@ -35,18 +35,26 @@ KARMA_AVX512 inline __mmask16 first_lanes(int64_t n) {
 }
 
 // True when distances[0, n) never gets better along the row (ordered comparisons: false at a NaN, like the
-// portable pass; such a row then takes the exact check). Sixteen neighbour pairs per step.
+// portable pass; such a row then takes the exact check). Sixteen neighbour pairs per step, one load each: the
+// previous value comes from the vector before (a second, shifted load would split cache lines every step).
 template <bool Largest>
 KARMA_AVX512 __attribute__((noinline)) bool floats_monotone(const float* distances, int64_t n) {
+  if (n < 2) return true;
   __mmask16 in_order = 0xFFFF;
-  int64_t j = 1;
+  __m512 previous = _mm512_set1_ps(distances[0]);  // lane 15 stands before element 0: compares it with itself
+  int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const __m512 before = _mm512_loadu_ps(distances + j - 1), here = _mm512_loadu_ps(distances + j);
+    const __m512 here = _mm512_loadu_ps(distances + j);
+    const __m512 before = _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(here), _mm512_castps_si512(previous), 15));
     in_order &= Largest ? _mm512_cmp_ps_mask(here, before, _CMP_LE_OQ) : _mm512_cmp_ps_mask(here, before, _CMP_GE_OQ);
+    previous = here;
   }
   if (j < n) {
     const __mmask16 tail = first_lanes(n - j);
-    const __m512 before = _mm512_maskz_loadu_ps(tail, distances + j - 1), here = _mm512_maskz_loadu_ps(tail, distances + j);
+    const __m512 here = _mm512_maskz_loadu_ps(tail, distances + j);
+    const __m512 before = _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(here), _mm512_castps_si512(previous), 15));
     const __mmask16 ok = Largest ? _mm512_mask_cmp_ps_mask(tail, here, before, _CMP_LE_OQ)
                                  : _mm512_mask_cmp_ps_mask(tail, here, before, _CMP_GE_OQ);
     in_order &= static_cast<__mmask16>(ok | ~tail);
@@ -82,16 +90,22 @@ KARMA_AVX512 __attribute__((noinline)) void tree_keys(const float* distances, ui
   }
 }
 
-// Copies ids[0, n) to out[0, n) and returns whether any is negative (padding), eight at a time.
+// Copies ids[0, n) to out[0, n) and returns whether any is negative (padding), eight at a time. The last few go
+// one by one: a masked vector load past the block could touch a cache line the merge never asked for.
 KARMA_AVX512 __attribute__((noinline)) inline bool copy_ids(const int64_t* ids, int64_t* out, int64_t n) {
   __m512i sign_bits = _mm512_setzero_si512();
-  for (int64_t j = 0; j < n; j += 8) {
-    const __mmask8 lanes = static_cast<__mmask8>(_bzhi_u32(0xFF, static_cast<uint32_t>(n - j < 8 ? n - j : 8)));
-    const __m512i id = _mm512_maskz_loadu_epi64(lanes, ids + j);
-    _mm512_mask_storeu_epi64(out + j, lanes, id);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m512i id = _mm512_loadu_si512(ids + j);
+    _mm512_storeu_si512(out + j, id);
     sign_bits = _mm512_or_si512(sign_bits, id);
   }
-  return _mm512_movepi64_mask(sign_bits) != 0;
+  int64_t rest = 0;
+  for (; j < n; ++j) {
+    out[j] = ids[j];
+    rest |= ids[j];
+  }
+  return _mm512_movepi64_mask(sign_bits) != 0 || rest < 0;
 }
 
 }  // namespace avx512

@@ -46,7 +46,7 @@ KARMA_AVX512 __attribute__((noinline)) bool floats_monotone(const float* distanc
   for (; j + 16 <= n; j += 16) {
     const __m512 here = _mm512_loadu_ps(distances + j);
     const __m512 before = _mm512_castsi512_ps(
-        _mm512_alignr_epi32(_mm512_castps_si512(here), _mm512_castps_si512(previous), 15));
+        _mm512_maskz_alignr_epi32(0xFFFF, _mm512_castps_si512(here), _mm512_castps_si512(previous), 15));
     in_order &= Largest ? _mm512_cmp_ps_mask(here, before, _CMP_LE_OQ) : _mm512_cmp_ps_mask(here, before, _CMP_GE_OQ);
     previous = here;
   }
@@ -54,7 +54,7 @@ KARMA_AVX512 __attribute__((noinline)) bool floats_monotone(const float* distanc
     const __mmask16 tail = first_lanes(n - j);
     const __m512 here = _mm512_maskz_loadu_ps(tail, distances + j);
     const __m512 before = _mm512_castsi512_ps(
-        _mm512_alignr_epi32(_mm512_castps_si512(here), _mm512_castps_si512(previous), 15));
+        _mm512_maskz_alignr_epi32(0xFFFF, _mm512_castps_si512(here), _mm512_castps_si512(previous), 15));
     const __mmask16 ok = Largest ? _mm512_mask_cmp_ps_mask(tail, here, before, _CMP_LE_OQ)
                                  : _mm512_mask_cmp_ps_mask(tail, here, before, _CMP_GE_OQ);
     in_order &= static_cast<__mmask16>(ok | ~tail);

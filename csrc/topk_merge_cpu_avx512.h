@@ -1,5 +1,6 @@
 // AVX-512 builds of the sorted merge's per-row passes over float32 rows (topk_merge_cpu_sorted.h): the whole-row
-// sorted check and the conversion of a block into tree keys. Compiled for AVX-512 by function attribute (the
+// sorted check (and rows_in_order, the check of a query's rows with or without it), the conversion of a block into
+// tree keys and the id copy. Compiled for AVX-512 by function attribute (the
 // extension's baseline is SSE2) and taken only where the CPU has it and KARMA_TOPK_MERGE_AVX512 is not "0" (the
 // tests run both builds on the same inputs). Same results as the portable passes, bit for bit. (Shifts are
 // written masked: GCC 12 warns about the undefined source of the unmasked intrinsic.)
@@ -8,7 +9,11 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include <type_traits>
+#include <vector>
+
 #include "topk_merge.h"
+#include "topk_merge_cpu_rows.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define KARMA_HAS_AVX512_PASSES 1
@@ -47,7 +52,8 @@ KARMA_AVX512 __attribute__((noinline)) bool floats_monotone(const float* distanc
     const __m512 here = _mm512_loadu_ps(distances + j);
     const __m512 before = _mm512_castsi512_ps(
         _mm512_maskz_alignr_epi32(0xFFFF, _mm512_castps_si512(here), _mm512_castps_si512(previous), 15));
-    in_order &= Largest ? _mm512_cmp_ps_mask(here, before, _CMP_LE_OQ) : _mm512_cmp_ps_mask(here, before, _CMP_GE_OQ);
+    in_order &= Largest ? _mm512_cmp_ps_mask(here, before, _CMP_LE_OQ)
+                        : _mm512_cmp_ps_mask(here, before, _CMP_GE_OQ);
     previous = here;
   }
   if (j < n) {
@@ -65,7 +71,8 @@ KARMA_AVX512 __attribute__((noinline)) bool floats_monotone(const float* distanc
 // Tree keys (sort key << 32 | slot, slots from `base`) of distances[0, n) into keys[0, n), sixteen at a time:
 // the keys of topk::sort_key (the metric's negation, -0 folded into +0, NaN to kNanKey32).
 template <bool Largest>
-KARMA_AVX512 __attribute__((noinline)) void tree_keys(const float* distances, uint64_t* keys, uint32_t base, int64_t n) {
+KARMA_AVX512 __attribute__((noinline)) void tree_keys(const float* distances, uint64_t* keys, uint32_t base,
+                                                     int64_t n) {
   const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   const __m512i nan_key = _mm512_set1_epi32(static_cast<int>(topk::kNanKey32));
   const __m512i sixteen = _mm512_set1_epi32(16);
@@ -78,8 +85,8 @@ KARMA_AVX512 __attribute__((noinline)) void tree_keys(const float* distances, ui
     const __mmask16 lanes = first_lanes(n - j);
     const __m512 d = _mm512_maskz_loadu_ps(lanes, distances + j);
     const __mmask16 nan = _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q);
-    const __m512 value = _mm512_add_ps(Largest ? _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d), sign)) : d,
-                                       _mm512_setzero_ps());
+    const __m512 negated = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d), sign));
+    const __m512 value = _mm512_add_ps(Largest ? negated : d, _mm512_setzero_ps());
     const __m512i bits = _mm512_castps_si512(value);
     __m512i key = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_maskz_srai_epi32(0xFFFF, bits, 31), sign));
     key = _mm512_mask_mov_epi32(key, nan, nan_key);
@@ -113,3 +120,33 @@ KARMA_AVX512 __attribute__((noinline)) inline bool copy_ids(const int64_t* ids, 
 }  // namespace karma
 
 #endif  // x86_64 GCC
+
+namespace karma {
+namespace cpu_merge {
+
+// Whether every row of query q is sorted (the whole row: see row_sorted); records the first shard out of order.
+// avx512: float32 rows take the AVX-512 distance pass (avx512::enabled() was true for this call).
+template <typename scalar_t, bool Largest>
+bool rows_in_order(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, InputErrorReport& errors, bool avx512) {
+#if defined(KARMA_HAS_AVX512_PASSES)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (avx512) {
+      for (const ShardRows<float>& shard : shards) {
+        // A row that fails the distance pass (padding out of order, a NaN, or a row really unsorted) takes the
+        // exact check, which names the shard. Short rows keep the inlined pass (a call costs more there).
+        const float* distances = shard.distances + q * shard.distance_row_stride;
+        const bool monotone = shard.width >= kAvx2RowCheckMinWidth
+                                  ? avx512::floats_monotone<Largest>(distances, shard.width)
+                                  : row_sorted<float, Largest>(shard, q);
+        if (!monotone) return rows_sorted<scalar_t, Largest>(shards, q, errors);
+      }
+      return true;
+    }
+  }
+#endif
+  (void)avx512;
+  return rows_sorted<scalar_t, Largest>(shards, q, errors);
+}
+
+}  // namespace cpu_merge
+}  // namespace karma

@@ -23,7 +23,9 @@ namespace cpu_merge {
 // same value).
 template <typename scalar_t, bool Largest>
 void order_tie_groups(const scalar_t* out_distances, int64_t* out_ids, int64_t count) {
-  const auto key_of = [](scalar_t value) { return topk::sort_key<Largest>(static_cast<at::opmath_type<scalar_t>>(value)); };
+  const auto key_of = [](scalar_t value) {
+    return topk::sort_key<Largest>(static_cast<at::opmath_type<scalar_t>>(value));
+  };
   int64_t start = 0;
   while (start < count) {
     const uint64_t key = key_of(out_distances[start]);
@@ -72,7 +74,10 @@ class SortedMerge {
   // avx512: float32 rows take the AVX-512 passes (the caller checked the CPU: avx512::enabled()).
   SortedMerge(const std::vector<ShardRows<scalar_t>>& shards, int64_t total_width, int64_t k, bool dedup,
               bool avx512 = false)
-      : shards_(shards), num_shards_(static_cast<int64_t>(shards.size())), avx512_(avx512), seen_(dedup ? total_width : 0) {
+      : shards_(shards),
+        num_shards_(static_cast<int64_t>(shards.size())),
+        avx512_(avx512),
+        seen_(dedup ? total_width : 0) {
     leaves_ = 2;
     depth_ = 1;
     while (leaves_ < num_shards_) leaves_ *= 2, ++depth_;
@@ -100,25 +105,7 @@ class SortedMerge {
 
   int depth() const { return depth_; }
 
-  // Whether every row of query q is sorted (the whole row: see row_sorted); records the first shard out of order.
-  bool rows_in_order(int64_t q, InputErrorReport& errors) const {
-#if defined(KARMA_HAS_AVX512_PASSES)
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (avx512_) {
-        for (const ShardRows<float>& shard : shards_) {
-          // A row that fails the distance pass (padding out of order, a NaN, or a row really unsorted) takes the
-          // exact check, which names the shard. Short rows keep the inlined pass (a call costs more there).
-          const bool monotone = shard.width >= kAvx2RowCheckMinWidth
-                                    ? avx512::floats_monotone<Largest>(shard.distances + q * shard.distance_row_stride, shard.width)
-                                    : row_sorted<float, Largest>(shard, q);
-          if (!monotone) return rows_sorted<scalar_t, Largest>(shards_, q, errors);
-        }
-        return true;
-      }
-    }
-#endif
-    return rows_sorted<scalar_t, Largest>(shards_, q, errors);
-  }
+  bool avx512() const { return avx512_; }
 
   // One query in flight: the hot loop's state, a local of the caller so that it stays in registers (the output
   // stores could alias members otherwise). The root's loser lives in view.root rather than in keys_[1].
@@ -231,7 +218,9 @@ class SortedMerge {
       if (key_of(c.winner) == last) take_smallest_ids_of_boundary_ties<Depth, Dedup>(c, last);
     }
     if (failed_) return -1;
-    if (has_equal_neighbours(c.out_distances, count)) order_tie_groups<scalar_t, Largest>(c.out_distances, c.out_ids, count);
+    if (has_equal_neighbours(c.out_distances, count)) {
+      order_tie_groups<scalar_t, Largest>(c.out_distances, c.out_ids, count);
+    }
     return count;
   }
 
@@ -350,7 +339,10 @@ class SortedMerge {
       int64_t done = 0;
 #if defined(KARMA_HAS_AVX512_PASSES)
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (avx512_) avx512::tree_keys<Largest>(distances, keys, static_cast<uint32_t>(base), n), done = n;
+        if (avx512_) {
+          avx512::tree_keys<Largest>(distances, keys, static_cast<uint32_t>(base), n);
+          done = n;
+        }
       }
 #endif
       if (done == 0) done = tree_keys_simd(distances, keys, base, n);
@@ -445,8 +437,8 @@ bool merge_sorted_queries(SortedMerge<scalar_t, Largest>& a, SortedMerge<scalar_
   for (int64_t q = begin; q < end; q += 2) {
     if (errors.failed.load(std::memory_order_relaxed)) return false;
     const bool pair = q + 1 < end;
-    if (!a.rows_in_order(q, errors)) return false;
-    if (pair && !a.rows_in_order(q + 1, errors)) return false;
+    if (!rows_in_order<scalar_t, Largest>(shards, q, errors, a.avx512())) return false;
+    if (pair && !rows_in_order<scalar_t, Largest>(shards, q + 1, errors, a.avx512())) return false;
     auto ca = a.begin(q, k, out_distances + q * k, out_ids + q * k, errors, q + 2 < end ? q + 2 : -1);
     if (pair) {
       auto cb = b.begin(q + 1, k, out_distances + (q + 1) * k, out_ids + (q + 1) * k, errors, q + 3 < end ? q + 3 : -1);

@@ -38,7 +38,6 @@ template <typename scalar_t, bool Largest>
 void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queries, int64_t k, bool sorted,
                bool dedup, scalar_t* out_distances, int64_t* out_ids, InputErrorReport& errors) {
   using Key = at::opmath_type<scalar_t>;  // float for fp16/bf16/fp32, double for fp64
-  using cpu_merge::rows_sorted;
   const int64_t num_shards = static_cast<int64_t>(shards.size());
   int64_t total_width = 0;
   for (const auto& shard : shards) total_width += shard.width;
@@ -93,10 +92,15 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
   if (sorted) {
     using Merge = cpu_merge::SortedMerge<scalar_t, Largest>;
     // Slots are 32-bit: (leaves + s) * kBlock must fit (checked here: nothing may throw inside the parallel region).
+#if defined(KARMA_HAS_AVX512_PASSES)
+    const bool avx512 = cpu_merge::avx512::enabled();
+#else
+    const bool avx512 = false;
+#endif
     TORCH_CHECK_VALUE(num_shards <= (int64_t{1} << 24), "topk_merge: sorted=True merges at most 2^24 shards per ",
                       "call, got ", num_shards, "; merge them in groups or pass sorted=False");
     cpu_merge::parallel_over_queries(num_queries, grain, [&](const auto& claim) {
-      Merge a(shards, total_width, k, dedup), b(shards, total_width, k, dedup);  // two queries in flight
+      Merge a(shards, total_width, k, dedup, avx512), b(shards, total_width, k, dedup, avx512);  // two in flight
       // The S-way merges of each claimed range, with the tree depth as a compile-time constant where it is small.
       const auto merge_claims = [&](auto depth, auto dedup_rows) {
         constexpr int kDepth = decltype(depth)::value;

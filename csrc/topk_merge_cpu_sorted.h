@@ -13,10 +13,28 @@
 #include <emmintrin.h>
 #endif
 
+#include "topk_merge_cpu_avx512.h"
 #include "topk_merge_cpu_rows.h"
 
 namespace karma {
 namespace cpu_merge {
+
+// Sorts the ids of each run of equal keys of a written row (already in key order; a run's distances are all the
+// same value).
+template <typename scalar_t, bool Largest>
+void order_tie_groups(const scalar_t* out_distances, int64_t* out_ids, int64_t count) {
+  const auto key_of = [](scalar_t value) {
+    return topk::sort_key<Largest>(static_cast<at::opmath_type<scalar_t>>(value));
+  };
+  int64_t start = 0;
+  while (start < count) {
+    const uint64_t key = key_of(out_distances[start]);
+    int64_t end = start + 1;
+    while (end < count && key_of(out_distances[end]) == key) ++end;
+    std::sort(out_ids + start, out_ids + end);
+    start = end;
+  }
+}
 
 // The S-way merge of one query's sorted rows. Which shard wins an output is a coin flip, so each output waits on
 // the one before: a chain of ~12 cycles (load the next head, then log2(S) compare-and-swaps), which is what costs.
@@ -53,8 +71,13 @@ class SortedMerge {
   // Loser-tree depths up to 6 (S <= 64) have an unrolled replay; deeper trees take a loop.
   static constexpr int kRuntimeDepth = 0;
 
-  SortedMerge(const std::vector<ShardRows<scalar_t>>& shards, int64_t total_width, int64_t k, bool dedup)
-      : shards_(shards), num_shards_(static_cast<int64_t>(shards.size())), seen_(dedup ? total_width : 0) {
+  // avx512: float32 rows take the AVX-512 passes (the caller checked the CPU: avx512::enabled()).
+  SortedMerge(const std::vector<ShardRows<scalar_t>>& shards, int64_t total_width, int64_t k, bool dedup,
+              bool avx512 = false)
+      : shards_(shards),
+        num_shards_(static_cast<int64_t>(shards.size())),
+        avx512_(avx512),
+        seen_(dedup ? total_width : 0) {
     leaves_ = 2;
     depth_ = 1;
     while (leaves_ < num_shards_) leaves_ *= 2, ++depth_;
@@ -81,6 +104,8 @@ class SortedMerge {
   }
 
   int depth() const { return depth_; }
+
+  bool avx512() const { return avx512_; }
 
   // One query in flight: the hot loop's state, a local of the caller so that it stays in registers (the output
   // stores could alias members otherwise). The root's loser lives in view.root rather than in keys_[1].
@@ -193,7 +218,9 @@ class SortedMerge {
       if (key_of(c.winner) == last) take_smallest_ids_of_boundary_ties<Depth, Dedup>(c, last);
     }
     if (failed_) return -1;
-    if (has_equal_neighbours(c.out_distances, count)) order_tie_groups(c.out_distances, c.out_ids, count);
+    if (has_equal_neighbours(c.out_distances, count)) {
+      order_tie_groups<scalar_t, Largest>(c.out_distances, c.out_ids, count);
+    }
     return count;
   }
 
@@ -286,14 +313,22 @@ class SortedMerge {
     // offset 0, the copy is all.
     int64_t any_negative = 0;
     int64_t copied = 0;
-#if defined(__SSE2__)
-    __m128i sign_bits = _mm_setzero_si128();
-    for (; copied + 2 <= n; copied += 2) {
-      const __m128i pair = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ids + copied));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out_ids + copied), pair);
-      sign_bits = _mm_or_si128(sign_bits, pair);
+#if defined(KARMA_HAS_AVX512_PASSES)
+    if (avx512_) {
+      any_negative = avx512::copy_ids(ids, out_ids, n) ? -1 : 0;
+      copied = n;
     }
-    any_negative = _mm_cvtsi128_si64(sign_bits) | _mm_cvtsi128_si64(_mm_unpackhi_epi64(sign_bits, sign_bits));
+#endif
+#if defined(__SSE2__)
+    if (copied == 0) {
+      __m128i sign_bits = _mm_setzero_si128();
+      for (; copied + 2 <= n; copied += 2) {
+        const __m128i pair = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ids + copied));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out_ids + copied), pair);
+        sign_bits = _mm_or_si128(sign_bits, pair);
+      }
+      any_negative = _mm_cvtsi128_si64(sign_bits) | _mm_cvtsi128_si64(_mm_unpackhi_epi64(sign_bits, sign_bits));
+    }
 #endif
     for (; copied < n; ++copied) {
       out_ids[copied] = ids[copied];
@@ -301,7 +336,16 @@ class SortedMerge {
     }
     int64_t count = n;
     if (any_negative >= 0) {  // no padding: straight loops
-      const int64_t done = tree_keys_simd(distances, keys, base, n);
+      int64_t done = 0;
+#if defined(KARMA_HAS_AVX512_PASSES)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (avx512_) {
+          avx512::tree_keys<Largest>(distances, keys, static_cast<uint32_t>(base), n);
+          done = n;
+        }
+      }
+#endif
+      if (done == 0) done = tree_keys_simd(distances, keys, base, n);
       for (int64_t j = done; j < n; ++j) keys[j] = make_key(sort_key_of(distances[j]), base + j);
       if (offset != 0) {
         for (int64_t j = 0; j < n; ++j) out_ids[j] = translate(ids[j]);
@@ -359,21 +403,9 @@ class SortedMerge {
     std::copy(tie_ids_.begin(), tie_ids_.begin() + (k - group_start), c.out_ids + group_start);
   }
 
-  // Sorts the ids of each run of equal keys (the written row is already in key order; a run's distances are
-  // all the same value).
-  static void order_tie_groups(const scalar_t* out_distances, int64_t* out_ids, int64_t count) {
-    int64_t start = 0;
-    while (start < count) {
-      const KeyBits key = sort_key_of(out_distances[start]);
-      int64_t end = start + 1;
-      while (end < count && sort_key_of(out_distances[end]) == key) ++end;
-      std::sort(out_ids + start, out_ids + end);
-      start = end;
-    }
-  }
-
   const std::vector<ShardRows<scalar_t>>& shards_;
   int64_t num_shards_;
+  bool avx512_;  // float32 rows: the AVX-512 passes
   int64_t leaves_;
   int depth_;
   int64_t first_block_;
@@ -405,8 +437,8 @@ bool merge_sorted_queries(SortedMerge<scalar_t, Largest>& a, SortedMerge<scalar_
   for (int64_t q = begin; q < end; q += 2) {
     if (errors.failed.load(std::memory_order_relaxed)) return false;
     const bool pair = q + 1 < end;
-    if (!rows_sorted<scalar_t, Largest>(shards, q, errors)) return false;
-    if (pair && !rows_sorted<scalar_t, Largest>(shards, q + 1, errors)) return false;
+    if (!rows_in_order<scalar_t, Largest>(shards, q, errors, a.avx512())) return false;
+    if (pair && !rows_in_order<scalar_t, Largest>(shards, q + 1, errors, a.avx512())) return false;
     auto ca = a.begin(q, k, out_distances + q * k, out_ids + q * k, errors, q + 2 < end ? q + 2 : -1);
     if (pair) {
       auto cb = b.begin(q + 1, k, out_distances + (q + 1) * k, out_ids + (q + 1) * k, errors, q + 3 < end ? q + 3 : -1);

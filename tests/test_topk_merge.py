@@ -323,6 +323,46 @@ def test_sorted_true_checks_whole_rows_on_every_cpu_backend(metric, backend):
         topk_merge([nan_last[:, ::-1].copy()], [ids[:, :3]], 1, metric=metric, backend=backend)
 
 
+# The sorted merge's float32 row passes have an AVX-512 build (csrc/topk_merge_cpu_avx512.h), taken where the CPU
+# has it; KARMA_TOPK_MERGE_AVX512=0 turns it off. Both builds against the reference on the same inputs: widths
+# around the 16-lane steps and the 48-wide threshold of the vector row check, k past the small merge.
+@pytest.mark.parametrize("avx512", ["1", "0"])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_sorted_merge_row_passes_with_and_without_avx512(avx512, metric, dedup, monkeypatch):
+    monkeypatch.setenv("KARMA_TOPK_MERGE_AVX512", avx512)
+    rng = np.random.default_rng(17)
+    widths = [1, 15, 16, 17, 47, 48, 49, 100, 130]
+    for tie_levels, nan_rate, padding_rate in ((None, 0.0, 0.0), (3, 0.05, 0.1), (40, 0.02, 0.0)):
+        distances, ids = make_shards(rng, len(widths), 7, widths, metric=metric, tie_levels=tie_levels,
+                                     nan_rate=nan_rate, padding_rate=padding_rate, id_range=300 if dedup else None)
+        # -0 ties +0: shard 3's best candidates are zeros of both signs (its row stays sorted, NaN last).
+        distances[3] = np.sort(np.abs(distances[3]), axis=1) * np.float32(-1 if metric == "ip" else 1)
+        distances[3][:, :2] = -0.0
+        distances[3][:, 2:4] = 0.0
+        offsets = [int(x) for x in rng.integers(0, 1000, len(widths))]
+        for k in (33, 100, 520):
+            result = topk_merge(distances, ids, k, metric=metric, dedup=dedup, id_offsets=offsets)
+            assert_same(result, expect(distances, ids, k, metric=metric, dedup=dedup, id_offsets=offsets))
+    # Padding at the end of rows sorted including it (faiss's rows), and half-precision rows (ids copied by the
+    # same vector pass).
+    distances, ids = make_shards(rng, 4, 9, 64, metric=metric)
+    for d, i in zip(distances, ids):
+        d[:, 50:] = np.inf if metric == "l2" else -np.inf
+        i[:, 50:] = -1
+    assert_same(topk_merge(distances, ids, 100, metric=metric, dedup=dedup),
+                expect(distances, ids, 100, metric=metric, dedup=dedup))
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        tensors = [torch.from_numpy(d).to(dtype) for d in distances]
+        truth = expect([t.double().numpy() for t in tensors], ids, 60, metric=metric, dedup=dedup)
+        assert_same(topk_merge(tensors, [torch.from_numpy(i) for i in ids], 60, metric=metric, dedup=dedup), truth)
+    # A disorder deep in a wide row (past every candidate the merge reads) raises with either build.
+    distances, ids = make_shards(rng, 3, 5, 100, metric=metric)
+    distances[1][3, 90] = distances[1][3, 0]
+    with pytest.raises(ValueError, match=r"row 3 of distances\[1\] is not sorted best-first"):
+        topk_merge(distances, ids, 40, metric=metric)
+
+
 def test_deterministic_across_runs_and_thread_counts():
     rng = np.random.default_rng(6)
     distances, ids = make_shards(rng, 8, 3000, 30, tie_levels=3, nan_rate=0.02, padding_rate=0.05, id_range=500)

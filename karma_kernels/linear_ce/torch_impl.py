@@ -1,8 +1,8 @@
 """Chunked linear + cross-entropy in plain PyTorch: the path CPU users get.
 
 Tokens are processed in chunks of ``chunk_rows``; only one chunk of fp32 logits exists at a time (see
-``default_chunk_rows``: 256 rows, where the matmuls run at their full-size speed, with the buffer at most four
-hidden gradients, and at least 128 rows). For each chunk, one pass computes the loss and — when
+``default_chunk_rows``: up to 512 rows, where the matmuls run at about their full-size speed, with the buffer at
+most eight hidden gradients, and at least 128 rows). For each chunk, one pass computes the loss and — when
 gradients are wanted — the gradient of the logits in the same buffer, which two more matmuls turn into dHidden
 and dWeight (3 matmuls per chunk; the weight gradient accumulates in one fp32 [V, D] buffer via ``addmm_``,
 written by the first chunk).
@@ -33,15 +33,16 @@ import torch
 from .reference import compute_dtype
 
 # Rows per chunk. Each chunk's matmuls re-pack W and re-write dW for chunk-many rows of work: per row, the
-# overhead goes as 1/rows at any V. Measured per matmul against its full-size twin (docs/linear_ce_cpu.md,
-# N=4096, D=512, V=32000, 1 thread, CPU time): 64 rows 1.1-1.7x, 128 rows 1.0-1.1x, 192-256 rows 1.0x. So
-# FULL_SPEED_ROWS, with the fp32 logits buffer capped at BUFFER_PER_HIDDEN_GRAD times the hidden gradient [N, D]
-# (at the target shape 256 rows: peak 0.68x torch 2.13's chunked F.linear_cross_entropy, whose backward copies
-# the gradients its forward computed; the KARMA train step's ~2k tokens at V=32k/128k keep 128 rows) — unless
-# that is under EFFICIENT_ROWS: then EFFICIENT_ROWS (at most D/4 rows: 1/4 of the weight gradient's size;
-# 64-row chunks made the train step at V=128k 1.7x slower than 128-row ones, bench/bench_train_step.py).
-FULL_SPEED_ROWS = 256
-BUFFER_PER_HIDDEN_GRAD = 4
+# overhead goes as 1/rows at any V. Measured (docs/linear_ce_cpu.md, N=4096, D=512, V=32000): per matmul against
+# its full-size twin on 1 thread, 64 rows 1.1-1.7x, 128 rows 1.0-1.1x, 192-256 rows 1.0x; the whole op on 2
+# threads, 256 rows 1.19-1.22x the three matmuls, 384 rows 1.12-1.17x, 512 rows 1.09-1.15x. So FULL_SPEED_ROWS,
+# with the fp32 logits buffer capped at BUFFER_PER_HIDDEN_GRAD times the hidden gradient [N, D] (at the target
+# shape 512 rows: peak 0.89x torch 2.13's chunked F.linear_cross_entropy, whose backward copies the gradients its
+# forward computed; the KARMA train step's ~2k tokens at V=128k keep 128 rows) — unless that is under
+# EFFICIENT_ROWS: then EFFICIENT_ROWS (at most D/4 rows: 1/4 of the weight gradient's size; 64-row chunks made
+# the train step at V=128k 1.7x slower than 128-row ones, bench/bench_train_step.py).
+FULL_SPEED_ROWS = 512
+BUFFER_PER_HIDDEN_GRAD = 8
 EFFICIENT_ROWS = 128
 # Half-precision gradient tiles of the Triton kernels are scaled so that their largest entry lies in
 # (2^(HEADROOM-1), 2^HEADROOM] before the cast (see ``emulate_grad_tile_cast``).

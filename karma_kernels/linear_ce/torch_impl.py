@@ -1,8 +1,8 @@
 """Chunked linear + cross-entropy in plain PyTorch: the path CPU users get.
 
 Tokens are processed in chunks of ``chunk_rows``; only one chunk of fp32 logits exists at a time (see
-``default_chunk_rows``: as many entries as the hidden gradient, so the peak stays that of torch's own chunked
-op, or 128 rows when that is fewer than 64). For each chunk, one pass computes the loss and — when
+``default_chunk_rows``: up to 512 rows, where the matmuls run at about their full-size speed, with the buffer at
+most eight hidden gradients, and at least 128 rows). For each chunk, one pass computes the loss and — when
 gradients are wanted — the gradient of the logits in the same buffer, which two more matmuls turn into dHidden
 and dWeight (3 matmuls per chunk; the weight gradient accumulates in one fp32 [V, D] buffer via ``addmm_``,
 written by the first chunk).
@@ -32,16 +32,18 @@ import torch
 
 from .reference import compute_dtype
 
-# fp32 logits held per chunk: as many as the hidden gradient [N, D] holds — what torch's chunked
-# F.linear_cross_entropy holds, so the peak stays its (measured at N=4096, D=512, V=32000, where this is 64
-# rows: 0.90-1.00x of its peak; 80 rows 0.97-1.13x, 128 rows 1.09-1.10x; bench/linear_ce_cpu_floor.py --rows)
-# — unless that is under MIN_EFFICIENT_ROWS: then EFFICIENT_ROWS (at most D/4 rows: 1/4 of the weight
-# gradient's size). Each chunk re-packs W for two matmuls and re-writes dW, for chunk-many rows of work:
-# the overhead goes as 1/rows at any V (at V=128k, N=2048 the hidden gradient's size is 8 rows; 64-row chunks
-# made the KARMA train step 1.7x slower than 128-row ones, bench/bench_train_step.py).
-MIN_EFFICIENT_ROWS = 64
+# Rows per chunk. Each chunk's matmuls re-pack W and re-write dW for chunk-many rows of work: per row, the
+# overhead goes as 1/rows at any V. Measured (docs/linear_ce_cpu.md, N=4096, D=512, V=32000): per matmul against
+# its full-size twin on 1 thread, 64 rows 1.1-1.7x, 128 rows 1.0-1.1x, 192-256 rows 1.0x; the whole op on 2
+# threads, 256 rows 1.19-1.22x the three matmuls, 384 rows 1.12-1.17x, 512 rows 1.09-1.15x. So FULL_SPEED_ROWS,
+# with the fp32 logits buffer capped at BUFFER_PER_HIDDEN_GRAD times the hidden gradient [N, D] (at the target
+# shape 512 rows: peak 0.89x torch 2.13's chunked F.linear_cross_entropy, whose backward copies the gradients its
+# forward computed; the KARMA train step's ~2k tokens at V=128k keep 128 rows) — unless that is under
+# EFFICIENT_ROWS: then EFFICIENT_ROWS (at most D/4 rows: 1/4 of the weight gradient's size; 64-row chunks made
+# the train step at V=128k 1.7x slower than 128-row ones, bench/bench_train_step.py).
+FULL_SPEED_ROWS = 512
+BUFFER_PER_HIDDEN_GRAD = 8
 EFFICIENT_ROWS = 128
-MAX_CHUNK_ROWS = 512
 # Half-precision gradient tiles of the Triton kernels are scaled so that their largest entry lies in
 # (2^(HEADROOM-1), 2^HEADROOM] before the cast (see ``emulate_grad_tile_cast``).
 GRAD_TILE_HEADROOM = 14
@@ -53,10 +55,10 @@ TINY_PROB = 2.0 ** -100
 
 
 def default_chunk_rows(n_tokens: int, vocab: int, dim: int) -> int:
-    rows = n_tokens * dim // max(vocab, 1)  # the logits buffer as large as the hidden gradient
-    if rows < MIN_EFFICIENT_ROWS:
+    rows = min(FULL_SPEED_ROWS, BUFFER_PER_HIDDEN_GRAD * n_tokens * dim // max(vocab, 1))
+    if rows < EFFICIENT_ROWS:
         rows = min(EFFICIENT_ROWS, dim // 4)
-    rows = min(MAX_CHUNK_ROWS, rows) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+    rows = rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
     return max(1, min(max(rows, CHUNK_ROW_MULTIPLE), n_tokens))
 
 

@@ -31,8 +31,56 @@ constexpr int64_t kMaxPaddedOutput = int64_t{1} << 31;
 namespace {
 
 using cpu_merge::Packed;
+using cpu_merge::rows_in_order;
+using cpu_merge::SortedMerge;
 using cpu_merge::ShardRows;
 using topk::Candidate;
+
+// Merges queries [begin, end) (rows checked, the output rows padded), two at a time: the steps of queries q and
+// q + 1 alternate in one loop, two independent chains, while the rows of q + 2 and q + 3 are prefetched. `a` and
+// `b` are the thread's two merge states. Returns false on bad input (recorded in errors).
+template <int Depth, bool Dedup, typename scalar_t, bool Largest, typename PadRow>
+bool merge_sorted_queries(SortedMerge<scalar_t, Largest>& a, SortedMerge<scalar_t, Largest>& b,
+                          const std::vector<ShardRows<scalar_t>>& shards, int64_t begin, int64_t end, int64_t k,
+                          scalar_t* out_distances, int64_t* out_ids, InputErrorReport& errors,
+                          const PadRow& pad_row) {
+  using Merge = SortedMerge<scalar_t, Largest>;
+  const int64_t spacing = a.prefetch_spacing();
+  for (int64_t q = begin; q < end; q += 2) {
+    if (errors.failed.load(std::memory_order_relaxed)) return false;
+    const bool pair = q + 1 < end;
+    if (!rows_in_order<scalar_t, Largest>(shards, q, errors, a.avx512())) return false;
+    if (pair && !rows_in_order<scalar_t, Largest>(shards, q + 1, errors, a.avx512())) return false;
+    auto ca = a.begin(q, k, out_distances + q * k, out_ids + q * k, errors, q + 2 < end ? q + 2 : -1);
+    if (pair) {
+      auto cb = b.begin(q + 1, k, out_distances + (q + 1) * k, out_ids + (q + 1) * k, errors, q + 3 < end ? q + 3 : -1);
+      // A step writes at most one candidate per query, so `steps` steps cannot pass either limit; a step of a query
+      // whose rows ran out (its limit lowered to its count) changes nothing. No test per step.
+      while (Merge::running(ca) && Merge::running(cb)) {
+        const int64_t steps = std::min(spacing, std::min(ca.limit - ca.count, cb.limit - cb.count));
+        for (int64_t i = 0; i < steps; ++i) {
+          a.template step<Depth, Dedup>(ca);
+          b.template step<Depth, Dedup>(cb);
+        }
+        a.prefetch();
+        b.prefetch();
+      }
+      while (Merge::running(cb)) b.template step<Depth, Dedup>(cb);
+      const int64_t count = b.template finish<Depth, Dedup>(cb);
+      if (count < 0) return false;
+      pad_row(q + 1, count);
+    }
+    while (Merge::running(ca)) {
+      const int64_t steps = std::min(spacing, ca.limit - ca.count);
+      for (int64_t i = 0; i < steps; ++i) a.template step<Depth, Dedup>(ca);
+      a.prefetch();
+    }
+    const int64_t count = a.template finish<Depth, Dedup>(ca);
+    if (count < 0) return false;
+    pad_row(q, count);
+  }
+  return true;
+}
 
 template <typename scalar_t, bool Largest>
 void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queries, int64_t k, bool sorted,
@@ -90,7 +138,7 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
   }
 
   if (sorted) {
-    using Merge = cpu_merge::SortedMerge<scalar_t, Largest>;
+    using Merge = SortedMerge<scalar_t, Largest>;
     // Slots are 32-bit: (leaves + s) * kBlock must fit (checked here: nothing may throw inside the parallel region).
 #if defined(KARMA_HAS_AVX512_PASSES)
     const bool avx512 = cpu_merge::avx512::enabled();
@@ -107,7 +155,7 @@ void merge_cpu(const std::vector<ShardRows<scalar_t>>& shards, int64_t num_queri
         constexpr bool kDedup = decltype(dedup_rows)::value;
         int64_t begin, end;
         while (claim(begin, end)) {
-          if (!cpu_merge::merge_sorted_queries<kDepth, kDedup>(a, b, shards, begin, end, k, out_distances, out_ids,
+          if (!merge_sorted_queries<kDepth, kDedup>(a, b, shards, begin, end, k, out_distances, out_ids,
                                                                errors, pad_row)) {
             return;
           }

@@ -1,6 +1,6 @@
-// The CPU merge's building blocks over raw shard rows (no tensors): the row table, the whole-row sorted check and
-// the thread partition. The small merge (the serving case) is topk_merge_cpu_small.h; the S-way merge of long rows
-// is topk_merge_cpu_sorted.h.
+// The CPU merge's building blocks over raw shard rows (no tensors): the row table, the whole-row sorted check, the
+// tie-group ordering of a written row and the thread partition. The small merge (the serving case) is
+// topk_merge_cpu_small.h; the S-way merge of long rows is topk_merge_cpu_sorted.h.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -188,6 +188,23 @@ bool rows_sorted(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, Inpu
     }
   }
   return true;
+}
+
+// Sorts the ids of each run of equal keys of a written row (already in key order; a run's distances are all the
+// same value).
+template <typename scalar_t, bool Largest>
+void order_tie_groups(const scalar_t* out_distances, int64_t* out_ids, int64_t count) {
+  const auto key_of = [](scalar_t value) {
+    return topk::sort_key<Largest>(static_cast<at::opmath_type<scalar_t>>(value));
+  };
+  int64_t start = 0;
+  while (start < count) {
+    const uint64_t key = key_of(out_distances[start]);
+    int64_t end = start + 1;
+    while (end < count && key_of(out_distances[end]) == key) ++end;
+    std::sort(out_ids + start, out_ids + end);
+    start = end;
+  }
 }
 
 // True when two neighbours of values[0, n) have the same bits, i.e. the same sort key (a written distance is a

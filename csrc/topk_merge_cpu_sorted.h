@@ -19,27 +19,10 @@
 namespace karma {
 namespace cpu_merge {
 
-// Sorts the ids of each run of equal keys of a written row (already in key order; a run's distances are all the
-// same value).
-template <typename scalar_t, bool Largest>
-void order_tie_groups(const scalar_t* out_distances, int64_t* out_ids, int64_t count) {
-  const auto key_of = [](scalar_t value) {
-    return topk::sort_key<Largest>(static_cast<at::opmath_type<scalar_t>>(value));
-  };
-  int64_t start = 0;
-  while (start < count) {
-    const uint64_t key = key_of(out_distances[start]);
-    int64_t end = start + 1;
-    while (end < count && key_of(out_distances[end]) == key) ++end;
-    std::sort(out_ids + start, out_ids + end);
-    start = end;
-  }
-}
-
 // The S-way merge of one query's sorted rows. Which shard wins an output is a coin flip, so each output waits on
 // the one before: a chain of ~12 cycles (load the next head, then log2(S) compare-and-swaps), which is what costs.
-// Two queries are merged at once, their steps interleaved in one loop (merge_sorted_queries), so that the core
-// runs the two chains side by side.
+// Two queries are merged at once, their steps interleaved in one loop (merge_sorted_queries in topk_merge_cpu.cpp),
+// so that the core runs the two chains side by side.
 //
 // - Loser tree over the shard heads: emitting a candidate replays one leaf-to-root path, log2(S) compare-and-
 //   swap steps done with conditional moves; the path's nodes follow from the shard alone, so their loads
@@ -423,52 +406,6 @@ class SortedMerge {
   int64_t upcoming_ = -1;   // the query whose rows are prefetched during this one
   int64_t prefetched_ = 0;  // its shards prefetched so far
 };
-
-// Merges queries [begin, end) (rows checked, the output rows padded), two at a time: the steps of queries q and
-// q + 1 alternate in one loop, two independent chains, while the rows of q + 2 and q + 3 are prefetched. `a` and
-// `b` are the thread's two merge states. Returns false on bad input (recorded in errors).
-template <int Depth, bool Dedup, typename scalar_t, bool Largest, typename PadRow>
-bool merge_sorted_queries(SortedMerge<scalar_t, Largest>& a, SortedMerge<scalar_t, Largest>& b,
-                          const std::vector<ShardRows<scalar_t>>& shards, int64_t begin, int64_t end, int64_t k,
-                          scalar_t* out_distances, int64_t* out_ids, InputErrorReport& errors,
-                          const PadRow& pad_row) {
-  using Merge = SortedMerge<scalar_t, Largest>;
-  const int64_t spacing = a.prefetch_spacing();
-  for (int64_t q = begin; q < end; q += 2) {
-    if (errors.failed.load(std::memory_order_relaxed)) return false;
-    const bool pair = q + 1 < end;
-    if (!rows_in_order<scalar_t, Largest>(shards, q, errors, a.avx512())) return false;
-    if (pair && !rows_in_order<scalar_t, Largest>(shards, q + 1, errors, a.avx512())) return false;
-    auto ca = a.begin(q, k, out_distances + q * k, out_ids + q * k, errors, q + 2 < end ? q + 2 : -1);
-    if (pair) {
-      auto cb = b.begin(q + 1, k, out_distances + (q + 1) * k, out_ids + (q + 1) * k, errors, q + 3 < end ? q + 3 : -1);
-      // A step writes at most one candidate per query, so `steps` steps cannot pass either limit; a step of a query
-      // whose rows ran out (its limit lowered to its count) changes nothing. No test per step.
-      while (Merge::running(ca) && Merge::running(cb)) {
-        const int64_t steps = std::min(spacing, std::min(ca.limit - ca.count, cb.limit - cb.count));
-        for (int64_t i = 0; i < steps; ++i) {
-          a.template step<Depth, Dedup>(ca);
-          b.template step<Depth, Dedup>(cb);
-        }
-        a.prefetch();
-        b.prefetch();
-      }
-      while (Merge::running(cb)) b.template step<Depth, Dedup>(cb);
-      const int64_t count = b.template finish<Depth, Dedup>(cb);
-      if (count < 0) return false;
-      pad_row(q + 1, count);
-    }
-    while (Merge::running(ca)) {
-      const int64_t steps = std::min(spacing, ca.limit - ca.count);
-      for (int64_t i = 0; i < steps; ++i) a.template step<Depth, Dedup>(ca);
-      a.prefetch();
-    }
-    const int64_t count = a.template finish<Depth, Dedup>(ca);
-    if (count < 0) return false;
-    pad_row(q, count);
-  }
-  return true;
-}
 
 }  // namespace cpu_merge
 }  // namespace karma

@@ -124,23 +124,19 @@ KARMA_AVX512 __attribute__((noinline)) inline bool copy_ids(const int64_t* ids, 
 namespace karma {
 namespace cpu_merge {
 
-// Whether every row of query q is sorted (the whole row: see row_sorted); records the first shard out of order.
+// Whether every row of query q is sorted (the whole row: see rows_sorted_by); records the first shard out of order.
 // avx512: float32 rows take the AVX-512 distance pass (avx512::enabled() was true for this call).
 template <typename scalar_t, bool Largest>
 bool rows_in_order(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, InputErrorReport& errors, bool avx512) {
 #if defined(KARMA_HAS_AVX512_PASSES)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (avx512) {
-      for (const ShardRows<float>& shard : shards) {
-        // A row that fails the distance pass (padding out of order, a NaN, or a row really unsorted) takes the
-        // exact check, which names the shard. Short rows keep the inlined pass (a call costs more there).
-        const float* distances = shard.distances + q * shard.distance_row_stride;
-        const bool monotone = shard.width >= kAvx2RowCheckMinWidth
-                                  ? avx512::floats_monotone<Largest>(distances, shard.width)
-                                  : row_sorted<float, Largest>(shard, q);
-        if (!monotone) return rows_sorted<scalar_t, Largest>(shards, q, errors);
-      }
-      return true;
+      // Short rows keep the inlined passes (a call costs more there).
+      return rows_sorted_by<float, Largest>(
+          shards.data(), static_cast<int64_t>(shards.size()), q, errors, [](const float* distances, int64_t width) {
+            return width >= kAvx2RowCheckMinWidth ? avx512::floats_monotone<Largest>(distances, width)
+                                                  : row_distances_monotone<float, Largest>(distances, width);
+          });
     }
   }
 #endif

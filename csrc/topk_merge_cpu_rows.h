@@ -108,8 +108,8 @@ void parallel_over_queries(int64_t num_queries, int64_t grain, const Body& body)
 // read again with its ids. The merges after it rely on it: they do not check order themselves.
 //
 // The distance pass: plain comparisons, no branch, so the compiler vectorises it. A NaN compares false, so a row
-// holding one takes the exact pass (NaN last is sorted there). float32 rows also have an AVX2 build of it, taken
-// where the CPU has AVX2 (the extension's baseline is SSE2).
+// holding one takes the exact pass (NaN last is sorted there). float32 rows also have SSE2 and AVX2 builds of it
+// (row_distances_monotone picks one; the extension's baseline is SSE2).
 template <typename scalar_t, bool Largest>
 inline int distances_monotone(const scalar_t* distances, int64_t n) {
   using Key = at::opmath_type<scalar_t>;
@@ -148,25 +148,44 @@ inline bool cpu_has_avx2() {
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// distances_monotone for float32 rows of at least 5, four neighbour pairs per step (SSE2, the x86-64 baseline), the
+// last step overlapping the one before it instead of a scalar tail. Ordered comparisons: false for NaN, which the
+// exact pass then judges.
+template <bool Largest>
+inline int floats_monotone_sse2(const float* distances, int64_t n) {
+  __m128 in_order = _mm_castsi128_ps(_mm_set1_epi32(-1));
+  const auto pairs = [&](int64_t j) {
+    const __m128 before = _mm_loadu_ps(distances + j - 1), here = _mm_loadu_ps(distances + j);
+    in_order = _mm_and_ps(in_order, Largest ? _mm_cmple_ps(here, before) : _mm_cmpge_ps(here, before));
+  };
+  int64_t j = 1;
+  for (; j + 4 <= n; j += 4) pairs(j);
+  if (j < n) pairs(n - 4);
+  return static_cast<int>(_mm_movemask_ps(in_order) == 0xF);
+}
+#endif
+
+// The distance pass for one row: AVX2 for long float32 rows where the CPU has it (a call into the AVX2 build
+// costs more than a short row's inlined pass: the serving case, k_s ~ 10, measured 0.7x faiss at Q = 64 with the
+// call for every row), SSE2 for float32 rows of 5 or more, the portable loop otherwise.
 template <typename scalar_t, bool Largest>
-bool row_sorted(const ShardRows<scalar_t>& shard, int64_t q) {
-  using Key = at::opmath_type<scalar_t>;
-  const scalar_t* distances = shard.distances + q * shard.distance_row_stride;
-  int monotone;
+inline int row_distances_monotone(const scalar_t* distances, int64_t width) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // A call into the AVX2 build costs more than a short row's inlined pass (the serving case, k_s ~ 10: measured
-    // 0.7x faiss at Q = 64 with the call for every row).
-    monotone = shard.width >= kAvx2RowCheckMinWidth && cpu_has_avx2()
-                   ? floats_monotone_avx2<Largest>(distances, shard.width)
-                   : distances_monotone<scalar_t, Largest>(distances, shard.width);
-  } else {
-    monotone = distances_monotone<scalar_t, Largest>(distances, shard.width);
+    if (width >= kAvx2RowCheckMinWidth && cpu_has_avx2()) return floats_monotone_avx2<Largest>(distances, width);
+    if (width >= 5) return floats_monotone_sse2<Largest>(distances, width);
   }
-#else
-  monotone = distances_monotone<scalar_t, Largest>(distances, shard.width);
 #endif
-  if (monotone) return true;
+  return distances_monotone<scalar_t, Largest>(distances, width);
+}
+
+// The exact pass for a row that failed its distance pass: every real candidate's sort key against the one before
+// (padding skipped).
+template <typename scalar_t, bool Largest>
+bool row_keys_sorted(const ShardRows<scalar_t>& shard, int64_t q) {
+  using Key = at::opmath_type<scalar_t>;
+  const scalar_t* distances = shard.distances + q * shard.distance_row_stride;
   const int64_t* ids = shard.ids + q * shard.id_row_stride;
   uint64_t previous = 0;
   for (int64_t j = 0; j < shard.width; ++j) {
@@ -178,16 +197,30 @@ bool row_sorted(const ShardRows<scalar_t>& shard, int64_t q) {
   return true;
 }
 
-// Records the first shard whose row q is out of order; false then.
-template <typename scalar_t, bool Largest>
-bool rows_sorted(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, InputErrorReport& errors) {
-  for (size_t s = 0; s < shards.size(); ++s) {
-    if (__builtin_expect(!row_sorted<scalar_t, Largest>(shards[s], q), 0)) {
-      errors.record_unsorted(static_cast<int64_t>(s), q);
+// Whether row q of every shard is sorted, each row's distance pass by `monotone(distances, width)` (a build's own
+// vector pass) and the exact pass only for a row that fails it. Records the first shard out of order; false then.
+template <typename scalar_t, bool Largest, typename DistancePass>
+bool rows_sorted_by(const ShardRows<scalar_t>* shards, int64_t num_shards, int64_t q, InputErrorReport& errors,
+                    const DistancePass& monotone) {
+  for (int64_t s = 0; s < num_shards; ++s) {
+    const ShardRows<scalar_t>& shard = shards[s];
+    if (monotone(shard.distances + q * shard.distance_row_stride, shard.width)) continue;
+    if (__builtin_expect(!row_keys_sorted<scalar_t, Largest>(shard, q), 0)) {
+      errors.record_unsorted(s, q);
       return false;
     }
   }
   return true;
+}
+
+template <typename scalar_t, bool Largest>
+bool rows_sorted(const ShardRows<scalar_t>* shards, int64_t num_shards, int64_t q, InputErrorReport& errors) {
+  return rows_sorted_by<scalar_t, Largest>(shards, num_shards, q, errors, row_distances_monotone<scalar_t, Largest>);
+}
+
+template <typename scalar_t, bool Largest>
+bool rows_sorted(const std::vector<ShardRows<scalar_t>>& shards, int64_t q, InputErrorReport& errors) {
+  return rows_sorted<scalar_t, Largest>(shards.data(), static_cast<int64_t>(shards.size()), q, errors);
 }
 
 // Sorts the ids of each run of equal keys of a written row (already in key order; a run's distances are all the

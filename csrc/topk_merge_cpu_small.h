@@ -2,8 +2,8 @@
 // query with k = 10 per call. Included by topk_merge_cpu.cpp (the op) and topk_merge_numpy.cpp (the small-call path
 // for numpy, which runs it on the calling thread: no tensors, no allocation, no thread pool).
 //
-// Per query: the whole-row sorted check (sorted=True's contract: every row checked whole, as row_sorted does; float32
-// rows four neighbour pairs at a time), then an S-way merge in which each output scans the S heads' keys for the
+// Per query: the whole-row sorted check (rows_sorted: sorted=True's contract, every row checked whole; float32 rows
+// four neighbour pairs at a time), then an S-way merge in which each output scans the S heads' keys for the
 // best: no tree or blocks to set up, so a query costs about what it reads, ~k + S candidates. The stream goes into
 // topk::TopKCollector (which keeps the smallest ids of the tie group cut by k); topk::order_ties then sorts ids within
 // ties, when there are any. Tried and measured slower here (side by side, one process): heads as key << 32 | shard with a branch-free
@@ -13,9 +13,6 @@
 
 #include <ATen/OpMathType.h>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -39,7 +36,7 @@ inline bool has_equal_keys(const Candidate* out, int64_t count) {
 }
 
 // Writes up to k candidates of query q to `out` and returns their count, or -1 on bad input (recorded in errors).
-// Order was checked before (small_rows_sorted); ids are checked as they are read. Each output scans the S heads'
+// Order was checked before (rows_sorted); ids are checked as they are read. Each output scans the S heads'
 // keys for the best (the collector orders ties by id itself, so the heads compare by key alone).
 template <typename scalar_t, bool Largest>
 int64_t small_merge(const ShardRows<scalar_t>* shards, int64_t num_shards, int64_t q, int64_t k, Candidate* out,
@@ -85,49 +82,6 @@ int64_t small_merge(const ShardRows<scalar_t>* shards, int64_t num_shards, int64
   return collector.count;
 }
 
-#if defined(__SSE2__)
-// distances_monotone for float32 rows of at least 5, four neighbour pairs per step (SSE2, the x86-64 baseline), the
-// last step overlapping the one before it instead of a scalar tail. Ordered comparisons: false for NaN, which the
-// exact pass then judges.
-template <bool Largest>
-inline int floats_monotone_sse2(const float* distances, int64_t n) {
-  __m128 in_order = _mm_castsi128_ps(_mm_set1_epi32(-1));
-  const auto pairs = [&](int64_t j) {
-    const __m128 before = _mm_loadu_ps(distances + j - 1), here = _mm_loadu_ps(distances + j);
-    in_order = _mm_and_ps(in_order, Largest ? _mm_cmple_ps(here, before) : _mm_cmpge_ps(here, before));
-  };
-  int64_t j = 1;
-  for (; j + 4 <= n; j += 4) pairs(j);
-  if (j < n) pairs(n - 4);
-  return static_cast<int>(_mm_movemask_ps(in_order) == 0xF);
-}
-#endif
-
-// sorted=True's whole-row check for the S rows of query q (row_sorted's contract, its exact pass only for a row
-// whose distances alone are not monotone). Records the first row out of order; false then.
-template <typename scalar_t, bool Largest>
-bool small_rows_sorted(const ShardRows<scalar_t>* shards, int64_t num_shards, int64_t q, InputErrorReport& errors) {
-  for (int64_t s = 0; s < num_shards; ++s) {
-    const ShardRows<scalar_t>& shard = shards[s];
-    const scalar_t* distances = shard.distances + q * shard.distance_row_stride;
-    int monotone;
-#if defined(__SSE2__)
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      monotone = shard.width >= 5 ? floats_monotone_sse2<Largest>(distances, shard.width)
-                                  : distances_monotone<float, Largest>(distances, shard.width);
-    } else {
-      monotone = distances_monotone<scalar_t, Largest>(distances, shard.width);
-    }
-#else
-    monotone = distances_monotone<scalar_t, Largest>(distances, shard.width);
-#endif
-    if (!monotone && !row_sorted<scalar_t, Largest>(shard, q)) {
-      errors.record_unsorted(s, q);
-      return false;
-    }
-  }
-  return true;
-}
 
 // Merges queries [begin, end) into the (Q, k) outputs (rows with fewer than k real candidates padded); false on
 // bad input (recorded in errors). S <= kSmallMergeMaxShards, k <= kSmallMergeMaxK.
@@ -138,7 +92,7 @@ bool small_merge_queries(const ShardRows<scalar_t>* shards, int64_t num_shards, 
   const scalar_t padding = static_cast<scalar_t>(topk::padding_distance<Largest>());
   Candidate buffer[kSmallMergeMaxK];
   for (int64_t q = begin; q < end; ++q) {
-    if (!small_rows_sorted<scalar_t, Largest>(shards, num_shards, q, errors)) return false;
+    if (!rows_sorted<scalar_t, Largest>(shards, num_shards, q, errors)) return false;
     const int64_t count = small_merge<scalar_t, Largest>(shards, num_shards, q, k, buffer, errors);
     if (count < 0) return false;
     scalar_t* row_distances = out_distances + q * k;

@@ -8,8 +8,10 @@ for the ratio.
     python -m bench.topk_merge_vs_faiss                  # S=8, Q=20000, k=100, torch's thread count
     python -m bench.topk_merge_vs_faiss --threads 1 --shards 64 --queries 1000 --k 10
     python -m bench.topk_merge_vs_faiss --queries 1 --k 10 --calls 3000 --warmup 300   # the serving case
+    python -m bench.topk_merge_vs_faiss --queries 1 --k 10 --calls 3000 --warmup 300 --torch
 
-Times are whole calls from Python, numpy in and out, as a caller sees them (ours includes its wrapper).
+Times are whole calls from Python, numpy in and out, as a caller sees them (ours includes its wrapper); with
+--torch ours takes and returns CPU tensors (views of the same arrays), faiss still numpy.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def main(argv=None) -> None:
                         help="threads for both (torch.set_num_threads and faiss.omp_set_num_threads)")
     parser.add_argument("--calls", type=int, default=40, help="timed calls of each, alternating")
     parser.add_argument("--warmup", type=int, default=8, help="untimed calls of each first")
+    parser.add_argument("--torch", action="store_true", help="ours on torch CPU tensors instead of numpy arrays")
     args = parser.parse_args(argv)
     for name in ("shards", "queries", "k", "threads", "calls"):
         if getattr(args, name) < 1:
@@ -46,10 +49,11 @@ def main(argv=None) -> None:
     shape = (args.shards, args.queries, args.k)
     distances = np.sort(rng.random(shape, dtype=np.float32), axis=2)  # rows as a search returns them
     ids = rng.integers(0, 2**40, shape, dtype=np.int64)
-    calls = {"karma": lambda: topk_merge(distances, ids, args.k),
+    ours_in = (torch.from_numpy(distances), torch.from_numpy(ids)) if args.torch else (distances, ids)
+    calls = {"karma": lambda: topk_merge(*ours_in, args.k),
              "faiss": lambda: faiss.merge_knn_results(distances, ids, keep_max=False)}
     ours, theirs = calls["karma"](), calls["faiss"]()
-    if not np.array_equal(ours[0], theirs[0]):
+    if not np.array_equal(np.asarray(ours[0]), theirs[0]):
         raise SystemExit("the two disagree on the merged distances")
     for fn in calls.values():
         for _ in range(args.warmup):
@@ -60,7 +64,8 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    print(f"S={args.shards} Q={args.queries} k={args.k}, {args.threads} thread(s), {args.calls} alternating calls")
+    print(f"S={args.shards} Q={args.queries} k={args.k}, {args.threads} thread(s), {args.calls} alternating calls"
+          + (", ours on torch tensors" if args.torch else ""))
     scale, unit = (1e6, "us") if np.median(times["faiss"]) < 1e-3 else (1e3, "ms")
     for name, values in times.items():
         t = np.asarray(values) * scale

@@ -77,5 +77,7 @@ def test_topk_merge_vs_faiss_script_runs_and_checks_its_arguments(capsys):
     printed = capsys.readouterr().out
     assert "S=3 Q=40 k=5, 1 thread(s), 2 alternating calls" in printed
     assert "faiss / karma:" in printed and "(medians)" in printed
+    main(["--shards", "3", "--queries", "1", "--k", "5", "--calls", "2", "--warmup", "1", "--threads", "1", "--torch"])
+    assert "ours on torch tensors" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--k", "0"])

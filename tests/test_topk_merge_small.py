@@ -31,9 +31,9 @@ def small(extension, d, i, k, metric="l2", id_offsets=None, sorted=True, dedup=F
 
 
 def through_the_op(d, i, k, **options):
-    """The same call through the op (tensors, never the small-call path)."""
+    """The same call through the op (tensors and backend="compiled": never the small-call path)."""
     out = topk_merge(torch.from_numpy(np.array(d)), torch.from_numpy(np.array(i)), k,
-                     **options)
+                     **{"backend": "compiled", **options})
     return out[0].numpy(), out[1].numpy()
 
 
@@ -228,3 +228,42 @@ def test_listed_shards_and_id_offsets_equal_the_op(extension, metric):
     assert small(extension, distances, ids, 10, metric, overflow) is None
     with pytest.raises(ValueError, match=r"id_offsets\[7\].*int64"):
         topk_merge(distances, ids, 10, metric=metric, id_offsets=overflow)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_stacked_cpu_tensors_take_the_path_as_numpy_views(extension, dtype, monkeypatch):
+    """A stacked CPU tensor of a dtype numpy has goes through the small-call path as a numpy view (no copy) and
+    comes back as tensors; bfloat16, a layout with no numpy view and anything the path does not take go the op's
+    way. Same results, same errors, either way."""
+    from karma_kernels.topk_merge import op
+
+    calls = []
+    real = op._merge_small
+    monkeypatch.setattr(op, "_merge_small", lambda *args: calls.append(args[0]) or real(*args))
+    rng = np.random.default_rng(3)
+    distances, ids = make_shards(rng, 8, 6, 12, dtype=np.float32)
+    d = torch.from_numpy(np.stack(distances)).to(dtype)
+    i = torch.from_numpy(np.stack(ids))
+    cases = [("plain", d, i), ("requires_grad", d.clone().requires_grad_(dtype != torch.bfloat16), i),
+             ("strided", d[:, ::2], i[:, ::2]), ("transposed rows", d.transpose(1, 2).contiguous().transpose(1, 2),
+                                                 i.transpose(1, 2).contiguous().transpose(1, 2))]
+    for name, dd, ii in cases:
+        calls.clear()
+        got = topk_merge(dd, ii, 10)
+        want = topk_merge(dd.detach().clone(), ii.clone(), 10, backend="compiled")
+        assert type(got[0]) is torch.Tensor and got[0].dtype == dtype and got[1].dtype == torch.int64, name
+        assert not got[0].requires_grad, name
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(got[1], want[1]), name
+        took_path = bool(calls) and isinstance(calls[0], np.ndarray)
+        assert took_path == (dtype != torch.bfloat16), name
+    unsorted = d.clone()
+    unsorted[2, 4, [3, 9]] = unsorted[2, 4, [9, 3]]
+    messages = []
+    for backend in ("auto", "compiled"):
+        with pytest.raises(ValueError) as error:
+            topk_merge(unsorted, i, 10, backend=backend)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and "row 4 of distances[2]" in messages[0]
+    with pytest.raises(TypeError, match="dense"):
+        topk_merge(d.to_sparse(), i, 10)

@@ -33,6 +33,7 @@ _extension_state: dict = {}  # "loaded": bool, set once by _extension_loaded()
 _merge_small = None  # karma_kernels._C.merge_small once the extension is loaded (the small-call path)
 _is_compiling = torch.compiler.is_compiling
 _SMALL_CALL_TYPES = (np.ndarray, list, tuple)  # what the small-call path may take as distances
+_SMALL_CALL_TENSOR_DTYPES = (torch.float32, torch.float64, torch.float16)  # CPU tensors it takes as numpy views
 
 
 def _register_fake() -> None:
@@ -202,6 +203,10 @@ def _check_padding_size(distances: Union[torch.Tensor, list[torch.Tensor]], k: i
 def _validate_shard(d: torch.Tensor, i: torch.Tensor, index: str, dtype, device, num_queries: int) -> None:
     """Checks one shard (index "[s]") or a stacked input (index "") against the first shard's dtype, device
     and number of queries."""
+    for name, tensor in (("distances", d), ("ids", i)):
+        if tensor.layout != torch.strided:
+            raise TypeError(f"{OP}: {name}{index} must be a dense (strided) tensor, got layout {tensor.layout}; "
+                            "call .to_dense() first")
     if d.dtype not in DISTANCE_DTYPES:
         raise TypeError(f"{OP}: distances{index} must be float32, float16, bfloat16 or float64, got {d.dtype}")
     if d.dtype != dtype:
@@ -231,6 +236,20 @@ def _reference(distances: list[torch.Tensor], ids: list[torch.Tensor], k: int, l
     device = distances[0].device
     return (torch.from_numpy(out_distances).to(device=device, dtype=distances[0].dtype),
             torch.from_numpy(out_ids).to(device))
+
+
+def _small_tensor_call(distances, ids, k, metric, id_offsets, sorted, dedup, backend):
+    """The small-call path for one stacked CPU tensor of each (plain tensors, a dtype numpy has): their numpy views
+    go through it and its outputs come back as tensors (no copy either way); None when it does not take the call."""
+    if (type(ids) is not torch.Tensor or not distances.is_cpu or not ids.is_cpu
+            or distances.dtype not in _SMALL_CALL_TENSOR_DTYPES or ids.dtype != torch.int64):
+        return None
+    try:  # a tensor with no numpy view (sparse, nested, a negative-bit view, ...) takes the op's path
+        views = (distances.detach() if distances.requires_grad else distances).numpy(), ids.numpy()
+    except (RuntimeError, TypeError):
+        return None
+    out = _merge_small(*views, k, metric, id_offsets, sorted, dedup, backend)
+    return None if out is None else (torch.from_numpy(out[0]), torch.from_numpy(out[1]))
 
 
 def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, sorted: bool = True,
@@ -271,10 +290,15 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     # The small-call path, first: numpy rows (stacked, or a list for a small call) merged straight from their memory
     # (csrc/topk_merge_numpy.cpp), which checks every argument itself (the same checks as below) and answers None for
     # anything it does not take or that is an error to raise; the general path below then handles the call.
-    # Tensors, Python checks and the dispatcher cost more than merging one query. (Not under torch.compile, and
-    # asked before the global is read: Dynamo cannot guard on a C function.)
+    # Tensors, Python checks and the dispatcher cost more than merging one query; a stacked CPU tensor takes the
+    # path as a numpy view. (Not under torch.compile, and asked before the global is read: Dynamo cannot guard on a
+    # C function.)
     if type(distances) in _SMALL_CALL_TYPES and not _is_compiling() and _merge_small is not None:
         out = _merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend)
+        if out is not None:
+            return out
+    elif type(distances) is torch.Tensor and _merge_small is not None and not _is_compiling():
+        out = _small_tensor_call(distances, ids, k, metric, id_offsets, sorted, dedup, backend)
         if out is not None:
             return out
     library = _library_of("distances", distances)

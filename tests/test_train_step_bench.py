@@ -75,3 +75,15 @@ def test_cli_prints_the_markdown_table(capsys, torch_one_thread):
     for bad in (["--rounds", "0"], ["--vocab", "2"], ["--hidden", "30", "--heads", "8"], ["--device", "tpu"]):
         with pytest.raises(SystemExit):
             bench.main(bad)
+
+
+def test_peak_memory_counts_the_steps_own_gradients(torch_one_thread):
+    """The step's new gradients are part of its peak: the previous step's are dropped before the reading, so the
+    step cannot refill their pages unseen (read in-process, the peak once missed them)."""
+    shape = replace(bench.TINY, vocab=40000)   # a 5 MiB embedding / LM head: its gradient is a page-sized fact
+    results = bench.compare(shape, "cpu", rounds=2)
+    trainer = bench.TrainStep(shape, "cpu")
+    gradient_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    for variant in bench.VARIANTS:
+        if results[variant]["mem_method"] == "rss_sampler":
+            assert results[variant]["peak_mem_bytes"] >= gradient_bytes, variant

@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._backend import interpreter_active
+from .backward_plan import ALIGN_BYTES, fp32_view_offset
 from .torch_impl import cast_grads_like
 from .triton_configs import audit_plans, backward_launches, forward_launch  # noqa: F401  (audit_plans: the audit)
 from .triton_forward import merge_partials
@@ -108,60 +109,99 @@ def backward(grad_scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     need_grad_bias = need_grad_bias and bias is not None
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    element = _ELEMENT[hidden.dtype]
+    if not n_tokens or not (need_grad_hidden or need_grad_weight or need_grad_bias):
+        zeros = [torch.zeros_like(x) if need else None
+                 for x, need in ((hidden, need_grad_hidden), (weight, need_grad_weight), (bias, need_grad_bias))]
+        return tuple(zeros)
     launches = backward_launches(
-        max(n_tokens, 1), vocab, dim, element, on_gpu=_on_gpu(hidden), deterministic=deterministic,
+        n_tokens, vocab, dim, _ELEMENT[hidden.dtype], on_gpu=_on_gpu(hidden), deterministic=deterministic,
         has_bias=bias is not None, has_softcap=softcap is not None, filtering=filter_eps > 0,
         need_hidden=need_grad_hidden, need_weight=need_grad_weight, need_bias=need_grad_bias, accum_dtype=accum_dtype,
-        vocab_order=vocab_order and not deterministic)
-    rows = vocab if deterministic else launches[0].extra["band_rows"]
-    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_grad_hidden else None
+        vocab_order=vocab_order and not deterministic, hidden_rows=hidden.shape[0])
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_grad_bias else None
-    grad_weight = scratch = None
-    if need_grad_weight:
-        if rows == vocab:       # fp32 gradient, or one full fp32 buffer
-            grad_weight = scratch = torch.zeros((vocab, dim), dtype=torch.float32, device=device)
-        else:                   # fp32 bands, each cast into the fp16/bf16 gradient
-            grad_weight = torch.empty((vocab, dim), dtype=weight.dtype, device=device)
-            scratch = torch.zeros((rows, dim), dtype=torch.float32, device=device)
-    if n_tokens and (need_grad_hidden or need_grad_weight or need_grad_bias):
-        grad_scale = grad_scale.to(torch.float32)
-        scale_stride = 0 if grad_scale.dim() == 0 else grad_scale.stride(0)
-        slots = token_slots(target, row_index, ignore_index)
-        stats = stats.contiguous()
-        head = (hidden, weight, bias if bias is not None else hidden) + slots + (grad_scale, scale_stride,
-                                                                                stats[0], stats[1])
-        scalars = (float(label_smoothing), float(z_loss), float(softcap or 1.0), float(filter_eps))
+    grad_scale = grad_scale.to(torch.float32)
+    slots = token_slots(target, row_index, ignore_index)
+    stats = stats.contiguous()
+    head = (hidden, weight, bias if bias is not None else hidden) + slots + (
+        grad_scale, 0 if grad_scale.dim() == 0 else grad_scale.stride(0), stats[0], stats[1])
+    scalars = (float(label_smoothing), float(z_loss), float(softcap or 1.0), float(filter_eps))
+    if deterministic:
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_grad_hidden else None
+        grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=device) if need_grad_weight else None
         unused = hidden  # pointer placeholder for an output that is not asked for
-        if deterministic:
-            for launch in launches:
-                if launch.name == "grad_hidden":
-                    launch.kernel[launch.grid](*head, grad_hidden, vocab, dim, hidden.stride(0), weight.stride(0),
-                                               grad_hidden.stride(0), *scalars, **launch.options())
-                else:
-                    launch.kernel[launch.grid](
-                        *head, scratch if scratch is not None else unused,
-                        grad_bias if grad_bias is not None else unused, vocab, dim, hidden.stride(0),
-                        weight.stride(0), dim, *scalars, **launch.options())
-        else:
-            launch = launches[0]
-            order = _vocab_order(hidden, weight, bias, row_index) if launch.constexprs["VOCAB_ORDER"] else None
-            for v_start in range(0, vocab, rows):
-                v_count = min(rows, vocab - v_start)
+        for launch in launches:
+            if launch.name == "grad_hidden":
+                launch.kernel[launch.grid](*head, grad_hidden, vocab, dim, hidden.stride(0), weight.stride(0),
+                                           grad_hidden.stride(0), *scalars, **launch.options())
+            else:
                 launch.kernel[launch.grid](
-                    *head, grad_hidden if grad_hidden is not None else unused,
-                    scratch if scratch is not None else unused, grad_bias if grad_bias is not None else unused,
-                    order if order is not None else slots[0], n_tokens, vocab, v_start, v_count, dim,
-                    hidden.stride(0), weight.stride(0), grad_hidden.stride(0) if grad_hidden is not None else 0,
-                    dim, *scalars, **launch.options())
-                if scratch is not None and scratch is not grad_weight:
-                    if order is None:
-                        grad_weight[v_start:v_start + v_count].copy_(scratch[:v_count])
-                    else:
-                        grad_weight.index_copy_(0, order[v_start:v_start + v_count],
-                                                scratch[:v_count].to(grad_weight.dtype))
-                    if v_start + rows < vocab:
-                        scratch.zero_()
-    elif scratch is not None and scratch is not grad_weight:
-        grad_weight.zero_()
+                    *head, grad_weight if grad_weight is not None else unused,
+                    grad_bias if grad_bias is not None else unused, vocab, dim, hidden.stride(0),
+                    weight.stride(0), dim, *scalars, **launch.options())
+        return cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))
+    grad_hidden, grad_weight = run_plan(launches, head, scalars, grad_bias, n_tokens, hidden, weight, bias,
+                                        row_index, need_grad_hidden, need_grad_weight)
     return cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))
+
+
+def _fp32_rows(grad_weight: torch.Tensor, row: int, rows: int) -> torch.Tensor:
+    """An fp32 [rows, D] view of the fp16/bf16 gradient's rows [row, row + 2 rows) (16-byte aligned)."""
+    dim = grad_weight.shape[1]
+    offset = fp32_view_offset(row, dim, grad_weight.element_size())
+    view = grad_weight.view(-1)[offset:offset + 2 * rows * dim].view(torch.float32).view(rows, dim)
+    assert view.data_ptr() % ALIGN_BYTES == 0, "fp32 view inside the gradient is not 16-byte aligned"
+    return view
+
+
+def run_plan(launches, head, scalars, grad_bias, n_tokens: int, hidden, weight, bias, row_index,
+             need_hidden: bool, need_weight: bool):
+    """Walks the one-pass backward's plan (``backward_plan``): allocates the gradients, keeps the fp32 sums
+    where the plan says (inside the fp16/bf16 dWeight output for the "in_place" layout), launches each step and
+    casts each band into its rows. Returns (dHidden, dWeight); dHidden is fp32 unless the plan cast it already."""
+    plan = launches[0].extra["plan"]
+    by_stage = {launch.extra["stage"]: launch for launch in launches}
+    vocab, dim = weight.shape
+    device = hidden.device
+    grad_weight = buffer = grad_hidden = None
+    if need_weight:
+        if plan.layout == "full":        # fp32 gradient, or one full fp32 buffer
+            grad_weight = buffer = torch.zeros((vocab, dim), dtype=torch.float32, device=device)
+        else:
+            grad_weight = torch.empty((vocab, dim), dtype=weight.dtype, device=device)
+            if plan.separate_rows:
+                buffer = torch.empty((plan.separate_rows, dim), dtype=torch.float32, device=device)
+    in_place_hidden = need_hidden and plan.hidden_acc_row is not None
+    if need_hidden:
+        grad_hidden = (_fp32_rows(grad_weight, plan.hidden_acc_row, hidden.shape[0]).zero_() if in_place_hidden
+                       else torch.zeros(hidden.shape, dtype=torch.float32, device=device))
+    order = _vocab_order(hidden, weight, bias, row_index) if by_stage[1].constexprs["VOCAB_ORDER"] else None
+    unused = hidden  # pointer placeholder for an output that is not asked for
+    for step in plan.steps:
+        launch = by_stage[step.stage]
+        if step.stage == 3 and in_place_hidden:
+            # dHidden is complete: cast it into its output (the one new allocation); its rows are free from here
+            grad_hidden, in_place_hidden = grad_hidden.to(hidden.dtype), False
+        sums = None
+        if launch.constexprs["NEED_WEIGHT"]:
+            if plan.layout == "full":
+                sums = buffer
+            elif step.scratch_row is not None:
+                sums = _fp32_rows(grad_weight, step.scratch_row, step.v_count).zero_()
+            else:
+                sums = buffer[:step.v_count].zero_()
+        hidden_out = grad_hidden if launch.constexprs["NEED_HIDDEN"] else None
+        grid = (-(-n_tokens // launch.constexprs["BLOCK_N"]) * -(-step.v_count // launch.constexprs["BLOCK_V"]),)
+        launch.kernel[grid](
+            *head, hidden_out if hidden_out is not None else unused, sums if sums is not None else unused,
+            grad_bias if grad_bias is not None else unused, order if order is not None else head[3], n_tokens,
+            vocab, step.v_start, step.v_count, dim, hidden.stride(0), weight.stride(0),
+            hidden_out.stride(0) if hidden_out is not None else 0, dim, *scalars, **launch.options())
+        if sums is not None and plan.layout != "full":
+            rows = slice(step.v_start, step.v_start + step.v_count)
+            if order is None:
+                grad_weight[rows].copy_(sums)
+            else:
+                grad_weight.index_copy_(0, order[rows], sums.to(grad_weight.dtype))
+    if in_place_hidden:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    return grad_hidden, grad_weight

@@ -1,0 +1,237 @@
+"""The backward's plan (``karma_kernels/linear_ce/backward_plan.py``): fp32 sums kept inside the fp16/bf16 dWeight
+output. The planner's invariants over a grid of shapes; parity of the in-place layout (every stage, the shrinking
+bands of stage 3 and the final separate scratch) with the fp64 truth and with one full fp32 buffer; the falls
+back; and every allocation the backward makes."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from karma_kernels import linear_cross_entropy
+from karma_kernels.linear_ce.backward_plan import ALIGN_BYTES, TAIL_ROWS, plan_backward
+from tests.conftest import TRITON_DEVICE
+from tests.linear_ce_cases import check_against_truth, make_inputs
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------------ the planner
+
+def _check_plan(vocab, hidden_rows, dim, band, tile, need_hidden):
+    plan = plan_backward(vocab, hidden_rows, dim, band, tile, elem_bytes=2, need_hidden=need_hidden,
+                         need_weight=True)
+    written = [0] * vocab           # dWeight rows written (cast from their fp32 sums)
+    hidden_seen = [0] * vocab       # rows whose dHidden product was added
+    acc = plan.hidden_acc_row
+    acc_busy = acc is not None
+    if acc is not None:
+        assert (acc * dim * 2) % ALIGN_BYTES == 0
+        assert 0 <= acc and acc + 2 * hidden_rows <= vocab
+    stages = [s.stage for s in plan.steps]
+    assert stages == sorted(stages), "stages run in order"
+    for step in plan.steps:
+        band_rows = range(step.v_start, step.v_start + step.v_count)
+        assert step.v_count > 0 and 0 <= step.v_start and band_rows.stop <= vocab
+        if step.stage == 3 and acc_busy:
+            acc_busy = False        # dHidden is cast out before the first stage-3 step
+        if step.need_hidden and need_hidden:
+            for r in band_rows:
+                hidden_seen[r] += 1
+        if step.stage == 2:
+            assert step.scratch_row is None
+            continue
+        if step.scratch_row is None:
+            assert plan.layout != "in_place" or step.v_count <= plan.separate_rows <= TAIL_ROWS
+        else:
+            lo, hi = step.scratch_row, step.scratch_row + 2 * step.v_count
+            assert (lo * dim * 2) % ALIGN_BYTES == 0, f"scratch at row {lo} not aligned"
+            assert 0 <= lo and hi <= vocab
+            assert hi <= step.v_start or lo >= band_rows.stop, "scratch overlaps its band"
+            assert not any(written[lo:hi]), "scratch overlaps written rows"
+            if acc_busy:
+                assert hi <= acc or lo >= acc + 2 * hidden_rows, "scratch overlaps the dHidden accumulator"
+        for r in band_rows:
+            assert not written[r]
+            if acc_busy:
+                assert not acc <= r < acc + 2 * hidden_rows, "a row written over the live dHidden accumulator"
+            written[r] = 1
+    assert written == [1] * vocab, "every row written exactly once"
+    if need_hidden:
+        assert hidden_seen == [1] * vocab, "every row's dHidden product added exactly once"
+    separate = plan.separate_rows * dim * 4
+    gradients = vocab * dim * 2 + (hidden_rows * dim * 2 if need_hidden else 0)
+    hidden_acc = hidden_rows * dim * 4 if need_hidden and acc is None else 0
+    if plan.layout == "in_place":
+        assert plan.peak_bytes == gradients + separate + hidden_acc
+        assert plan.recomputed_rows == (plan.reserved_rows if acc is not None else 0)
+        t = 2 * hidden_rows + 2 * band
+        if need_hidden and t + 16 <= vocab:
+            assert acc is not None and plan.reserved_rows < t + 16    # t rounded up by at most the alignment
+    else:
+        assert plan.layout == "bands" and plan.separate_rows == band
+        assert plan.peak_bytes == gradients + separate + hidden_acc
+    return plan
+
+
+def test_plan_invariants_over_a_grid_of_shapes():
+    layouts = set()
+    for vocab, hidden_rows, dim, band, tile, need_hidden in itertools.product(
+            (7, 100, 481, 3000), (1, 13, 64, 700), (3, 32, 40, 2304), (32, 64, 1792), (16, 32, 128), (True, False)):
+        if band % tile or band >= vocab:
+            continue
+        plan = _check_plan(vocab, hidden_rows, dim, band, tile, need_hidden)
+        layouts.add((plan.layout, plan.hidden_acc_row is not None))
+    assert layouts == {("in_place", True), ("in_place", False), ("bands", False)}
+
+
+def test_plan_at_the_benchmark_shapes_stays_at_cut_cross_entropys_peak():
+    """N=8192, D=2304, V=256000 and N=16384, D=4096, V=128256 bf16 (bands of 16 MiB, GPU tiles of 128 rows): the
+    peak is the two bf16 gradients + the last few rows' fp32 scratch, at most CCE's dE + dC + its 1 MB vocabulary
+    order; the logits of the last t rows are computed twice."""
+    for n, d, v, band, extra in ((8192, 2304, 256000, 1792, 0.081), (16384, 4096, 128256, 1024, 0.278)):
+        plan = _check_plan(v, n, d, band, 128, True)
+        cce = (v + n) * d * 2 + 4 * v
+        assert plan.layout == "in_place" and plan.peak_bytes <= cce
+        assert plan.reserved_rows == 2 * n + 2 * band
+        assert abs(plan.extra_rows / v - extra) < 1e-3
+
+
+def test_plan_falls_back_and_rejects_bad_sizes():
+    assert plan_backward(100, 4, 8, 64, 32, elem_bytes=2, need_hidden=True, need_weight=True).layout == "bands"
+    assert plan_backward(100, 4, 8, 64, 32, elem_bytes=4, need_hidden=True, need_weight=True).layout == "full"
+    assert plan_backward(900, 4, 8, 64, 32, elem_bytes=2, need_hidden=True, need_weight=True,
+                         full_buffer=True).layout == "full"
+    assert plan_backward(900, 4, 8, 64, 32, elem_bytes=2, need_hidden=True, need_weight=True,
+                         scattered=True).layout == "bands"
+    with pytest.raises(ValueError, match="plan_backward"):
+        plan_backward(0, 4, 8, 64, 32, elem_bytes=2, need_hidden=True, need_weight=True)
+
+
+# ------------------------------------------------------------------------------- the in-place layout, run
+
+# D = 32, bands of 64 rows (4 * 32 * 64 bytes), interpreter tiles of 32 rows, 48 tokens: T = 96 + 128 rows, so
+# V = 480 runs stage 1 (4 bands), stage 2, stage 3 (64, 32, 32, 32, 21, 14, 9, 6 rows) and a 14-row tail
+N, D, V, BAND_BYTES = 48, 32, 480, 4 * 32 * 64
+
+
+@pytest.fixture
+def small_bands(monkeypatch):
+    from karma_kernels.linear_ce import triton_configs
+
+    monkeypatch.setattr(triton_configs, "BAND_BYTES", BAND_BYTES)
+
+
+def _plan_of(n, v):
+    from karma_kernels.linear_ce.triton_configs import _tiles, band_rows
+
+    block_v = _tiles("backward", "bf16", on_gpu=TRITON_DEVICE != "cpu")["BLOCK_V"]
+    return plan_backward(v, n, D, band_rows(v, D, "bf16", None, block_v), block_v, elem_bytes=2, need_hidden=True,
+                         need_weight=True)
+
+
+def _op(**fixed):
+    def fn(hidden, weight, target, **options):
+        return linear_cross_entropy(hidden, weight, target, backend="triton", **fixed, **options)
+    return fn
+
+
+def _grads(inputs, **options):
+    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in ("hidden", "weight")}
+    loss = linear_cross_entropy(leaves["hidden"], leaves["weight"], inputs["target"], backend="triton", **options)
+    loss.backward()
+    return leaves["hidden"].grad, leaves["weight"].grad
+
+
+def _assert_same_up_to_fp32_rounding(got, want, name):
+    """Same fp32 sums, summed in another order: equal, or one rounding step of the output dtype apart, rarely."""
+    assert got.dtype == want.dtype
+    differ = got != want
+    ulp = torch.finfo(got.dtype).eps * want.float().abs().clamp_min(torch.finfo(got.dtype).tiny)
+    assert ((got.float() - want.float()).abs() <= ulp)[differ].all(), f"{name}: more than one rounding step apart"
+    assert differ.float().mean() <= 0.01, f"{name}: {int(differ.sum())} entries differ"
+
+
+@pytest.mark.parametrize("filter_eps", ["auto", 0.0])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_in_place_layout_matches_the_truth_and_one_fp32_buffer(dtype, filter_eps, small_bands):
+    plan = _plan_of(N, V)
+    stages = [s.stage for s in plan.steps]
+    assert plan.layout == "in_place" and plan.hidden_acc_row is not None
+    assert 1 in stages and 2 in stages and stages.count(3) >= 5 and plan.separate_rows > 0
+    assert any(s.stage == 3 and s.scratch_row is not None and s.v_count < 32 for s in plan.steps)
+    inputs = make_inputs(N, D, V, dtype, ignore_every=5, logit_scale=3.0, device=TRITON_DEVICE)
+    check_against_truth(_op(filter_eps=filter_eps), inputs, dtype, label=f"in place {filter_eps}")
+    in_place = _grads(inputs, filter_eps=filter_eps)
+    full = _grads(inputs, filter_eps=filter_eps, accum_dtype="fp32")
+    for got, want, name in zip(in_place, full, ("dhidden", "dweight")):
+        _assert_same_up_to_fp32_rounding(got, want, name)
+
+
+def test_in_place_layout_with_bias_softcap_and_smoothing(small_bands):
+    inputs = make_inputs(N, D, V, torch.bfloat16, bias=True, ignore_every=7, device=TRITON_DEVICE)
+    check_against_truth(_op(), inputs, torch.bfloat16, label="in place + options", softcap=5.0,
+                        label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("n,v,layout,acc_in_place", [(48, 160, "in_place", False), (48, 100, "bands", False)])
+def test_too_many_tokens_for_the_vocabulary_falls_back(n, v, layout, acc_in_place, small_bands):
+    """2 N + 2 R > V: dHidden keeps its own fp32 buffer (the band stays in place while 2 R <= V)."""
+    plan = _plan_of(n, v)
+    assert plan.layout == layout and (plan.hidden_acc_row is not None) == acc_in_place
+    inputs = make_inputs(n, D, v, torch.float16, ignore_every=6, device=TRITON_DEVICE)
+    check_against_truth(_op(), inputs, torch.float16, label=f"fall back V={v}")
+    for got, want, name in zip(_grads(inputs), _grads(inputs, accum_dtype="fp32"), ("dhidden", "dweight")):
+        _assert_same_up_to_fp32_rounding(got, want, name)
+
+
+# ------------------------------------------------------------------------------------------- allocations
+
+class _Allocations(TorchDispatchMode):
+    """Bytes of every new storage an aten op returns (views of existing storages are not allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen and storage.nbytes():
+                seen.add(storage.data_ptr())
+                self.sizes.append((str(func), storage.nbytes()))
+        return out
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
+
+
+def test_backward_allocates_the_two_gradients_and_nothing_gradient_sized(small_bands):
+    """Every allocation of the bf16 backward: the dWeight and dHidden outputs, and otherwise only buffers of
+    at most the final scratch (TAIL_ROWS fp32 rows) or O(N + V) vectors. Before the in-place layout it also
+    allocated an fp32 band (64 rows here) and an fp32 dHidden accumulator (48 rows)."""
+    from karma_kernels.linear_ce import triton_impl
+
+    inputs = make_inputs(N, D, V, torch.bfloat16, ignore_every=5, device=TRITON_DEVICE)
+    hidden, weight, target = inputs["hidden"], inputs["weight"], inputs["target"]
+    _, stats = triton_impl.forward(hidden, weight, target)
+    with _Allocations() as log:
+        grad_hidden, grad_weight, _ = triton_impl.backward(torch.tensor(0.5), hidden, weight, target, stats,
+                                                           filter_eps=0.0)
+    small = TAIL_ROWS * D * 4
+    large = sorted(size for _, size in log.sizes if size > small)
+    assert large == sorted([V * D * 2, N * D * 2]), log.sizes
+    assert grad_weight.dtype == grad_hidden.dtype == torch.bfloat16
+    assert grad_weight.float().abs().sum() > 0 and grad_hidden.float().abs().sum() > 0

@@ -12,17 +12,19 @@ Layouts (``BackwardPlan.layout``):
              rows before the next band.
     Stage 2: dHidden only over T's own rows: dHidden is complete; the launcher casts it into the dHidden output
              (the one new gradient-sized allocation) and T is free.
-    Stage 3: dWeight only over T, geometrically: with unwritten rows [a, b), a band of x = min(R, (b - a) // 3)
-             rows at [b - x, b) keeps its fp32 sums in [a, a + 2x); b -= x. The last <= one tile of rows takes a
-             separate fp32 scratch of that size.
-    Extra work: the logits of T's rows are computed once more (stage 2 + stage 3 against one pass): + F t / V.
-    Without dHidden (need_hidden=False) T is only the band (t = 2 R) and there is no extra work.
-``"bands"``: fp32 bands of R rows in a separate buffer, and a separate fp32 dHidden accumulator. Taken when T
-    would not fit (t > V: a large batch against a small vocabulary, or one band covering the vocabulary), with
-    ``vocab_order=True`` (bands scatter their rows over the gradient, so no row range stays unwritten), or
-    without dWeight (nothing to hide in).
-``"full"``: one fp32 [V, D] buffer addressed by class id: the gradient itself for fp32 weights, or
-    ``accum_dtype="fp32"`` (cast at the end).
+    Stage 3: dWeight only over T, in shrinking bands: with unwritten rows [a, b), a band of
+             x = min(R, (b - a) // 3) rows (whole tiles while x >= one tile) at [b - x, b) keeps its fp32 sums in
+             [a, a + 2x); b -= x; the last <= TAIL_ROWS rows take a separate fp32 scratch of that size.
+    Extra work: the logits of T's rows are computed once more (stage 2 + stage 3 against one pass): + F t / V
+    (plus stage 3's partial tiles; ``masked_rows``).
+    When 2 H + 2 R > V (a large batch against a small vocabulary), T is only the band (t = 2 R) and dHidden
+    keeps its own fp32 accumulator; so it is without dHidden (need_hidden=False). No extra work then: T's rows
+    take stage 1's kernel (dHidden + dWeight) in the shrinking bands.
+``"bands"``: fp32 bands of R rows in a separate buffer, and a separate fp32 dHidden accumulator. Taken when even
+    one band does not fit twice (2 R > V), with ``vocab_order=True`` (bands scatter their rows over the
+    gradient, so no row range stays unwritten), and without dWeight (one step, nothing to hide in).
+``"full"``: one fp32 [V, D] buffer addressed by class id: the gradient itself for fp32 weights; for fp16/bf16
+    (cast at the end) with ``accum_dtype="fp32"``, or when one band covers the vocabulary (<= BAND_BYTES).
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ class BackwardPlan:
     separate_rows: int              # rows of the separate fp32 dWeight buffer (0: none)
     reserved_rows: int              # t: the gradient rows that hold fp32 sums in stages 1-2 (0 unless in place)
     recomputed_rows: int            # vocabulary rows whose logits are computed twice (extra work F * this / V)
-    extra_rows: int                 # recomputed rows + the masked rows of partial tiles beyond one pass's
+    masked_rows: int                # rows of partial tiles (computed, masked) beyond one pass's over V
     peak_bytes: int                 # gradient outputs + fp32 buffers outside them, at once, by allocation count
 
 
@@ -101,7 +103,7 @@ def plan_backward(vocab: int, hidden_rows: int, dim: int, band: int, tile: int, 
         acc_rows, start = 0, (vocab - ratio * band) // align * align
     if scattered or start < 0:
         bands = tuple(Step(1, v0, min(band, vocab - v0), None) for v0 in range(0, vocab, band))
-        return BackwardPlan("bands", bands, None, band, 0, 0, _extra_rows(bands, vocab, tile),
+        return BackwardPlan("bands", bands, None, band, 0, 0, _masked_rows(bands, vocab, tile),
                             weight_out + band * dim * FP32_BYTES + hidden_acc + hidden_out)
     steps = [Step(1, v0, min(band, start - v0), start + acc_rows) for v0 in range(0, start, band)]
     if acc_rows:
@@ -121,12 +123,12 @@ def plan_backward(vocab: int, hidden_rows: int, dim: int, band: int, tile: int, 
     tail = high - low
     peak = weight_out + hidden_out + tail * dim * FP32_BYTES + (0 if acc_rows else hidden_acc)
     return BackwardPlan("in_place", tuple(steps), start if acc_rows else None, tail, vocab - start,
-                        vocab - start if acc_rows else 0, _extra_rows(steps, vocab, tile), peak)
+                        vocab - start if acc_rows else 0, _masked_rows(steps, vocab, tile), peak)
 
 
-def _extra_rows(steps, vocab: int, tile: int) -> int:
-    """Rows of logits the steps compute (whole tiles) beyond one pass over the vocabulary in whole tiles."""
-    return sum(-(-s.v_count // tile) * tile for s in steps) - -(-vocab // tile) * tile
+def _masked_rows(steps, vocab: int, tile: int) -> int:
+    """Masked rows of the steps' partial tiles beyond those of one pass over the vocabulary."""
+    return sum(-(-s.v_count // tile) * tile - s.v_count for s in steps) - (-(-vocab // tile) * tile - vocab)
 
 
 def fp32_view_offset(row: int, dim: int, elem_bytes: int) -> int:

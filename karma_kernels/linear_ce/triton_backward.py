@@ -10,7 +10,9 @@ both products (2/3 of its work). Peaked softmaxes (trained LMs) leave most tiles
 
 dWeight memory: the kernel adds into an fp32 buffer covering the vocabulary rows [v_start, v_start + v_count):
 the whole [V, D] gradient, or a band of it that the launcher casts into the fp16/bf16 gradient before the next
-band (so no fp32 [V, D] copy exists; see ``triton_impl.backward``).
+band (so no fp32 [V, D] copy exists). By default the band and the dHidden fp32 accumulator are views of the
+fp16/bf16 dWeight output's unwritten rows; NEED_HIDDEN / NEED_WEIGHT select the variant each stage of the plan
+launches (``backward_plan.py``, ``triton_impl.run_plan``).
 
 Vocabulary ordering (``vocab_order=True``): tiles walk the classes sorted by their mean logit over the batch,
 so the few classes with large probabilities share tiles and more tiles fall below ``filter_eps`` entirely.

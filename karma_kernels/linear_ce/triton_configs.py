@@ -191,8 +191,10 @@ def audit_plans(quick: bool) -> list:
                                         tensor_cores=True, pipelined=True, divisible_by_16=aligned))
         label = " ".join(filter(None, [f"N={n} D={d} V={v} {element}", "bias+softcap+smoothing" if options else "",
                                        "deterministic" if deterministic else ""]))
-        # the in-place plan computes the logits of its last rows twice: 4F + F * (those rows + partial tiles) / V
-        extra = 0.0 if deterministic else launches[-1].extra["plan"].extra_rows / v
+        # the in-place plan computes the logits of its last t rows twice: 4F + F t / V, plus its partial tiles
+        # (masked rows, counted at 3 units: dz, dHidden, dWeight, the most a tile costs)
+        plan = None if deterministic else launches[-1].extra["plan"]
+        extra = 0.0 if plan is None else (plan.recomputed_rows + 3 * plan.masked_rows) / v
         plans.append(AuditPlan("linear_ce", label, 2.0 * n * d * v, 5.0 if deterministic else 4.0 + extra,
                                tuple(audited)))
     return plans

@@ -83,7 +83,7 @@ def plan_backward(vocab: int, hidden_rows: int, dim: int, band: int, tile: int, 
     rows of dHidden (hidden's dtype = weight's); ``band``: rows of one fp32 band (``triton_configs.band_rows``);
     ``tile``: the kernel's vocabulary tile (BLOCK_V); ``full_buffer``: ``accum_dtype="fp32"``; ``scattered``:
     ``vocab_order=True`` (bands write scattered rows)."""
-    if min(vocab, dim, band, tile) < 1 or hidden_rows < 0 or elem_bytes not in (2, 4):
+    if min(vocab, band, tile) < 1 or min(dim, hidden_rows) < 0 or elem_bytes not in (2, 4):
         raise ValueError(f"plan_backward: bad sizes vocab={vocab} hidden_rows={hidden_rows} dim={dim} band={band} "
                          f"tile={tile} elem_bytes={elem_bytes}")
     weight_out = vocab * dim * elem_bytes if need_weight else 0

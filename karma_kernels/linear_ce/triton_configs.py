@@ -95,7 +95,7 @@ def band_rows(vocab: int, dim: int, element: str, accum_dtype: Optional[str], bl
     """Vocabulary rows of one fp32 dWeight band (``vocab`` = one band, the gradient itself or a full buffer)."""
     if element == "fp32" or accum_dtype == "fp32":
         return vocab
-    rows = max(block_v, BAND_BYTES // (4 * dim) // block_v * block_v)
+    rows = max(block_v, BAND_BYTES // (4 * max(dim, 1)) // block_v * block_v)
     return min(rows, vocab)
 
 

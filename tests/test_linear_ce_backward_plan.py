@@ -187,6 +187,23 @@ def test_too_many_tokens_for_the_vocabulary_falls_back(n, v, layout, small_bands
         _assert_same_up_to_fp32_rounding(got, want, name)
 
 
+@pytest.mark.parametrize("wanted", ["hidden", "weight", "both"])
+def test_one_gradient_only_and_a_row_index_map(wanted, small_bands):
+    """With shift=1 (hidden rows mapped to tokens: N + 1 rows of dHidden in place), against one full fp32 buffer;
+    dWeight only: the band alone moves into the gradient; dHidden only: one step, its own fp32 buffer."""
+    inputs = make_inputs(N + 1, D, V, torch.bfloat16, ignore_every=5, device=TRITON_DEVICE)
+    names = ("hidden", "weight") if wanted == "both" else (wanted,)
+    grads = []
+    for options in (dict(), dict(accum_dtype="fp32")):
+        leaves = {k: inputs[k].detach().clone().requires_grad_(k in names) for k in ("hidden", "weight")}
+        linear_cross_entropy(leaves["hidden"], leaves["weight"], inputs["target"], backend="triton", shift=1,
+                             **options).backward()
+        grads.append([leaves[k].grad for k in names])
+    for got, want, name in zip(*grads, names):
+        assert got.abs().sum() > 0
+        _assert_same_up_to_fp32_rounding(got, want, f"d{name}")
+
+
 # ------------------------------------------------------------------------------------------- allocations
 
 class _Allocations(TorchDispatchMode):

@@ -115,10 +115,12 @@ def backward_launches(n_tokens: int, vocab: int, dim: int, element: str, *, on_g
     if not deterministic:
         config, warps, stages = _split(_tiles("backward", element, on_gpu, has_bias or has_softcap))
         bn, bv, bd = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_D"]
+        # dHidden's first whole D blocks, up to D / 2 columns, keep their fp32 sums in the fp16/bf16 output itself
+        split = (dim // 2) // bd * bd if element != "fp32" and dim % 2 == 0 else 0
         plan = plan_backward(vocab, n_tokens if hidden_rows is None else hidden_rows, dim,
                              band_rows(vocab, dim, element, accum_dtype, bv), bv, elem_bytes=_ELEMENT_BYTES[element],
                              need_hidden=need_hidden, need_weight=need_weight, full_buffer=accum_dtype == "fp32",
-                             scattered=vocab_order)
+                             scattered=vocab_order, hidden_split=split)
         token_blocks = triton.cdiv(n_tokens, bn)
         launches = []
         for stage in (1, 2, 3):
@@ -128,8 +130,9 @@ def backward_launches(n_tokens: int, vocab: int, dim: int, element: str, *, on_g
             hidden, weight, bias = need_hidden and stage != 3, need_weight and stage != 2, need_bias and stage != 2
             tiles = [triton.cdiv(s.v_count, bv) for s in steps]
             flops = token_blocks * sum(tiles) * _dot_flops(bn, bv, dim, bd) * (1 + hidden + (weight or bias))
-            constexprs = dict(config, **common, NEED_HIDDEN=hidden, NEED_WEIGHT=weight, NEED_BIAS=bias,
-                              VOCAB_ORDER=vocab_order, DW_BY_ID=plan.layout == "full")
+            constexprs = dict(config, **common, NEED_HIDDEN=hidden, SPLIT_HIDDEN=hidden and plan.hidden_split > 0,
+                              NEED_WEIGHT=weight, NEED_BIAS=bias, VOCAB_ORDER=vocab_order,
+                              DW_BY_ID=plan.layout == "full")
             name = _STAGE_NAMES[stage] + ("" if len(steps) == 1 else f" ({len(steps)} bands)")
             launches.append(Launch(name, _lce_backward_kernel, constexprs, (token_blocks * max(tiles),), warps,
                                    stages, flops, "backward", dict(plan=plan, stage=stage)))

@@ -146,13 +146,59 @@ def backward(grad_scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     return cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))
 
 
-def _fp32_rows(grad_weight: torch.Tensor, row: int, rows: int) -> torch.Tensor:
-    """An fp32 [rows, D] view of the fp16/bf16 gradient's rows [row, row + 2 rows) (16-byte aligned)."""
-    dim = grad_weight.shape[1]
-    offset = fp32_view_offset(row, dim, grad_weight.element_size())
-    view = grad_weight.view(-1)[offset:offset + 2 * rows * dim].view(torch.float32).view(rows, dim)
+def _fp32_view(grad_weight: torch.Tensor, row: int, numel: int) -> torch.Tensor:
+    """A flat fp32 view of ``numel`` values in the fp16/bf16 gradient from its row ``row`` on (16-byte aligned)."""
+    offset = fp32_view_offset(row, grad_weight.shape[1], grad_weight.element_size())
+    view = grad_weight.view(-1)[offset:offset + 2 * numel].view(torch.float32)
     assert view.data_ptr() % ALIGN_BYTES == 0, "fp32 view inside the gradient is not 16-byte aligned"
     return view
+
+
+class _HiddenSums:
+    """Where dHidden's fp32 sums live: its own fp32 buffer, or (in-place plan) columns [0, split) in the fp16/bf16
+    dHidden output's memory (a row of it holds D / 2 fp32 values) and columns [split, D) in the dWeight output's
+    rows ``plan.hidden_acc_row`` onwards."""
+
+    def __init__(self, plan, grad_weight: torch.Tensor, hidden: torch.Tensor):
+        rows, dim = hidden.shape
+        self.split, self.out, self.second = plan.hidden_split, None, None
+        self.in_place = plan.hidden_acc_row is not None
+        if not self.in_place:
+            self.first = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+            return
+        if self.split:
+            self.out = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            self.first = self.out.view(torch.float32)[:, :self.split]
+        in_weight = _fp32_view(grad_weight, plan.hidden_acc_row, rows * (dim - self.split)).zero_()
+        if self.split:
+            self.second = in_weight.view(rows, dim - self.split)
+        else:
+            self.first = in_weight.view(rows, dim)
+
+    def kernel_args(self, unused: torch.Tensor, dim: int) -> tuple:
+        second = self.second if self.second is not None else unused
+        return (self.first, second), (self.first.stride(0), second.stride(0) if self.second is not None else 0,
+                                      self.split or dim)
+
+    def finish(self, grad_weight: torch.Tensor, plan, dtype: torch.dtype) -> torch.Tensor:
+        """dHidden complete: cast into its output; the dWeight rows that held sums are free afterwards."""
+        if not self.in_place:
+            return self.first
+        if not self.split:
+            return self.first.to(dtype)   # the one new gradient-sized allocation
+        # columns [0, split) are cast within their own output rows: a chunk of rows is first cast into the free
+        # band rows of the dWeight output, then written back with columns [split, D)
+        dim = grad_weight.shape[1]
+        spare = grad_weight.view(-1)[plan.spare_row * dim:(plan.spare_row + plan.spare_rows) * dim]
+        chunk = max(1, spare.numel() // self.split)
+        for r0 in range(0, self.out.shape[0], chunk):
+            rows = slice(r0, r0 + chunk)
+            first = self.first[rows]
+            staged = spare[:first.numel()].view(first.shape)
+            staged.copy_(first)
+            self.out[rows, :self.split].copy_(staged)
+            self.out[rows, self.split:].copy_(self.second[rows])
+        return self.out
 
 
 def run_plan(launches, head, scalars, grad_bias, n_tokens: int, hidden, weight, bias, row_index,
@@ -172,38 +218,36 @@ def run_plan(launches, head, scalars, grad_bias, n_tokens: int, hidden, weight, 
             grad_weight = torch.empty((vocab, dim), dtype=weight.dtype, device=device)
             if plan.separate_rows:
                 buffer = torch.empty((plan.separate_rows, dim), dtype=torch.float32, device=device)
-    in_place_hidden = need_hidden and plan.hidden_acc_row is not None
-    if need_hidden:
-        grad_hidden = (_fp32_rows(grad_weight, plan.hidden_acc_row, hidden.shape[0]).zero_() if in_place_hidden
-                       else torch.zeros(hidden.shape, dtype=torch.float32, device=device))
+    sums_h = _HiddenSums(plan, grad_weight, hidden) if need_hidden else None
     order = _vocab_order(hidden, weight, bias, row_index) if by_stage[1].constexprs["VOCAB_ORDER"] else None
     unused = hidden  # pointer placeholder for an output that is not asked for
     for step in plan.steps:
         launch = by_stage[step.stage]
-        if step.stage == 3 and in_place_hidden:
-            # dHidden is complete: cast it into its output (the one new allocation); its rows are free from here
-            grad_hidden, in_place_hidden = grad_hidden.to(hidden.dtype), False
+        if step.stage == 3 and grad_hidden is None and sums_h is not None:
+            grad_hidden = sums_h.finish(grad_weight, plan, hidden.dtype)   # dHidden complete: its rows are free
         sums = None
         if launch.constexprs["NEED_WEIGHT"]:
             if plan.layout == "full":
                 sums = buffer
             elif step.scratch_row is not None:
-                sums = _fp32_rows(grad_weight, step.scratch_row, step.v_count).zero_()
+                sums = _fp32_view(grad_weight, step.scratch_row, step.v_count * dim).view(step.v_count, dim).zero_()
             else:
                 sums = buffer[:step.v_count].zero_()
-        hidden_out = grad_hidden if launch.constexprs["NEED_HIDDEN"] else None
+        if launch.constexprs["NEED_HIDDEN"]:
+            hidden_ptrs, hidden_ints = sums_h.kernel_args(unused, dim)
+        else:
+            hidden_ptrs, hidden_ints = (unused, unused), (0, 0, dim)
         grid = (-(-n_tokens // launch.constexprs["BLOCK_N"]) * -(-step.v_count // launch.constexprs["BLOCK_V"]),)
         launch.kernel[grid](
-            *head, hidden_out if hidden_out is not None else unused, sums if sums is not None else unused,
-            grad_bias if grad_bias is not None else unused, order if order is not None else head[3], n_tokens,
-            vocab, step.v_start, step.v_count, dim, hidden.stride(0), weight.stride(0),
-            hidden_out.stride(0) if hidden_out is not None else 0, dim, *scalars, **launch.options())
+            *head, *hidden_ptrs, sums if sums is not None else unused, grad_bias if grad_bias is not None else unused,
+            order if order is not None else head[3], n_tokens, vocab, step.v_start, step.v_count, dim,
+            hidden.stride(0), weight.stride(0), *hidden_ints, dim, *scalars, **launch.options())
         if sums is not None and plan.layout != "full":
             rows = slice(step.v_start, step.v_start + step.v_count)
             if order is None:
                 grad_weight[rows].copy_(sums)
             else:
                 grad_weight.index_copy_(0, order[rows], sums.to(grad_weight.dtype))
-    if in_place_hidden:
-        grad_hidden = grad_hidden.to(hidden.dtype)
+    if grad_hidden is None and sums_h is not None:
+        grad_hidden = sums_h.finish(grad_weight, plan, hidden.dtype)
     return grad_hidden, grad_weight

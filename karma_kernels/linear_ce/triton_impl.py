@@ -12,9 +12,10 @@ it exit at once.
 Options of the backward:
   filter_eps    tiles whose |dz| (the logits gradient before the upstream gradient) is below it everywhere are
                 skipped; 0 = exact. The op's "auto" resolves it per dtype (``op.resolve_filter_eps``).
-  accum_dtype   None: fp16/bf16 gradients are accumulated in fp32 inside the not-yet-written rows of the dWeight
-                output itself (``backward_plan.py``: memory = the two gradients + a 16-row fp32 tail; extra work
-                F t / V, t = 2 N + 2 bands rows); "fp32": one fp32 [V, D] buffer, cast at the end.
+  accum_dtype   None: fp16/bf16 gradients are accumulated in fp32 inside the two gradient outputs themselves
+                (dWeight's not-yet-written rows, dHidden's own rows; ``backward_plan.py``: memory = the two
+                gradients + a 16-row fp32 tail; extra work F t / V, t = N + 2 band rows); "fp32": one fp32
+                [V, D] buffer, cast at the end.
                 ``vocab_order=True`` keeps fp32 bands of <= 16 MiB and an fp32 dHidden of their own.
   deterministic the two-kernel variant without atomics (taken when torch.are_deterministic_algorithms_enabled()).
 """

@@ -210,7 +210,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     skips (token x vocabulary) tiles whose logits gradient (before the upstream gradient) is below it everywhere
     — what is dropped is each skipped entry's p_nj times a weight/hidden row, i.e. softmax mass below
     eps(dtype)/32 per entry; ``accum_dtype="fp32"`` (or ``torch.float32``) accumulates an fp16/bf16 dWeight in one
-    fp32 [V, D] buffer (default: fp32 bands of <= 16 MiB, each cast into the gradient); ``vocab_order=True`` walks
+    fp32 [V, D] buffer (default: fp32 sums kept inside the gradient's own unwritten rows, so the backward holds
+    the two gradients and little else; docs/linear_ce_options.md); ``vocab_order=True`` walks
     the classes by descending mean logit over the batch so that filtered tiles cluster. Under
     ``torch.use_deterministic_algorithms(True)`` the backward runs without atomics (bitwise reproducible).
     """

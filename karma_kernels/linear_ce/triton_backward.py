@@ -10,7 +10,9 @@ both products (2/3 of its work). Peaked softmaxes (trained LMs) leave most tiles
 
 dWeight memory: the kernel adds into an fp32 buffer covering the vocabulary rows [v_start, v_start + v_count):
 the whole [V, D] gradient, or a band of it that the launcher casts into the fp16/bf16 gradient before the next
-band (so no fp32 [V, D] copy exists; see ``triton_impl.backward``).
+band (so no fp32 [V, D] copy exists). By default the band and the dHidden fp32 accumulator are views of the
+fp16/bf16 dWeight output's unwritten rows; NEED_HIDDEN / NEED_WEIGHT select the variant each stage of the plan
+launches (``backward_plan.py``, ``triton_impl.run_plan``).
 
 Vocabulary ordering (``vocab_order=True``): tiles walk the classes sorted by their mean logit over the batch,
 so the few classes with large probabilities share tiles and more tiles fall below ``filter_eps`` entirely.
@@ -30,14 +32,15 @@ from .triton_common import (_dot, _dz_tile, _grouped_tile, _load_grad_terms, _sc
 
 @triton.jit
 def _lce_backward_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot_target_ptr, n_valid_ptr,
-                         grad_scale_ptr, grad_scale_stride, max_ptr, log_sum_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr,
-                         vocab_order_ptr,
-                         N, V, v_start, v_count, D, stride_h, stride_w, stride_gh, stride_gw, smoothing, z_loss,
-                         softcap, filter_eps,
+                         grad_scale_ptr, grad_scale_stride, max_ptr, log_sum_ptr, grad_h_ptr, grad_h2_ptr, grad_w_ptr,
+                         grad_b_ptr, vocab_order_ptr,
+                         N, V, v_start, v_count, D, stride_h, stride_w, stride_gh, stride_gh2, d_split, stride_gw,
+                         smoothing, z_loss, softcap, filter_eps,
                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, HALF_GRAD: tl.constexpr, HEADROOM: tl.constexpr,
-                         FILTER: tl.constexpr, NEED_HIDDEN: tl.constexpr, NEED_WEIGHT: tl.constexpr,
-                         NEED_BIAS: tl.constexpr, VOCAB_ORDER: tl.constexpr, DW_BY_ID: tl.constexpr,
+                         FILTER: tl.constexpr, NEED_HIDDEN: tl.constexpr, SPLIT_HIDDEN: tl.constexpr,
+                         NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, VOCAB_ORDER: tl.constexpr,
+                         DW_BY_ID: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                          GROUP_N: tl.constexpr):
     pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(v_count, BLOCK_V), GROUP_N)
@@ -68,8 +71,17 @@ def _lce_backward_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot
                     w = tl.load(w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
                                 mask=v_mask[:, None] & d_mask[None, :], other=0.0)
                     part = _dot(lo, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), UPCAST, DOT_PRECISION)
-                    tl.atomic_add(grad_h_ptr + rows[:, None] * stride_gh + offs_d[None, :], part * scale,
-                                  mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
+                    h_mask = row_mask[:, None] & d_mask[None, :]
+                    if SPLIT_HIDDEN:    # columns [d_split, D) of dHidden live in a second buffer
+                        if d0 < d_split:
+                            tl.atomic_add(grad_h_ptr + rows[:, None] * stride_gh + offs_d[None, :], part * scale,
+                                          mask=h_mask, sem="relaxed")
+                        else:
+                            tl.atomic_add(grad_h2_ptr + rows[:, None] * stride_gh2 + (offs_d - d_split)[None, :],
+                                          part * scale, mask=h_mask, sem="relaxed")
+                    else:
+                        tl.atomic_add(grad_h_ptr + rows[:, None] * stride_gh + offs_d[None, :], part * scale,
+                                      mask=h_mask, sem="relaxed")
                 if NEED_WEIGHT:
                     x = tl.load(h_ptr + rows[:, None] * stride_h + offs_d[None, :],
                                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)

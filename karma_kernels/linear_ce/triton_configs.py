@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import triton
 
+from .backward_plan import plan_backward
 from .triton_backward import _lce_backward_kernel, _lce_grad_hidden_kernel, _lce_grad_weight_kernel
 from .triton_common import GRAD_TILE_HEADROOM
 from .triton_forward import _lce_forward_kernel
@@ -33,7 +34,7 @@ class Launch:
     num_stages: int
     matmul_flops: float
     phase: str
-    extra: Dict[str, int] = field(default_factory=dict)   # launch-time integers (splits, band rows)
+    extra: Dict[str, Any] = field(default_factory=dict)   # launch-time values (splits, the backward's plan)
 
     def options(self) -> dict:
         return dict(self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
@@ -94,30 +95,48 @@ def band_rows(vocab: int, dim: int, element: str, accum_dtype: Optional[str], bl
     """Vocabulary rows of one fp32 dWeight band (``vocab`` = one band, the gradient itself or a full buffer)."""
     if element == "fp32" or accum_dtype == "fp32":
         return vocab
-    rows = max(block_v, BAND_BYTES // (4 * dim) // block_v * block_v)
+    rows = max(block_v, BAND_BYTES // (4 * max(dim, 1)) // block_v * block_v)
     return min(rows, vocab)
+
+
+_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+_STAGE_NAMES = {1: "backward", 2: "backward dHidden of the last rows", 3: "backward dWeight of the last rows"}
 
 
 def backward_launches(n_tokens: int, vocab: int, dim: int, element: str, *, on_gpu: bool, deterministic: bool,
                       has_bias: bool, has_softcap: bool, filtering: bool, need_hidden: bool, need_weight: bool,
-                      need_bias: bool, accum_dtype: Optional[str] = None, vocab_order: bool = False) -> List[Launch]:
-    """The backward's launches: the one-pass kernel (once per dWeight band; ``extra["band_rows"]``), or the
-    deterministic pair."""
+                      need_bias: bool, accum_dtype: Optional[str] = None, vocab_order: bool = False,
+                      hidden_rows: Optional[int] = None) -> List[Launch]:
+    """The backward's launches: the one-pass kernel, one variant per stage of its plan (``extra["plan"]``, a
+    ``backward_plan.BackwardPlan``; ``extra["stage"]``), or the deterministic pair. ``hidden_rows``: rows of
+    dHidden (default ``n_tokens``)."""
     common = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, FILTER=filtering,
                   HALF_GRAD=on_gpu and element != "fp32", HEADROOM=GRAD_TILE_HEADROOM, **_precision(element, on_gpu))
     if not deterministic:
         config, warps, stages = _split(_tiles("backward", element, on_gpu, has_bias or has_softcap))
         bn, bv, bd = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_D"]
-        rows = band_rows(vocab, dim, element, accum_dtype, bv)
+        # dHidden's first whole D blocks, up to D / 2 columns, keep their fp32 sums in the fp16/bf16 output itself
+        split = (dim // 2) // bd * bd if element != "fp32" and dim % 2 == 0 else 0
+        plan = plan_backward(vocab, n_tokens if hidden_rows is None else hidden_rows, dim,
+                             band_rows(vocab, dim, element, accum_dtype, bv), bv, elem_bytes=_ELEMENT_BYTES[element],
+                             need_hidden=need_hidden, need_weight=need_weight, full_buffer=accum_dtype == "fp32",
+                             scattered=vocab_order, hidden_split=split)
         token_blocks = triton.cdiv(n_tokens, bn)
-        tile = _dot_flops(bn, bv, dim, bd) * (1 + need_hidden + (need_weight or need_bias))
-        flops = token_blocks * sum(triton.cdiv(min(rows, vocab - v0), bv) for v0 in range(0, vocab, rows)) * tile
-        constexprs = dict(config, **common, NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
-                          VOCAB_ORDER=vocab_order, DW_BY_ID=rows == vocab)
-        grid = (token_blocks * triton.cdiv(rows, bv),)
-        bands = triton.cdiv(vocab, rows)
-        return [Launch("backward" if bands == 1 else f"backward ({bands} bands)", _lce_backward_kernel, constexprs,
-                       grid, warps, stages, flops, "backward", dict(band_rows=rows))]
+        launches = []
+        for stage in (1, 2, 3):
+            steps = [s for s in plan.steps if s.stage == stage]
+            if not steps:
+                continue
+            hidden, weight, bias = need_hidden and stage != 3, need_weight and stage != 2, need_bias and stage != 2
+            tiles = [triton.cdiv(s.v_count, bv) for s in steps]
+            flops = token_blocks * sum(tiles) * _dot_flops(bn, bv, dim, bd) * (1 + hidden + (weight or bias))
+            constexprs = dict(config, **common, NEED_HIDDEN=hidden, SPLIT_HIDDEN=hidden and plan.hidden_split > 0,
+                              NEED_WEIGHT=weight, NEED_BIAS=bias, VOCAB_ORDER=vocab_order,
+                              DW_BY_ID=plan.layout == "full")
+            name = _STAGE_NAMES[stage] + ("" if len(steps) == 1 else f" ({len(steps)} bands)")
+            launches.append(Launch(name, _lce_backward_kernel, constexprs, (token_blocks * max(tiles),), warps,
+                                   stages, flops, "backward", dict(plan=plan, stage=stage)))
+        return launches
     config, warps, stages = _split(_tiles("deterministic", element, on_gpu))
     bn, bv, bd = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_D"]
     tile = _dot_flops(bn, bv, dim, bd)
@@ -143,7 +162,8 @@ _FLOAT_ARGS = ("smoothing", "z_loss", "softcap", "filter_eps")
 def audit_plans(quick: bool) -> list:
     """The kernels at Cut Cross-Entropy's benchmark shape (N=8192, D=2304, V=256000): bf16 with the default
     options and with bias + softcap + label smoothing, fp16, fp32; the full set adds fp32 with every option, a
-    Llama-3 shape (N=16384, D=4096, V=128256) and the deterministic variant."""
+    Llama-3 shape (N=16384, D=4096, V=128256) and the deterministic variant. Every stage of the backward's plan
+    is a launch variant of its own (stage 2: dHidden only; stage 3: dWeight only)."""
     from .._audit import AuditPlan, KernelLaunch, signature_for
 
     cases = [(8192, 2304, 256000, "bf16", False, False), (8192, 2304, 256000, "bf16", True, False),
@@ -164,13 +184,20 @@ def audit_plans(quick: bool) -> list:
             signature = signature_for(launch.kernel, launch.constexprs, pointers, _FLOAT_ARGS)
             # every pointer is a fresh allocation or a row of one with N % 4 == 0; sizes/strides here are
             # multiples of 16 except the split and band counts
+            # (stage 3's bands shrink to any size: its v_count is not)
+            unaligned = ("tiles_per_split", "n_splits", "v_start", "grad_scale_stride") + (
+                ("v_count",) if launch.extra.get("stage") == 3 else ())
             aligned = tuple(a for a, t in signature.items()
-                            if t.startswith("*") or (t == "i32" and a not in ("tiles_per_split", "n_splits",
-                                                                               "v_start", "grad_scale_stride")))
+                            if t.startswith("*") or (t == "i32" and a not in unaligned))
             audited.append(KernelLaunch(launch.name, launch.kernel, signature, launch.constexprs, launch.num_warps,
                                         launch.num_stages, launch.grid, launch.matmul_flops, phase=launch.phase,
                                         tensor_cores=True, pipelined=True, divisible_by_16=aligned))
         label = " ".join(filter(None, [f"N={n} D={d} V={v} {element}", "bias+softcap+smoothing" if options else "",
                                        "deterministic" if deterministic else ""]))
-        plans.append(AuditPlan("linear_ce", label, 2.0 * n * d * v, 5.0 if deterministic else 4.0, tuple(audited)))
+        # the in-place plan computes the logits of its last t rows twice: 4F + F t / V, plus its partial tiles
+        # (masked rows, counted at 3 units: dz, dHidden, dWeight, the most a tile costs)
+        plan = None if deterministic else launches[-1].extra["plan"]
+        extra = 0.0 if plan is None else (plan.recomputed_rows + 3 * plan.masked_rows) / v
+        plans.append(AuditPlan("linear_ce", label, 2.0 * n * d * v, 5.0 if deterministic else 4.0 + extra,
+                               tuple(audited)))
     return plans

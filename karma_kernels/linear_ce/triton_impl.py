@@ -12,8 +12,11 @@ it exit at once.
 Options of the backward:
   filter_eps    tiles whose |dz| (the logits gradient before the upstream gradient) is below it everywhere are
                 skipped; 0 = exact. The op's "auto" resolves it per dtype (``op.resolve_filter_eps``).
-  accum_dtype   None: fp16/bf16 dWeight is accumulated in fp32 bands of <= 16 MiB, each cast into the gradient
-                (memory: the gradient plus one band); "fp32": one fp32 [V, D] buffer, cast at the end.
+  accum_dtype   None: fp16/bf16 gradients are accumulated in fp32 inside the two gradient outputs themselves
+                (dWeight's not-yet-written rows, dHidden's own rows; ``backward_plan.py``: memory = the two
+                gradients + a 16-row fp32 tail; extra work F t / V, t = N + 2 band rows); "fp32": one fp32
+                [V, D] buffer, cast at the end.
+                ``vocab_order=True`` keeps fp32 bands of <= 16 MiB and an fp32 dHidden of their own.
   deterministic the two-kernel variant without atomics (taken when torch.are_deterministic_algorithms_enabled()).
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._backend import interpreter_active
+from .backward_plan import ALIGN_BYTES, fp32_view_offset
 from .torch_impl import cast_grads_like
 from .triton_configs import audit_plans, backward_launches, forward_launch  # noqa: F401  (audit_plans: the audit)
 from .triton_forward import merge_partials
@@ -108,60 +112,143 @@ def backward(grad_scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     need_grad_bias = need_grad_bias and bias is not None
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    element = _ELEMENT[hidden.dtype]
+    if not n_tokens or not (need_grad_hidden or need_grad_weight or need_grad_bias):
+        zeros = [torch.zeros_like(x) if need else None
+                 for x, need in ((hidden, need_grad_hidden), (weight, need_grad_weight), (bias, need_grad_bias))]
+        return tuple(zeros)
     launches = backward_launches(
-        max(n_tokens, 1), vocab, dim, element, on_gpu=_on_gpu(hidden), deterministic=deterministic,
+        n_tokens, vocab, dim, _ELEMENT[hidden.dtype], on_gpu=_on_gpu(hidden), deterministic=deterministic,
         has_bias=bias is not None, has_softcap=softcap is not None, filtering=filter_eps > 0,
         need_hidden=need_grad_hidden, need_weight=need_grad_weight, need_bias=need_grad_bias, accum_dtype=accum_dtype,
-        vocab_order=vocab_order and not deterministic)
-    rows = vocab if deterministic else launches[0].extra["band_rows"]
-    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_grad_hidden else None
+        vocab_order=vocab_order and not deterministic, hidden_rows=hidden.shape[0])
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_grad_bias else None
-    grad_weight = scratch = None
-    if need_grad_weight:
-        if rows == vocab:       # fp32 gradient, or one full fp32 buffer
-            grad_weight = scratch = torch.zeros((vocab, dim), dtype=torch.float32, device=device)
-        else:                   # fp32 bands, each cast into the fp16/bf16 gradient
-            grad_weight = torch.empty((vocab, dim), dtype=weight.dtype, device=device)
-            scratch = torch.zeros((rows, dim), dtype=torch.float32, device=device)
-    if n_tokens and (need_grad_hidden or need_grad_weight or need_grad_bias):
-        grad_scale = grad_scale.to(torch.float32)
-        scale_stride = 0 if grad_scale.dim() == 0 else grad_scale.stride(0)
-        slots = token_slots(target, row_index, ignore_index)
-        stats = stats.contiguous()
-        head = (hidden, weight, bias if bias is not None else hidden) + slots + (grad_scale, scale_stride,
-                                                                                stats[0], stats[1])
-        scalars = (float(label_smoothing), float(z_loss), float(softcap or 1.0), float(filter_eps))
+    grad_scale = grad_scale.to(torch.float32)
+    slots = token_slots(target, row_index, ignore_index)
+    stats = stats.contiguous()
+    head = (hidden, weight, bias if bias is not None else hidden) + slots + (
+        grad_scale, 0 if grad_scale.dim() == 0 else grad_scale.stride(0), stats[0], stats[1])
+    scalars = (float(label_smoothing), float(z_loss), float(softcap or 1.0), float(filter_eps))
+    if deterministic:
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_grad_hidden else None
+        grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=device) if need_grad_weight else None
         unused = hidden  # pointer placeholder for an output that is not asked for
-        if deterministic:
-            for launch in launches:
-                if launch.name == "grad_hidden":
-                    launch.kernel[launch.grid](*head, grad_hidden, vocab, dim, hidden.stride(0), weight.stride(0),
-                                               grad_hidden.stride(0), *scalars, **launch.options())
-                else:
-                    launch.kernel[launch.grid](
-                        *head, scratch if scratch is not None else unused,
-                        grad_bias if grad_bias is not None else unused, vocab, dim, hidden.stride(0),
-                        weight.stride(0), dim, *scalars, **launch.options())
-        else:
-            launch = launches[0]
-            order = _vocab_order(hidden, weight, bias, row_index) if launch.constexprs["VOCAB_ORDER"] else None
-            for v_start in range(0, vocab, rows):
-                v_count = min(rows, vocab - v_start)
+        for launch in launches:
+            if launch.name == "grad_hidden":
+                launch.kernel[launch.grid](*head, grad_hidden, vocab, dim, hidden.stride(0), weight.stride(0),
+                                           grad_hidden.stride(0), *scalars, **launch.options())
+            else:
                 launch.kernel[launch.grid](
-                    *head, grad_hidden if grad_hidden is not None else unused,
-                    scratch if scratch is not None else unused, grad_bias if grad_bias is not None else unused,
-                    order if order is not None else slots[0], n_tokens, vocab, v_start, v_count, dim,
-                    hidden.stride(0), weight.stride(0), grad_hidden.stride(0) if grad_hidden is not None else 0,
-                    dim, *scalars, **launch.options())
-                if scratch is not None and scratch is not grad_weight:
-                    if order is None:
-                        grad_weight[v_start:v_start + v_count].copy_(scratch[:v_count])
-                    else:
-                        grad_weight.index_copy_(0, order[v_start:v_start + v_count],
-                                                scratch[:v_count].to(grad_weight.dtype))
-                    if v_start + rows < vocab:
-                        scratch.zero_()
-    elif scratch is not None and scratch is not grad_weight:
-        grad_weight.zero_()
+                    *head, grad_weight if grad_weight is not None else unused,
+                    grad_bias if grad_bias is not None else unused, vocab, dim, hidden.stride(0),
+                    weight.stride(0), dim, *scalars, **launch.options())
+        return cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))
+    grad_hidden, grad_weight = run_plan(launches, head, scalars, grad_bias, n_tokens, hidden, weight, bias,
+                                        row_index, need_grad_hidden, need_grad_weight)
     return cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))
+
+
+def _fp32_view(grad_weight: torch.Tensor, row: int, numel: int) -> torch.Tensor:
+    """A flat fp32 view of ``numel`` values in the fp16/bf16 gradient from its row ``row`` on (16-byte aligned)."""
+    offset = fp32_view_offset(row, grad_weight.shape[1], grad_weight.element_size())
+    view = grad_weight.view(-1)[offset:offset + 2 * numel].view(torch.float32)
+    assert view.data_ptr() % ALIGN_BYTES == 0, "fp32 view inside the gradient is not 16-byte aligned"
+    return view
+
+
+class _HiddenSums:
+    """Where dHidden's fp32 sums live: its own fp32 buffer, or (in-place plan) columns [0, split) in the fp16/bf16
+    dHidden output's memory (a row of it holds D / 2 fp32 values) and columns [split, D) in the dWeight output's
+    rows ``plan.hidden_acc_row`` onwards."""
+
+    def __init__(self, plan, grad_weight: torch.Tensor, hidden: torch.Tensor):
+        rows, dim = hidden.shape
+        self.split, self.out, self.second = plan.hidden_split, None, None
+        self.in_place = plan.hidden_acc_row is not None
+        if not self.in_place:
+            self.first = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+            return
+        if self.split:
+            self.out = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            self.first = self.out.view(torch.float32)[:, :self.split]
+        in_weight = _fp32_view(grad_weight, plan.hidden_acc_row, rows * (dim - self.split)).zero_()
+        if self.split:
+            self.second = in_weight.view(rows, dim - self.split)
+        else:
+            self.first = in_weight.view(rows, dim)
+
+    def kernel_args(self, unused: torch.Tensor, dim: int) -> tuple:
+        second = self.second if self.second is not None else unused
+        return (self.first, second), (self.first.stride(0), second.stride(0) if self.second is not None else 0,
+                                      self.split or dim)
+
+    def finish(self, grad_weight: torch.Tensor, plan, dtype: torch.dtype) -> torch.Tensor:
+        """dHidden complete: cast into its output; the dWeight rows that held sums are free afterwards."""
+        if not self.in_place:
+            return self.first
+        if not self.split:
+            return self.first.to(dtype)   # the one new gradient-sized allocation
+        # columns [0, split) are cast within their own output rows: a chunk of rows is first cast into the free
+        # band rows of the dWeight output, then written back with columns [split, D)
+        dim = grad_weight.shape[1]
+        spare = grad_weight.view(-1)[plan.spare_row * dim:(plan.spare_row + plan.spare_rows) * dim]
+        chunk = max(1, spare.numel() // self.split)
+        for r0 in range(0, self.out.shape[0], chunk):
+            rows = slice(r0, r0 + chunk)
+            first = self.first[rows]
+            staged = spare[:first.numel()].view(first.shape)
+            staged.copy_(first)
+            self.out[rows, :self.split].copy_(staged)
+            self.out[rows, self.split:].copy_(self.second[rows])
+        return self.out
+
+
+def run_plan(launches, head, scalars, grad_bias, n_tokens: int, hidden, weight, bias, row_index,
+             need_hidden: bool, need_weight: bool):
+    """Walks the one-pass backward's plan (``backward_plan``): allocates the gradients, keeps the fp32 sums
+    where the plan says (inside the fp16/bf16 dWeight output for the "in_place" layout), launches each step and
+    casts each band into its rows. Returns (dHidden, dWeight); dHidden is fp32 unless the plan cast it already."""
+    plan = launches[0].extra["plan"]
+    by_stage = {launch.extra["stage"]: launch for launch in launches}
+    vocab, dim = weight.shape
+    device = hidden.device
+    grad_weight = buffer = grad_hidden = None
+    if need_weight:
+        if plan.layout == "full":        # fp32 gradient, or one full fp32 buffer
+            grad_weight = buffer = torch.zeros((vocab, dim), dtype=torch.float32, device=device)
+        else:
+            grad_weight = torch.empty((vocab, dim), dtype=weight.dtype, device=device)
+            if plan.separate_rows:
+                buffer = torch.empty((plan.separate_rows, dim), dtype=torch.float32, device=device)
+    sums_h = _HiddenSums(plan, grad_weight, hidden) if need_hidden else None
+    order = _vocab_order(hidden, weight, bias, row_index) if by_stage[1].constexprs["VOCAB_ORDER"] else None
+    unused = hidden  # pointer placeholder for an output that is not asked for
+    for step in plan.steps:
+        launch = by_stage[step.stage]
+        if step.stage == 3 and grad_hidden is None and sums_h is not None:
+            grad_hidden = sums_h.finish(grad_weight, plan, hidden.dtype)   # dHidden complete: its rows are free
+        sums = None
+        if launch.constexprs["NEED_WEIGHT"]:
+            if plan.layout == "full":
+                sums = buffer
+            elif step.scratch_row is not None:
+                sums = _fp32_view(grad_weight, step.scratch_row, step.v_count * dim).view(step.v_count, dim).zero_()
+            else:
+                sums = buffer[:step.v_count].zero_()
+        if launch.constexprs["NEED_HIDDEN"]:
+            hidden_ptrs, hidden_ints = sums_h.kernel_args(unused, dim)
+        else:
+            hidden_ptrs, hidden_ints = (unused, unused), (0, 0, dim)
+        grid = (-(-n_tokens // launch.constexprs["BLOCK_N"]) * -(-step.v_count // launch.constexprs["BLOCK_V"]),)
+        launch.kernel[grid](
+            *head, *hidden_ptrs, sums if sums is not None else unused, grad_bias if grad_bias is not None else unused,
+            order if order is not None else head[3], n_tokens, vocab, step.v_start, step.v_count, dim,
+            hidden.stride(0), weight.stride(0), *hidden_ints, dim, *scalars, **launch.options())
+        if sums is not None and plan.layout != "full":
+            rows = slice(step.v_start, step.v_start + step.v_count)
+            if order is None:
+                grad_weight[rows].copy_(sums)
+            else:
+                grad_weight.index_copy_(0, order[rows], sums.to(grad_weight.dtype))
+    if grad_hidden is None and sums_h is not None:
+        grad_hidden = sums_h.finish(grad_weight, plan, hidden.dtype)
+    return grad_hidden, grad_weight

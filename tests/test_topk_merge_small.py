@@ -231,32 +231,49 @@ def test_listed_shards_and_id_offsets_equal_the_op(extension, metric):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_stacked_cpu_tensors_take_the_path_as_numpy_views(extension, dtype, monkeypatch):
-    """A stacked CPU tensor of a dtype numpy has goes through the small-call path as a numpy view (no copy) and
-    comes back as tensors; bfloat16, a layout with no numpy view and anything the path does not take go the op's
-    way. Same results, same errors, either way."""
+def test_stacked_cpu_tensors_take_the_path_and_come_back_as_tensors(extension, dtype, monkeypatch):
+    """A stacked pair of plain CPU tensors (float32/float64, rows contiguous) goes through the small-call path and
+    comes back as tensors; float16/bfloat16, subclasses, rows that are not contiguous, and any call made while a
+    Python mode is active go the op's way. Same results, same errors, either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from karma_kernels.topk_merge import op
 
-    calls = []
+    answers = []
     real = op._merge_small
-    monkeypatch.setattr(op, "_merge_small", lambda *args: calls.append(args[0]) or real(*args))
+    monkeypatch.setattr(op, "_merge_small", lambda *args: answers.append(real(*args)) or answers[-1])
     rng = np.random.default_rng(3)
     distances, ids = make_shards(rng, 8, 6, 12, dtype=np.float32)
     d = torch.from_numpy(np.stack(distances)).to(dtype)
     i = torch.from_numpy(np.stack(ids))
-    cases = [("plain", d, i), ("requires_grad", d.clone().requires_grad_(dtype != torch.bfloat16), i),
-             ("strided", d[:, ::2], i[:, ::2]), ("transposed rows", d.transpose(1, 2).contiguous().transpose(1, 2),
-                                                 i.transpose(1, 2).contiguous().transpose(1, 2))]
-    for name, dd, ii in cases:
-        calls.clear()
+    takes = dtype in (torch.float32, torch.float64)
+    cases = [("plain", d, i, takes), ("requires_grad", d.clone().requires_grad_(dtype != torch.bfloat16), i, takes),
+             ("a subclass (Parameter)", torch.nn.Parameter(d.clone(), requires_grad=False), i, False),
+             ("strided", d[:, ::2], i[:, ::2], takes),
+             ("rows not contiguous", d.transpose(1, 2).contiguous().transpose(1, 2),
+              i.transpose(1, 2).contiguous().transpose(1, 2), False)]
+    for name, dd, ii, taken in cases:
+        answers.clear()
         got = topk_merge(dd, ii, 10)
         want = topk_merge(dd.detach().clone(), ii.clone(), 10, backend="compiled")
         assert type(got[0]) is torch.Tensor and got[0].dtype == dtype and got[1].dtype == torch.int64, name
-        assert not got[0].requires_grad, name
+        assert not got[0].requires_grad and got[0].is_contiguous() and got[1].is_contiguous(), name
         torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
         assert torch.equal(got[1], want[1]), name
-        took_path = bool(calls) and isinstance(calls[0], np.ndarray)
-        assert took_path == (dtype != torch.bfloat16), name
+        assert any(answer is not None for answer in answers) == taken, name
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    answers.clear()
+    with Seen():
+        under_mode = topk_merge(d, i, 10)
+    assert not answers and any("topk_merge" in name for name in Seen.ops)
+    assert torch.equal(under_mode[1], topk_merge(d, i, 10, backend="compiled")[1])
     unsorted = d.clone()
     unsorted[2, 4, [3, 9]] = unsorted[2, 4, [9, 3]]
     messages = []

@@ -33,7 +33,8 @@ _extension_state: dict = {}  # "loaded": bool, set once by _extension_loaded()
 _merge_small = None  # karma_kernels._C.merge_small once the extension is loaded (the small-call path)
 _is_compiling = torch.compiler.is_compiling
 _SMALL_CALL_TYPES = (np.ndarray, list, tuple)  # what the small-call path may take as distances
-_SMALL_CALL_TENSOR_DTYPES = (torch.float32, torch.float64, torch.float16)  # CPU tensors it takes as numpy views
+# a plain tensor takes it too, unless a Python mode is active: the op must then be seen by the mode
+_modes_active = (torch._C._len_torch_dispatch_stack, torch._C._is_torch_function_mode_enabled)
 
 
 def _register_fake() -> None:
@@ -238,20 +239,6 @@ def _reference(distances: list[torch.Tensor], ids: list[torch.Tensor], k: int, l
             torch.from_numpy(out_ids).to(device))
 
 
-def _small_tensor_call(distances, ids, k, metric, id_offsets, sorted, dedup, backend):
-    """The small-call path for one stacked CPU tensor of each (plain tensors, a dtype numpy has): their numpy views
-    go through it and its outputs come back as tensors (no copy either way); None when it does not take the call."""
-    if (type(ids) is not torch.Tensor or not distances.is_cpu or not ids.is_cpu
-            or distances.dtype not in _SMALL_CALL_TENSOR_DTYPES or ids.dtype != torch.int64):
-        return None
-    try:  # a tensor with no numpy view (sparse, nested, a negative-bit view, ...) takes the op's path
-        views = (distances.detach() if distances.requires_grad else distances).numpy(), ids.numpy()
-    except (RuntimeError, TypeError):
-        return None
-    out = _merge_small(*views, k, metric, id_offsets, sorted, dedup, backend)
-    return None if out is None else (torch.from_numpy(out[0]), torch.from_numpy(out[1]))
-
-
 def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, sorted: bool = True,
                dedup: bool = False, backend: str = "auto"):
     """Merge per-shard top-k search results into the global top-k of each query.
@@ -290,15 +277,16 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     # The small-call path, first: numpy rows (stacked, or a list for a small call) merged straight from their memory
     # (csrc/topk_merge_numpy.cpp), which checks every argument itself (the same checks as below) and answers None for
     # anything it does not take or that is an error to raise; the general path below then handles the call.
-    # Tensors, Python checks and the dispatcher cost more than merging one query; a stacked CPU tensor takes the
-    # path as a numpy view. (Not under torch.compile, and asked before the global is read: Dynamo cannot guard on a
-    # C function.)
+    # Tensors, Python checks and the dispatcher cost more than merging one query; a stacked pair of plain CPU
+    # tensors takes the path too (tensors out). (Not under torch.compile, and asked before the global is read:
+    # Dynamo cannot guard on a C function.)
     if type(distances) in _SMALL_CALL_TYPES and not _is_compiling() and _merge_small is not None:
         out = _merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend)
         if out is not None:
             return out
-    elif type(distances) is torch.Tensor and _merge_small is not None and not _is_compiling():
-        out = _small_tensor_call(distances, ids, k, metric, id_offsets, sorted, dedup, backend)
+    elif (type(distances) is torch.Tensor and _merge_small is not None and not _is_compiling()
+          and not (_modes_active[0]() or _modes_active[1]())):
+        out = _merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend)
         if out is not None:
             return out
     library = _library_of("distances", distances)

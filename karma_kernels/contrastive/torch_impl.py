@@ -26,10 +26,11 @@ Saved statistics ``stats`` [5, B] in the compute dtype (``STATS_ROWS``; rows not
   sigmoid:  [target logit s_i,target]
 
 A softmax lse is kept as two numbers, the shift m (the max; 0 once it is +inf, so the lse is +inf, not NaN) and
-l = log(sum_j exp(s_ij - m)), never rounded into one: P_ij = exp((s_ij - m_i) - l_i) then carries the rounding of
-l (~ulp(log M)) as torch's log_softmax does, not that of a float32 lse (~ulp(|lse|), 5-10x more at small
-temperatures), and so does the temperature gradient, a cancelling sum of such terms. The loss is
-(m_i - s_i,target) + l_i (the first difference is exact when the positive is near the max).
+l = log(sum_j exp(s_ij - m)), never rounded into one: the backward's a_i P_ij = exp(s_ij - m_i) * (a_i exp(-l_i))
+(``probability_factors``) then carries the rounding of l (~ulp(log M)) as torch's log_softmax does, not that of a
+float32 lse (~ulp(|lse|), 4-8x more at small temperatures), and so does the temperature gradient, a cancelling
+sum of such terms. The loss is (m_i - s_i,target) + l_i (the first difference is exact when the positive is near
+the max).
 
 Symmetric with M > B keys (hard negatives after the B positives): the column direction covers the first B
 columns only, so column statistics and the column part of G are kept for those.
@@ -115,6 +116,15 @@ def finite_shift(running_max: torch.Tensor) -> torch.Tensor:
     """The shift a logsumexp subtracts: the max, or 0 where it is not finite (a +inf logit, logq = -inf: the sum
     and so the lse become +inf as in reference.py, not inf - inf = NaN; a column with no valid entry: sum 0)."""
     return torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
+
+
+def probability_factors(shift: torch.Tensor, log_sum: torch.Tensor,
+                        coef: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(shift', coef * exp(-l)) with coef * P_ij = exp(s_ij - shift') * coef * exp(-l) (both backends' backward:
+    the factor joins a coefficient, so the lse m + l is never rounded into one float32). shift' is +inf where
+    l = +inf (a +inf logit, shift 0): P is then 0 for finite s and NaN for s = +inf, as exp(s - lse) gives,
+    not exp(s) * 0 (NaN once exp(s) overflows)."""
+    return torch.where(log_sum == float("inf"), log_sum, shift), coef * torch.exp(-log_sum)
 
 
 def _exp_in_place(block: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -268,8 +278,10 @@ def _backward_pass(p: _Problem, stats: torch.Tensor, row_coef: torch.Tensor, wan
                    buffer: torch.Tensor, scratch: Optional[torch.Tensor]) -> Grads:
     """Recompute logits chunk-wise and accumulate gradients for per-row upstream coefficients ``row_coef``."""
     acc = _GradAccumulator(p, want_logq_grad)
+    if p.mode == "softmax":
+        row_shift, row_factor = probability_factors(stats[0], stats[3], row_coef / 2 if p.symmetric else row_coef)
     if p.symmetric:
-        column_coef = row_coef / 2 * torch.exp(-stats[4])
+        column_shift, column_coef = probability_factors(stats[1], stats[4], row_coef / 2)
     for r0 in range(0, p.batch, p.chunk):
         r1 = min(r0 + p.chunk, p.batch)
         block, invalid = _logits_chunk(p, r0, r1, buffer)
@@ -286,15 +298,14 @@ def _backward_pass(p: _Problem, stats: torch.Tensor, row_coef: torch.Tensor, wan
         elif p.symmetric:
             # G = c_i/2 P_ij + [j < B] c_j/2 Pc_ij - (c_i + c_i)/2 [i == j]: both directions in one block
             half = coef / 2
-            # P_ij = exp(s_ij - m_i) * exp(-l_i): the factor exp(-l_i) (~1 / row sum) joins the coefficient
             column = scratch[: r1 - r0].copy_(block[:, :p.batch])
-            column.sub_(stats[1][None, :]).exp_().mul_(column_coef[None, :])
-            block.sub_(stats[0, r0:r1, None]).exp_().mul_((half * torch.exp(-stats[3, r0:r1]))[:, None])
+            column.sub_(column_shift[None, :]).exp_().mul_(column_coef[None, :])
+            block.sub_(row_shift[r0:r1, None]).exp_().mul_(row_factor[r0:r1, None])
             block[:, :p.batch].add_(column)
             acc.add(r0, r1, block, None, half + half)
         else:
-            block.sub_(stats[0, r0:r1, None]).exp_()
-            acc.add(r0, r1, block, coef * torch.exp(-stats[3, r0:r1]), coef)
+            block.sub_(row_shift[r0:r1, None]).exp_()
+            acc.add(r0, r1, block, row_factor[r0:r1], coef)
     return acc.finish()
 
 

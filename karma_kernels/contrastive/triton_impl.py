@@ -32,7 +32,7 @@ import torch
 import triton
 
 from .triton_audit import audit_plans  # noqa: F401  (read by python -m bench.kernel_audit)
-from .torch_impl import STATS_ROWS, finite_shift
+from .torch_impl import STATS_ROWS, finite_shift, probability_factors
 from .triton_configs import (Config, Configs, backward_launches, default_configs, forward_launches, run,
                              use_autotune)
 
@@ -187,6 +187,14 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
     magnitude = row_coef.abs() * torch.maximum(stats[1], stats[2]) if pairwise else row_coef
     scale, unscale = grad_scale(magnitude)
     scaled_coef = row_coef * scale
+    # the statistics as the kernels read them: softmax coef * P = exp(s - m') * (coef * exp(-l)), the factor in
+    # place of l (row 3; the column's, row 4, with the same coefficient: symmetric column j's is row j's)
+    kernel_stats = stats
+    if not pairwise:
+        kernel_stats = stats.clone()
+        kernel_stats[0], kernel_stats[3] = probability_factors(stats[0], stats[3], scaled_coef)
+        if symmetric:
+            kernel_stats[1], kernel_stats[4] = probability_factors(stats[1], stats[4], scaled_coef)
     launches = backward_launches(batch, num_keys, dim, query.dtype, pairwise, symmetric, key_ids is not None,
                                  logq is not None, want_logq_grad, deterministic, configs)
     tune, bucket = use_autotune() and configs is None, _bucket(batch, num_keys, dim)
@@ -198,7 +206,7 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
     q_arg, k_arg, kernel_temperature, q_scale, k_scale = _kernel_operands(query, keys, temperature,
                                                                           launches[0].constexprs["DOT"])
     common = (q_arg, k_arg, target, int32_key_ids(target, key_ids), logq if logq is not None else row_coef,
-              kernel_temperature, stats, scaled_coef)
+              kernel_temperature, kernel_stats, scaled_coef)
     sizes = (batch, num_keys, dim, q_arg.stride(0), k_arg.stride(0))
     keys_launch = launches[-1]
     if keys_launch.constexprs["ATOMIC_DQ"]:

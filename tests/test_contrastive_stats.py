@@ -1,8 +1,9 @@
 """The saved softmax statistics layout (torch_impl's docstring): each lse kept as (shift m, log-sum l).
 
-The backward forms coef * P = exp(s - m) * (coef * exp(-l)). With one float32 lse instead, every P of a row carries the lse's storage
-rounding, ~ulp(|lse|) / 2 = 9.5e-7 relative at |lse| in [16, 32) (small temperatures), against ~ulp(l) / 2 for the
-log-sum (l ~ log M, 4-8x smaller), what torch's own float32 log_softmax carries.
+The backward forms coef * P = exp(s - m) * (coef * exp(-l)). With one float32 lse instead, every P of a row
+carries the lse's storage rounding, ~ulp(|lse|) / 2 = 9.5e-7 relative at |lse| in [16, 32) (small temperatures),
+against ~ulp(l) / 2 for the log-sum (l ~ log M, 4-8x smaller), what torch's own float32 log_softmax carries.
+On the code before this layout (stats [3, B], one lse) the test fails: there is no log-sum row to read.
 """
 from __future__ import annotations
 

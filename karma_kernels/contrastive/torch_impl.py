@@ -278,7 +278,7 @@ def _backward_pass(p: _Problem, stats: torch.Tensor, row_coef: torch.Tensor, wan
                    buffer: torch.Tensor, scratch: Optional[torch.Tensor]) -> Grads:
     """Recompute logits chunk-wise and accumulate gradients for per-row upstream coefficients ``row_coef``."""
     acc = _GradAccumulator(p, want_logq_grad)
-    if p.mode == "softmax":
+    if p.mode == "softmax":   # a_i P_ij = exp(s_ij - m_i) * row_factor_i, row_factor = a_i exp(-l_i)
         row_shift, row_factor = probability_factors(stats[0], stats[3], row_coef / 2 if p.symmetric else row_coef)
     if p.symmetric:
         column_shift, column_coef = probability_factors(stats[1], stats[4], row_coef / 2)

@@ -34,7 +34,7 @@ CHECKED = {"dT": 3, "dq": 1, "dk": 2}
 
 def ratios(seed: int, backend: str, case_index: int) -> dict:
     """err / bound of each checked gradient for one seed."""
-    batch, dtype, with_ids, with_logq, reduction, sms = SYMMETRIC_CASES[case_index]
+    batch, dtype, with_ids, with_logq, reduction, sms = SYMMETRIC_CASES[case_index][:6]
     triton_configs.DEFAULT_SMS = sms
     device = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
     case = make_case(batch, batch, 20, dtype, symmetric=True, with_ids=with_ids, with_logq=with_logq,

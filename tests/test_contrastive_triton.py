@@ -133,33 +133,37 @@ def test_autotune_buckets_batch_sizes_by_power_of_two():
     assert triton_impl._bucket(40000, 40000, 256) != triton_impl._bucket(70000, 40000, 256)
 
 
-# (B, dtype, key_ids, logq, reduction, SM count the grid is sized for, seed): 72 rows = 5 blocks of 16, so the
-# splits are uneven and programs walk several row blocks and key tiles. The float32 temperature gradient of the
-# symmetric mode is a cancelling sum (about 20x at these sizes) of terms that carry the rounding of the float32
-# row / column lse the forward stores (~1 ulp of |lse| ~ 10): across seeds it lands at 0.01-1.6x the table's bound
-# whatever the dot order (seed 1 of the last case fails on the sliced float32 kernels before issue 11 item 2,
-# seed 172 on the resident ones, at 1.1x); the seeds below are not at that edge
+# (B, dtype, key_ids, logq, reduction, SM count the grid is sized for): 72 rows = 5 blocks of 16, so the splits are
+# uneven and programs walk several row blocks and key tiles. Each case's seed is its index (not chosen): the
+# float32 temperature gradient is a cancelling sum (about 20x here) of P_ij terms, which carried the storage
+# rounding of a float32 lse (~ulp(|lse|)) until the statistics kept (shift, log-sum); over 30 seeds of the float32
+# "sum" case (bench/contrastive_stats_sweep.py) it is at most 0.43x (torch) / 0.54x (Triton) of the table's bound,
+# down from 2.4x / 1.1x
 SYMMETRIC_CASES = [
-    (72, torch.float32, False, False, "mean", 6, 78),
-    (72, torch.float32, True, True, "none", 6, 78),
-    (72, torch.bfloat16, True, False, "sum", 20, 92),
-    (72, torch.float16, False, True, "mean", 1, 73),
-    (40, torch.float32, True, True, "sum", 132, 2),
+    (72, torch.float32, False, False, "mean", 6),
+    (72, torch.float32, True, True, "none", 6),
+    (72, torch.bfloat16, True, False, "sum", 20),
+    (72, torch.float16, False, True, "mean", 1),
+    (40, torch.float32, True, True, "sum", 132),
 ]
 
 
-@pytest.mark.parametrize("case_args", SYMMETRIC_CASES, ids=lambda a: f"B{a[0]}-{a[1]}-ids{int(a[2])}-logq{int(a[3])}"
-                                                                       f"-{a[4]}-sms{a[5]}")
-def test_symmetric_one_pass_statistics_match_the_reference(case_args, monkeypatch):
+def _symmetric_case_id(index: int) -> str:
+    batch, dtype, with_ids, with_logq, reduction, sms = SYMMETRIC_CASES[index]
+    return f"B{batch}-{dtype}-ids{int(with_ids)}-logq{int(with_logq)}-{reduction}-sms{sms}"
+
+
+@pytest.mark.parametrize("case_index", range(len(SYMMETRIC_CASES)), ids=_symmetric_case_id)
+def test_symmetric_one_pass_statistics_match_the_reference(case_index, monkeypatch):
     """The symmetric forward forms each tile once and keeps row and column statistics in partial (max, sum exp)
     pairs per split, merged by the launcher: loss and every gradient within the tolerance table, whatever the
     (S_r, S_c) grid."""
     from tests.test_contrastive import check_parity, make_case
 
-    batch, dtype, with_ids, with_logq, reduction, sms, seed = case_args
+    batch, dtype, with_ids, with_logq, reduction, sms = SYMMETRIC_CASES[case_index]
     monkeypatch.setattr(triton_configs, "DEFAULT_SMS", sms)
     case = make_case(batch, batch, 20, dtype, symmetric=True, with_ids=with_ids, with_logq=with_logq,
-                     reduction=reduction, seed=seed, device=TRITON_DEVICE)
+                     reduction=reduction, seed=case_index, device=TRITON_DEVICE)
     check_parity(case, "triton")
 
 

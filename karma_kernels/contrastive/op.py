@@ -71,7 +71,7 @@ def _(query, keys, target, temperature, key_ids, logq, mode, symmetric, reductio
     dtype = compute_dtype_for(query.dtype)
     batch = query.shape[0]
     loss = query.new_empty((batch,) if reduction == "none" else (), dtype=dtype)
-    stats = query.new_empty((3, batch), dtype=dtype)
+    stats = query.new_empty((torch_impl.STATS_ROWS, batch), dtype=dtype)
     if not _precomputes(precompute_grads, reduction, backend):
         return loss, stats, _empty(stats), _empty(stats), _empty(stats), _empty(stats)
     dlogq = query.new_empty((keys.shape[0],), dtype=dtype) if logq_grad else _empty(stats)

@@ -18,11 +18,19 @@ chunk x M block. When the upstream gradient is uniform (reduction "mean"/"sum") 
 ``contrastive_forward`` forms them in the same chunk pass as the loss (no recompute; backward only scales them).
 For reduction "none" ``contrastive_backward`` recomputes chunk-wise from the saved per-row statistics.
 
-Saved statistics ``stats`` [3, B] in the compute dtype:
-  softmax:  [row lse, column lse (symmetric only, else 0), target logit s_i,target]
+Saved statistics ``stats`` [5, B] in the compute dtype (``STATS_ROWS``; rows not listed are 0):
+  softmax:  [row shift m_i, column shift (symmetric only), target logit s_i,target, row log-sum l_i,
+             column log-sum (symmetric only)]
   pairwise: [target logit s_i,target, 1 / (number of valid negatives) (0 when none),
              sum_j sigmoid(s_ij - s_i,target) / (number of valid negatives)]
-  sigmoid:  [target logit s_i,target, 0, 0]
+  sigmoid:  [target logit s_i,target]
+
+A softmax lse is kept as two numbers, the shift m (the max; 0 once it is +inf, so the lse is +inf, not NaN) and
+l = log(sum_j exp(s_ij - m)), never rounded into one: the backward's a_i P_ij = exp(s_ij - m_i) * (a_i exp(-l_i))
+(``probability_factors``) then carries the rounding of l (~ulp(log M)) as torch's log_softmax does, not that of a
+float32 lse (~ulp(|lse|), 4-8x more at small temperatures), and so does the temperature gradient, a cancelling
+sum of such terms. The loss is (m_i - s_i,target) + l_i (the first difference is exact when the positive is near
+the max).
 
 Symmetric with M > B keys (hard negatives after the B positives): the column direction covers the first B
 columns only, so column statistics and the column part of G are kept for those.
@@ -42,6 +50,8 @@ from .reference import compute_dtype_for
 
 # Budget of one chunk x M block of logits (the working set of the chunk loop).
 CHUNK_BYTES = 64 * 2**20
+# rows of the saved statistics (layout in the module docstring), the same for every mode and backend
+STATS_ROWS = 5
 
 Grads = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
 
@@ -102,22 +112,35 @@ def _target_logits(block: torch.Tensor, target_chunk: torch.Tensor) -> torch.Ten
     return block.gather(1, target_chunk[:, None]).squeeze(1)
 
 
-def _exp_in_place(block: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Turn logits into exp(s_ij - max_i) in place (probabilities up to the row factor 1 / row_sum);
-    returns (row lse, row_sum). Leaving the normalisation to the caller saves a pass over the block."""
-    row_max = block.amax(dim=1)
-    # a +inf logit (logq = -inf) shifts by 0, so that the lse is +inf (reference.py), not inf - inf = NaN
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+def finite_shift(running_max: torch.Tensor) -> torch.Tensor:
+    """The shift a logsumexp subtracts: the max, or 0 where it is not finite (a +inf logit, logq = -inf: the sum
+    and so the lse become +inf as in reference.py, not inf - inf = NaN; a column with no valid entry: sum 0)."""
+    return torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
+
+
+def probability_factors(shift: torch.Tensor, log_sum: torch.Tensor,
+                        coef: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(shift', coef * exp(-l)) with coef * P_ij = exp(s_ij - shift') * coef * exp(-l) (both backends' backward:
+    the factor joins a coefficient, so the lse m + l is never rounded into one float32). shift' is +inf where
+    l = +inf (a +inf logit, shift 0): P is then 0 for finite s and NaN for s = +inf, as exp(s - lse) gives,
+    not exp(s) * 0 (NaN once exp(s) overflows)."""
+    return torch.where(log_sum == float("inf"), log_sum, shift), coef * torch.exp(-log_sum)
+
+
+def _exp_in_place(block: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn logits into exp(s_ij - m_i) in place (probabilities up to the row factor 1 / row_sum);
+    returns (row shift m, row log-sum l, row_sum). Leaving the normalisation to the caller saves a pass over
+    the block."""
+    shift = finite_shift(block.amax(dim=1))
     block.sub_(shift[:, None]).exp_()
     row_sum = block.sum(dim=1)
-    return shift + row_sum.log(), row_sum
+    return shift, row_sum.log(), row_sum
 
 
 def _update_column_stats(block: torch.Tensor, col_max: torch.Tensor, col_sum: torch.Tensor) -> None:
     """Online column max / sum-exp over row chunks (consumes ``block``)."""
     new_max = torch.maximum(col_max, block.amax(dim=0))
-    # a column fully masked so far has max -inf: shift by 0 there so exp() gives 0, not nan
-    shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+    shift = finite_shift(new_max)   # a column fully masked so far: exp() gives 0, not NaN
     col_sum.mul_(torch.exp(col_max - shift)).add_(block.sub_(shift).exp_().sum(dim=0))
     col_max.copy_(new_max)
 
@@ -191,13 +214,13 @@ def _sigmoid_chunk(p: _Problem, r0: int, r1: int, block: torch.Tensor, scratch: 
 def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, symmetric,
                         grad_row_coef: Optional[float] = None, want_logq_grad: bool = False,
                         chunk_rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[Grads]]:
-    """Per-row loss [B], statistics [3, B] and, when ``grad_row_coef`` is given, the gradients of
+    """Per-row loss [B], statistics [STATS_ROWS, B] and, when ``grad_row_coef`` is given, the gradients of
     ``sum_i grad_row_coef * loss_i`` (a uniform upstream gradient: reduction "mean" or "sum")."""
     p = _prepare(query, keys, target, temperature, key_ids, logq, mode, symmetric, chunk_rows)
     batch, num_keys, dtype, device = p.batch, p.num_keys, p.query.dtype, p.query.device
     buffer = torch.empty(p.chunk, num_keys, dtype=dtype, device=device)
     loss = torch.empty(batch, dtype=dtype, device=device)
-    stats = torch.zeros(3, batch, dtype=dtype, device=device)
+    stats = torch.zeros(STATS_ROWS, batch, dtype=dtype, device=device)
     fused_grads = grad_row_coef is not None and not symmetric
     acc = _GradAccumulator(p, want_logq_grad) if fused_grads else None
 
@@ -233,17 +256,15 @@ def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, s
         positive = _target_logits(block, p.target[r0:r1])
         if symmetric:
             _update_column_stats(column_copy[: r1 - r0].copy_(block[:, :batch]), col_max, col_sum)
-        lse, row_sum = _exp_in_place(block)
-        stats[0, r0:r1] = lse
+        stats[0, r0:r1], stats[3, r0:r1], row_sum = _exp_in_place(block)
         stats[2, r0:r1] = positive
-        loss[r0:r1] = lse - positive
+        loss[r0:r1] = (stats[0, r0:r1] - positive) + stats[3, r0:r1]
         if acc is not None:
             coef = torch.full((r1 - r0,), grad_row_coef, dtype=dtype, device=device)
             acc.add(r0, r1, block, coef / row_sum, coef)
     if symmetric:
-        column_lse = col_max + col_sum.log()
-        stats[1] = column_lse
-        loss = (loss + column_lse - stats[2]) / 2  # stats[2] = s_ii (target = arange)
+        stats[1], stats[4] = finite_shift(col_max), col_sum.log()
+        loss = (loss + ((stats[1] - stats[2]) + stats[4])) / 2  # stats[2] = s_ii (target = arange)
     grads = None
     if grad_row_coef is not None and symmetric:
         coef = torch.full((batch,), grad_row_coef, dtype=dtype, device=device)
@@ -257,6 +278,10 @@ def _backward_pass(p: _Problem, stats: torch.Tensor, row_coef: torch.Tensor, wan
                    buffer: torch.Tensor, scratch: Optional[torch.Tensor]) -> Grads:
     """Recompute logits chunk-wise and accumulate gradients for per-row upstream coefficients ``row_coef``."""
     acc = _GradAccumulator(p, want_logq_grad)
+    if p.mode == "softmax":   # a_i P_ij = exp(s_ij - m_i) * row_factor_i, row_factor = a_i exp(-l_i)
+        row_shift, row_factor = probability_factors(stats[0], stats[3], row_coef / 2 if p.symmetric else row_coef)
+    if p.symmetric:
+        column_shift, column_coef = probability_factors(stats[1], stats[4], row_coef / 2)
     for r0 in range(0, p.batch, p.chunk):
         r1 = min(r0 + p.chunk, p.batch)
         block, invalid = _logits_chunk(p, r0, r1, buffer)
@@ -274,13 +299,13 @@ def _backward_pass(p: _Problem, stats: torch.Tensor, row_coef: torch.Tensor, wan
             # G = c_i/2 P_ij + [j < B] c_j/2 Pc_ij - (c_i + c_i)/2 [i == j]: both directions in one block
             half = coef / 2
             column = scratch[: r1 - r0].copy_(block[:, :p.batch])
-            column.sub_(stats[1][None, :]).exp_().mul_((row_coef / 2)[None, :])
-            block.sub_(stats[0, r0:r1, None]).exp_().mul_(half[:, None])
+            column.sub_(column_shift[None, :]).exp_().mul_(column_coef[None, :])
+            block.sub_(row_shift[r0:r1, None]).exp_().mul_(row_factor[r0:r1, None])
             block[:, :p.batch].add_(column)
             acc.add(r0, r1, block, None, half + half)
         else:
-            block.sub_(stats[0, r0:r1, None]).exp_()
-            acc.add(r0, r1, block, coef, coef)
+            block.sub_(row_shift[r0:r1, None]).exp_()
+            acc.add(r0, r1, block, row_factor[r0:r1], coef)
     return acc.finish()
 
 

@@ -30,15 +30,16 @@ from .triton_tiles import (_grad_acc, _grad_operand, _grad_result, _grad_tile, _
 
 
 @triton.jit
-def _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """(col_coef, col_lse): in the symmetric mode (M == B) column j's coefficient and lse are row j's."""
+def _column_inputs(stats_ptr, cols, col_ok, B, BLOCK_M: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """(col_shift, col_scale): in the symmetric mode (M == B) column j's shift m_j and coef_j * exp(-l_j), the
+    column statistics of the launcher's kernel_stats (rows 1 and 4)."""
     if SYMMETRIC:
-        col_coef = tl.load(coef_ptr + cols, mask=col_ok, other=0.0)
-        col_lse = tl.load(stats_ptr + B + cols, mask=col_ok, other=0.0)
+        col_shift = tl.load(stats_ptr + B + cols, mask=col_ok, other=0.0)
+        col_scale = tl.load(stats_ptr + 4 * B + cols, mask=col_ok, other=0.0)
     else:
-        col_coef = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        col_lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    return col_coef, col_lse
+        col_shift = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        col_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return col_shift, col_scale
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
     dims0 = pid_d * BLOCK_DV + tl.arange(0, HALF)
     dims1 = dims0 + HALF
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
-    row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B)
+    row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B, PAIRWISE)
     q0 = _load_operand(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D, DOT)
     q1 = _load_operand(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D, DOT)
 
@@ -85,9 +86,9 @@ def _grad_query_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperat
         s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols, row_ok,
                                           col_ok, target, positive_id, inv_t, D, stride_q, stride_k, HAS_KEY_IDS,
                                           HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
-        col_coef, col_lse = _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
-        g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef,
-                       col_lse, PAIRWISE, SYMMETRIC)
+        col_shift, col_scale = _column_inputs(stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
+        g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_shift,
+                       col_scale, PAIRWISE, SYMMETRIC)
         g_operand = _grad_operand(g, GRAD_DOT)
         acc0 = _mma_grad(g_operand, k0, acc0, GRAD_DOT)
         acc1 = _mma_grad(g_operand, k1, acc1, GRAD_DOT)
@@ -128,7 +129,7 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
     dims0 = pid_d * BLOCK_DV + tl.arange(0, HALF)
     dims1 = dims0 + HALF
     inv_t = 1.0 / tl.load(temperature_ptr).to(tl.float32)
-    col_coef, col_lse = _column_inputs(coef_ptr, stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
+    col_shift, col_scale = _column_inputs(stats_ptr, cols, col_ok, B, BLOCK_M, SYMMETRIC)
     k0 = _load_operand(k_ptr, cols, col_ok, stride_k, dims0, D, EVEN_D, DOT)
     k1 = _load_operand(k_ptr, cols, col_ok, stride_k, dims1, D, EVEN_D, DOT)
 
@@ -137,14 +138,14 @@ def _grad_keys_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperatu
     column_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for r0 in range(0, B, BLOCK_B):
         rows, row_ok, target, positive_id = _query_block(r0, B, target_ptr, key_ids_ptr, HAS_KEY_IDS, BLOCK_B)
-        row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B)
+        row_coef, row_stat0, row_stat1, row_stat2 = _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B, PAIRWISE)
         q0 = _load_operand(q_ptr, rows, row_ok, stride_q, dims0, D, EVEN_D, DOT)
         q1 = _load_operand(q_ptr, rows, row_ok, stride_q, dims1, D, EVEN_D, DOT)
         s, valid, is_target = _logit_tile(q0, q1, k0, k1, q_ptr, k_ptr, logq_ptr, key_ids_ptr, rows, cols, row_ok,
                                           col_ok, target, positive_id, inv_t, D, stride_q, stride_k, HAS_KEY_IDS,
                                           HAS_LOGQ, RESIDENT, BLOCK_B, BLOCK_M, BLOCK_D, DOT)
-        g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef,
-                       col_lse, PAIRWISE, SYMMETRIC)
+        g = _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_shift,
+                       col_scale, PAIRWISE, SYMMETRIC)
         if LOGQ_GRAD:   # before the dots: the float32 tile then dies at its cast to the dots' operand dtype
             if ATOMIC_DQ:   # no loop-carried column sum: the registers the dQ piece needs
                 tl.atomic_add(dlogq_ptr + cols, tl.sum(g, axis=0), mask=col_ok & (pid_d == 0), sem="relaxed")

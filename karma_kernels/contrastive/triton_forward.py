@@ -3,9 +3,9 @@
 One program per block of query rows. For D <= BLOCK_D (``RESIDENT``, every default config up to D = 256) the query
 block is loaded once (as two D halves) and each key tile costs the dots of K = D; the key loop is software-pipelined by
 Triton (``num_stages`` >= 2: the next key tiles arrive by asynchronous copies while the current one is reduced).
-Larger D runs the dot product in BLOCK_D chunks. Only per-row statistics reach memory (``stats`` [3, B], layout of
-``torch_impl``). The symmetric mode has its own kernel (``_symmetric_forward_kernel``): row and column
-statistics from one pass over the tiles.
+Larger D runs the dot product in BLOCK_D chunks. Only per-row statistics reach memory (``stats`` [5, B], layout of
+``torch_impl``: a row's lse as its shift m and log-sum l, never rounded into one float32). The symmetric mode has
+its own kernel (``_symmetric_forward_kernel``): row and column statistics from one pass over the tiles.
 """
 from __future__ import annotations
 
@@ -91,10 +91,12 @@ def _forward_kernel(q_ptr, k_ptr, target_ptr, key_ids_ptr, logq_ptr, temperature
         tl.store(stats_ptr + B + rows, inv_count, mask=row_ok)
         tl.store(stats_ptr + 2 * B + rows, sigmoid_sum * inv_count, mask=row_ok)
     else:
-        lse = _finite_shift(row_max) + tl.log(tl.where(row_ok, row_sum, 1.0))
-        tl.store(loss_ptr + rows, lse - positive, mask=row_ok)
-        tl.store(stats_ptr + rows, lse, mask=row_ok)
+        shift = _finite_shift(row_max)
+        log_sum = tl.log(tl.where(row_ok, row_sum, 1.0))
+        tl.store(loss_ptr + rows, (shift - positive) + log_sum, mask=row_ok)
+        tl.store(stats_ptr + rows, shift, mask=row_ok)
         tl.store(stats_ptr + 2 * B + rows, positive, mask=row_ok)
+        tl.store(stats_ptr + 3 * B + rows, log_sum, mask=row_ok)
 
 
 @triton.jit

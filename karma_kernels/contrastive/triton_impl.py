@@ -4,8 +4,9 @@ Kernels: ``triton_forward`` (row statistics), ``triton_backward`` (gradients: an
 deterministic two-kernel one), tile helpers in ``triton_tiles``; which kernels run with which tiles and grids is
 decided in ``triton_configs`` (shared with the autotuner and the sm_90 kernel audit, ``triton_audit``).
 
-Forward: per-row loss and ``stats`` [3, B] (layout of ``torch_impl``). ``symmetric=True`` runs one pass that
-forms each logit tile once and keeps both row and column statistics (``_symmetric_forward_kernel``): partial
+Forward: per-row loss and ``stats`` [5, B] (layout of ``torch_impl``: each lse as a shift and a log-sum).
+``symmetric=True`` runs one pass that forms each logit tile once and keeps both row and column statistics
+(``_symmetric_forward_kernel``): partial
 (max, sum exp) pairs of S_c key-tile ranges per row and of S_r row-block ranges per column (S_r x S_c programs,
 about one per SM), merged here by a logsumexp over the splits: 1F of matmul work, O((S_r + S_c)(B + M)) memory.
 
@@ -31,6 +32,7 @@ import torch
 import triton
 
 from .triton_audit import audit_plans  # noqa: F401  (read by python -m bench.kernel_audit)
+from .torch_impl import STATS_ROWS, finite_shift, probability_factors
 from .triton_configs import (Config, Configs, backward_launches, default_configs, forward_launches, run,
                              use_autotune)
 
@@ -119,18 +121,19 @@ def _sm_count(device: torch.device) -> Optional[int]:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def _merge_lse(part_max: torch.Tensor, part_sum: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the split axis (0) of partial (max, sum exp(x - shift)) pairs, with the kernels' shift
-    convention (0 once the max is +inf); a split that saw only masked entries (sum 0) contributes nothing."""
-    shift = torch.where(part_max == float("inf"), torch.zeros_like(part_max), part_max)
-    return torch.logsumexp(shift + torch.log(part_sum), dim=0)
+def _merge_lse(part_max: torch.Tensor, part_sum: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(shift, log-sum) over the split axis (0) of partial (max, sum exp(x - shift)) pairs, with the kernels'
+    shift convention (0 once the max is +inf); a split that saw only masked entries (sum 0) contributes nothing.
+    The lse is shift + log-sum, kept unrounded (torch_impl's layout)."""
+    shift = finite_shift(part_max.amax(dim=0))
+    return shift, torch.log((part_sum * torch.exp(finite_shift(part_max) - shift)).sum(dim=0))
 
 
 def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, symmetric,
                         config: Optional[Config] = None,
                         splits: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss [B] float32 and statistics [3, B] float32 (layout of torch_impl). ``splits``: (S_r, S_c) of
-    the symmetric forward's grid (default: from the device's SM count)."""
+    """Per-row loss [B] float32 and statistics [STATS_ROWS, B] float32 (layout of torch_impl). ``splits``:
+    (S_r, S_c) of the symmetric forward's grid (default: from the device's SM count)."""
     if mode == "sigmoid":  # its own kernels: triton_sigmoid
         from .triton_sigmoid import sigmoid_forward
         return sigmoid_forward(query, keys, target, temperature, key_ids, logq)
@@ -144,7 +147,7 @@ def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, s
     q_arg, k_arg, temperature, _, _ = _kernel_operands(query, keys, temperature, launches[0].constexprs["DOT"])
     if not symmetric:
         loss = torch.empty(batch, dtype=torch.float32, device=query.device)
-        stats = torch.zeros(3, batch, dtype=torch.float32, device=query.device)
+        stats = torch.zeros(STATS_ROWS, batch, dtype=torch.float32, device=query.device)
         run(launches[0], (q_arg, k_arg, target, key_ids_arg, logq if logq is not None else loss, temperature, loss,
                           stats, batch, num_keys, dim, q_arg.stride(0), k_arg.stride(0)), tune, bucket)
         return loss, stats
@@ -154,9 +157,11 @@ def contrastive_forward(query, keys, target, temperature, key_ids, logq, mode, s
     col_part = torch.empty(2, split_r, num_keys, dtype=torch.float32, device=query.device)
     run(launches[0], (q_arg, k_arg, target, key_ids_arg, logq if logq is not None else row_part, temperature,
                       row_part, col_part, batch, num_keys, dim, q_arg.stride(0), k_arg.stride(0)), tune, bucket)
-    stats = torch.stack((_merge_lse(row_part[0], row_part[1]), _merge_lse(col_part[0], col_part[1]),
-                         row_part[2].sum(0)))
-    loss = ((stats[0] - stats[2]) + (stats[1] - stats[2])) / 2
+    row_shift, row_log_sum = _merge_lse(row_part[0], row_part[1])
+    col_shift, col_log_sum = _merge_lse(col_part[0], col_part[1])
+    positive = row_part[2].sum(0)
+    stats = torch.stack((row_shift, col_shift, positive, row_log_sum, col_log_sum))
+    loss = (((row_shift - positive) + row_log_sum) + ((col_shift - positive) + col_log_sum)) / 2
     return loss, stats
 
 
@@ -182,6 +187,14 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
     magnitude = row_coef.abs() * torch.maximum(stats[1], stats[2]) if pairwise else row_coef
     scale, unscale = grad_scale(magnitude)
     scaled_coef = row_coef * scale
+    # the statistics as the kernels read them: softmax coef * P = exp(s - m') * (coef * exp(-l)), the factor in
+    # place of l (row 3; the column's, row 4, with the same coefficient: symmetric column j's is row j's)
+    kernel_stats = stats
+    if not pairwise:
+        kernel_stats = stats.clone()
+        kernel_stats[0], kernel_stats[3] = probability_factors(stats[0], stats[3], scaled_coef)
+        if symmetric:
+            kernel_stats[1], kernel_stats[4] = probability_factors(stats[1], stats[4], scaled_coef)
     launches = backward_launches(batch, num_keys, dim, query.dtype, pairwise, symmetric, key_ids is not None,
                                  logq is not None, want_logq_grad, deterministic, configs)
     tune, bucket = use_autotune() and configs is None, _bucket(batch, num_keys, dim)
@@ -193,7 +206,7 @@ def contrastive_backward(row_coef, query, keys, target, temperature, key_ids, lo
     q_arg, k_arg, kernel_temperature, q_scale, k_scale = _kernel_operands(query, keys, temperature,
                                                                           launches[0].constexprs["DOT"])
     common = (q_arg, k_arg, target, int32_key_ids(target, key_ids), logq if logq is not None else row_coef,
-              kernel_temperature, stats, scaled_coef)
+              kernel_temperature, kernel_stats, scaled_coef)
     sizes = (batch, num_keys, dim, q_arg.stride(0), k_arg.stride(0))
     keys_launch = launches[-1]
     if keys_launch.constexprs["ATOMIC_DQ"]:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .torch_impl import STATS_ROWS
+
 MAX_D = 512  # the resident feature block; larger D runs on the torch path
 BLOCK_ROWS = 16
 BLOCK_KEYS = 32
@@ -155,10 +157,10 @@ def _common(query, keys, target, key_ids, logq):
 
 
 def sigmoid_forward(query, keys, target, temperature, key_ids, logq) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss [B] float32 and stats [3, B] float32 ([target logit, 0, 0])."""
+    """Per-row loss [B] float32 and stats [STATS_ROWS, B] float32 (row 0 the target logit, the rest 0)."""
     query, keys, batch, dim, flags, pointers = _common(query, keys, target, key_ids, logq)
     loss = torch.empty(batch, dtype=torch.float32, device=query.device)
-    stats = torch.zeros(3, batch, dtype=torch.float32, device=query.device)
+    stats = torch.zeros(STATS_ROWS, batch, dtype=torch.float32, device=query.device)
     _row_kernel[(triton.cdiv(batch, BLOCK_ROWS),)](*pointers, temperature, loss, loss, stats, batch, keys.shape[0],
                                                    dim, query.stride(0), keys.stride(0), DQ=False, **flags)
     return loss, stats

@@ -109,11 +109,15 @@ def _query_block(row_start, B, target_ptr, key_ids_ptr, HAS_KEY_IDS: tl.constexp
 
 
 @triton.jit
-def _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B):
-    """Per-row (scaled) upstream coefficient and the three saved forward statistics of a block of rows."""
+def _row_grad_inputs(coef_ptr, stats_ptr, rows, row_ok, B, PAIRWISE: tl.constexpr):
+    """Per-row (scaled) upstream coefficient and the statistics of a block of rows (the launcher's kernel_stats):
+    pairwise (target logit, 1 / count, mean sigmoid), softmax (shift m, coef * exp(-l), target logit)."""
     row_coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
     row_stat0 = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    row_stat1 = tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0)
+    if PAIRWISE:
+        row_stat1 = tl.load(stats_ptr + B + rows, mask=row_ok, other=0.0)
+    else:
+        row_stat1 = tl.load(stats_ptr + 3 * B + rows, mask=row_ok, other=0.0)
     row_stat2 = tl.load(stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
     return row_coef, row_stat0, row_stat1, row_stat2
 
@@ -230,7 +234,7 @@ def _softplus_sigmoid(x):
 
 
 @triton.jit
-def _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_coef, col_lse,
+def _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, row_stat2, col_shift, col_scale,
                PAIRWISE: tl.constexpr, SYMMETRIC: tl.constexpr):
     """G * S = S * d(sum_i coef_i loss_i) / d s for one tile (formulas in torch_impl). The coefficients arrive
     multiplied by the launcher's power of two S (``grad_scale``), so that G * S is cast to half precision without
@@ -242,11 +246,13 @@ def _grad_tile(s, rows, cols, valid, is_target, row_coef, row_stat0, row_stat1, 
         g = tl.where(negative, sigmoid, 0.0) * (row_coef * row_stat1)[:, None]
         g -= tl.where(is_target, (row_coef * row_stat2)[:, None], 0.0)
     else:
-        # exp of masked entries is never formed (a false negative may sit far above the row's lse)
-        g = tl.exp(tl.where(valid, s - row_stat0[:, None], float("-inf"))) * row_coef[:, None]
-        if SYMMETRIC:   # target = arange: the positive of row i is key i, and of column i query i
-            g += tl.exp(tl.where(valid, s - col_lse[None, :], float("-inf"))) * col_coef[None, :]
-            g -= tl.where(is_target, row_coef[:, None] + col_coef[None, :], 0.0)
+        # stats (the launcher's kernel_stats): shift m and coef * exp(-l): coef * P = exp(s - m) * (coef * exp(-l)),
+        # the lse m + l never rounded into one float32. exp of masked entries is never formed (a false negative may
+        # sit far above the row's lse)
+        g = tl.exp(tl.where(valid, s - row_stat0[:, None], float("-inf"))) * row_stat1[:, None]
+        if SYMMETRIC:   # target = arange: the positive of row i is key i, and of column i query i (same coef)
+            g += tl.exp(tl.where(valid, s - col_shift[None, :], float("-inf"))) * col_scale[None, :]
+            g -= tl.where(is_target, 2.0 * row_coef[:, None], 0.0)
         else:
             g -= tl.where(is_target, row_coef[:, None], 0.0)
     return g

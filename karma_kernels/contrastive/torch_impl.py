@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .reference import compute_dtype_for
 

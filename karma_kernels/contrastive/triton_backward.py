@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .triton_tiles import (_grad_acc, _grad_operand, _grad_result, _grad_tile, _load_operand, _load_value,
-                           _logit_tile, _mma, _mma_grad, _query_block, _row_grad_inputs, _store_rows, _transposed)
+                           _logit_tile, _mma_grad, _query_block, _row_grad_inputs, _store_rows, _transposed)
 
 
 @triton.jit

@@ -10,7 +10,7 @@ import importlib
 import numbers
 import threading
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch

@@ -119,3 +119,35 @@ def peak_memory(fn: Callable[[], Any], device=None) -> Tuple[Any, Optional[int],
         if gc_was_enabled:
             gc.enable()
     return result, max(sampler.max_rss - baseline, 0), CPU_METHOD
+
+
+def live_peak_bytes(fn: Callable[[], Any], device=None) -> Tuple[Any, Optional[int]]:
+    """Call ``fn()`` once under the profiler; return ``(result, peak)``, ``peak`` being the most bytes live at once
+    on ``device`` (default CPU) among the allocations made during the call, from the allocation and free events the
+    profiler records (the analogue of CUDA's ``max_memory_allocated``: no heap memory kept by the C allocator after
+    a free, no sampling). Slow (the profiler records every op): one call, outside any timing."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cpu") if device is None else torch.device(device)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        result = fn()
+    events = []
+    for event in prof._memory_profile()._op_tree.dfs():
+        if event.typed[0] == _EventType.Allocation:
+            fields = event.typed[1]
+            if fields.device.type == device.type:
+                events.append((event.start_time_ns, fields.alloc_size, fields.ptr))
+    events.sort()
+    sizes: dict = {}
+    live = peak = 0
+    for _, size, ptr in events:
+        if size > 0:
+            sizes[ptr] = size
+            live += size
+            peak = max(peak, live)
+        else:
+            live -= sizes.pop(ptr, 0)   # frees of memory allocated before the call do not count
+    return result, peak
+

@@ -31,7 +31,8 @@ Two ways to run it:
       warm-up step each; prints a markdown table of median step time and peak memory (CPU: the growth of the
       resident set during the step, bench/_mem.py; CUDA: the allocator's high-water mark above what was
       allocated before the step; either way with the previous step's gradients dropped first, so the step's own
-      gradients count) and the fused / unfused ratios.
+      gradients count) and the fused / unfused ratios. --live (CPU) adds the allocator-level live peak of one more
+      step of each, from the profiler's allocation events (bench/_mem.py live_peak_bytes; slow).
 """
 from __future__ import annotations
 
@@ -228,11 +229,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compare(shape: StepShape, device, rounds: int = 3, log=None) -> Dict[str, dict]:
+def compare(shape: StepShape, device, rounds: int = 3, log=None, live: bool = False) -> Dict[str, dict]:
     """Both variants side by side: one warm-up step each, then ``rounds`` rounds alternating (order flips every
     round). Returns {variant: {"time_s": median, "peak_mem_bytes": median, "mem_method": ...}}. ``log``: a
-    callable that gets one progress line per measured step."""
-    from bench._mem import peak_memory
+    callable that gets one progress line per measured step. ``live`` (CPU): one more step of each under the
+    profiler, whose allocation events give the most bytes live at once ("live_peak_bytes"; no memory the C
+    allocator keeps after a free, which the resident set counts)."""
+    from bench._mem import live_peak_bytes, peak_memory
 
     trainer = TrainStep(shape, device)
     for variant in VARIANTS:  # warm-up: AdamW state, Triton JIT / CUDA context, allocator pools
@@ -259,9 +262,16 @@ def compare(shape: StepShape, device, rounds: int = 3, log=None) -> Dict[str, di
             peaks[variant].append(peak)
             if log is not None:
                 log(f"{shape.describe()} round {round_index + 1}/{rounds} {variant}: {elapsed:.3f} s, {_mib(peak)}")
-    return {v: {"time_s": statistics.median(times[v]),
-                "peak_mem_bytes": None if None in peaks[v] else int(statistics.median(peaks[v])),
-                "mem_method": method, "rounds": rounds} for v in VARIANTS}
+    results = {v: {"time_s": statistics.median(times[v]),
+                   "peak_mem_bytes": None if None in peaks[v] else int(statistics.median(peaks[v])),
+                   "mem_method": method, "rounds": rounds} for v in VARIANTS}
+    if live and trainer.device.type == "cpu":
+        for variant in VARIANTS:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            results[variant]["live_peak_bytes"] = live_peak_bytes(lambda: trainer.step(variant))[1]
+            if log is not None:
+                log(f"{shape.describe()} {variant}: live peak {_mib(results[variant]['live_peak_bytes'])}")
+    return results
 
 
 def _mib(value: Optional[int]) -> str:
@@ -276,6 +286,10 @@ def markdown_table(results: Dict[StepShape, Dict[str, dict]], device: str) -> st
              "",
              "| shape | variant | step time | peak memory | time vs unfused | memory vs unfused |",
              "|---|---|---:|---:|---:|---:|"]
+    with_live = any("live_peak_bytes" in row for result in results.values() for row in result.values())
+    if with_live:
+        lines[-2] += " live peak (profiler) | live vs unfused |"
+        lines[-1] += "---:|---:|"
     for shape, result in results.items():
         base = result["unfused"]
         for variant in VARIANTS:
@@ -283,8 +297,13 @@ def markdown_table(results: Dict[StepShape, Dict[str, dict]], device: str) -> st
             time_ratio = f"{row['time_s'] / base['time_s']:.2f}x"
             memory_ratio = ("n/a" if not base["peak_mem_bytes"] or row["peak_mem_bytes"] is None
                             else f"{row['peak_mem_bytes'] / base['peak_mem_bytes']:.2f}x")
-            lines.append(f"| {shape.describe()} | {variant} | {row['time_s']:.3f} s | {_mib(row['peak_mem_bytes'])} "
-                         f"| {time_ratio} | {memory_ratio} |")
+            line = (f"| {shape.describe()} | {variant} | {row['time_s']:.3f} s | {_mib(row['peak_mem_bytes'])} "
+                    f"| {time_ratio} | {memory_ratio} |")
+            if with_live:
+                live, base_live = row.get("live_peak_bytes"), base.get("live_peak_bytes")
+                ratio = "n/a" if not base_live or live is None else f"{live / base_live:.2f}x"
+                line += f" {_mib(live)} | {ratio} |"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -300,6 +319,8 @@ def main(argv=None) -> str:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per variant (median)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke shape (overrides the sizes)")
+    parser.add_argument("--live", action="store_true",
+                        help="CPU: also the allocator-level live peak of one step of each (profiler; slow)")
     args = parser.parse_args(argv)
     for name in ("hidden", "layers", "heads", "users", "history", "text_len", "rounds"):
         if getattr(args, name) < 1:
@@ -317,7 +338,8 @@ def main(argv=None) -> str:
     results = {}
     for vocab in args.vocab:
         shape = replace(base, vocab=vocab)
-        results[shape] = compare(shape, device, args.rounds, log=lambda line: print(line, file=sys.stderr, flush=True))
+        results[shape] = compare(shape, device, args.rounds, log=lambda line: print(line, file=sys.stderr, flush=True),
+                                 live=args.live)
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     table = markdown_table(results, f"{device}: {where}")
     print(table)

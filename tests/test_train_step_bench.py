@@ -87,3 +87,28 @@ def test_peak_memory_counts_the_steps_own_gradients(torch_one_thread):
     for variant in bench.VARIANTS:
         if results[variant]["mem_method"] == "rss_sampler":
             assert results[variant]["peak_mem_bytes"] >= gradient_bytes, variant
+
+
+def test_live_peak_counts_what_is_live_at_once(torch_one_thread):
+    """bench/_mem.live_peak_bytes: the most bytes live at once among the call's own allocations (a free of memory
+    made before the call does not count), and the CLI's --live column."""
+    from bench._mem import live_peak_bytes
+
+    before = torch.empty(300_000)
+
+    def call():
+        nonlocal before
+        a = torch.empty(1_000_000)
+        b = torch.empty(500_000)
+        del a
+        before = None                     # freed inside the call, allocated outside it
+        c = torch.empty(2_000_000)
+        return b.numel() + c.numel()
+
+    result, peak = live_peak_bytes(call)
+    assert result == 2_500_000 and peak == 4 * 2_500_000
+    results = bench.compare(replace(bench.TINY, vocab=4000), "cpu", rounds=1, live=True)
+    for variant in bench.VARIANTS:
+        assert results[variant]["live_peak_bytes"] > 0, variant
+    table = bench.markdown_table({replace(bench.TINY, vocab=4000): results}, "cpu")
+    assert "live peak (profiler) | live vs unfused |" in table and table.count("x |") >= 4

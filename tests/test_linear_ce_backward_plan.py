@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from karma_kernels import linear_cross_entropy
-from karma_kernels.linear_ce.backward_plan import ALIGN_BYTES, TAIL_ROWS, plan_backward
+from karma_kernels.linear_ce.backward_plan import ALIGN_BYTES, TAIL_ROWS, plan_backward, plan_deterministic
 from tests.conftest import TRITON_DEVICE
 from tests.linear_ce_cases import check_against_truth, make_inputs
 
@@ -290,3 +290,77 @@ def test_backward_allocates_the_two_gradients_and_nothing_gradient_sized(small_b
     assert large == sorted([V * D_SPLIT * 2, N * D_SPLIT * 2]), log.sizes
     assert grad_weight.dtype == grad_hidden.dtype == torch.bfloat16
     assert grad_weight.float().abs().sum() > 0 and grad_hidden.float().abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------- the deterministic pair
+
+def test_deterministic_plan_invariants_over_a_grid_of_shapes():
+    """dHidden's kernel first (its fp32 sums at row 0 while they fit), then dWeight in shrinking bands over the
+    whole vocabulary: every row written once, no scratch over its band or a written row, the peak = the two
+    gradients + the tail (+ dHidden's own fp32 buffer when it does not fit)."""
+    layouts = set()
+    for vocab, hidden_rows, dim, band, tile, need_hidden in itertools.product(
+            (7, 100, 481, 3000), (1, 13, 64, 700), (3, 32, 2304), (32, 1792), (16, 128), (True, False)):
+        plan = plan_deterministic(vocab, hidden_rows, dim, band, tile, elem_bytes=2, need_hidden=need_hidden,
+                                  need_weight=True)
+        layouts.add((plan.layout, plan.hidden_acc_row is not None))
+        stages = [s.stage for s in plan.steps]
+        assert stages == ([2] if need_hidden else []) + [3] * (len(stages) - need_hidden)
+        if plan.layout == "full":
+            assert 2 * band >= vocab and plan.steps[-1] == plan.steps[-1].__class__(3, 0, vocab, None)
+            continue
+        acc_rows = -(-hidden_rows * dim * 4 // (dim * 2))
+        assert (plan.hidden_acc_row == 0) == (need_hidden and acc_rows <= vocab)
+        written = [0] * vocab
+        for step in plan.steps[need_hidden:]:
+            rows = range(step.v_start, step.v_start + step.v_count)
+            if step.scratch_row is None:
+                assert step.v_count <= plan.separate_rows <= TAIL_ROWS
+            else:
+                lo, hi = step.scratch_row, step.scratch_row + 2 * step.v_count
+                assert (lo * dim * 2) % ALIGN_BYTES == 0 and hi <= rows.start and not any(written[lo:hi])
+            assert not any(written[r] for r in rows)
+            for r in rows:
+                written[r] = 1
+        assert written == [1] * vocab
+        own_hidden = hidden_rows * dim * 4 if need_hidden and plan.hidden_acc_row is None else 0
+        assert plan.peak_bytes == (vocab + (hidden_rows if need_hidden else 0)) * dim * 2 + \
+            plan.separate_rows * dim * 4 + own_hidden
+    assert layouts == {("in_place", True), ("in_place", False), ("full", False)}
+    # CCE's benchmark shape with 16 MiB bands: the two bf16 gradients + a 16-row tail (was one fp32 [V, D] buffer)
+    plan = plan_deterministic(256000, 8192, 2304, 1792, 128, elem_bytes=2, need_hidden=True, need_weight=True)
+    assert plan.peak_bytes == (256000 + 8192) * 2304 * 2 + plan.separate_rows * 2304 * 4 < 1.22e9
+
+
+def _deterministic_backward(inputs):
+    """The deterministic backward of these inputs (forward run here, outside any allocation log)."""
+    from karma_kernels.linear_ce import triton_impl
+
+    hidden, weight, target, bias = inputs["hidden"], inputs["weight"], inputs["target"], inputs.get("bias")
+    _, stats = triton_impl.forward(hidden, weight, target, bias=bias)
+    return lambda **options: triton_impl.backward(torch.tensor(0.5), hidden, weight, target, stats, bias=bias,
+                                                  deterministic=True, filter_eps=0.0, **options)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_deterministic_pair_in_place_matches_one_fp32_buffer(dtype, small_bands):
+    """The deterministic kernels with their fp32 sums in the dWeight output (dHidden at row 0, then shrinking
+    dWeight bands down to the separate tail) give the same gradients as with one fp32 [V, D] buffer (the same
+    per-tile sums in the same order: equal up to the output's rounding), bias included, and allocate nothing
+    gradient-sized besides the two gradients."""
+    from karma_kernels.linear_ce.triton_configs import backward_launches
+
+    plan = backward_launches(N, V, D, "bf16", on_gpu=False, deterministic=True, has_bias=True, has_softcap=False,
+                             filtering=False, need_hidden=True, need_weight=True, need_bias=True)[0].extra["plan"]
+    assert plan.layout == "in_place" and plan.hidden_acc_row == 0 and plan.separate_rows > 0
+    assert sum(s.stage == 3 and s.scratch_row is not None for s in plan.steps) >= 4
+    inputs = make_inputs(N, D, V, dtype, bias=True, ignore_every=5, logit_scale=3.0, device=TRITON_DEVICE)
+    backward = _deterministic_backward(inputs)
+    with _Allocations() as log:
+        got = backward()
+    full = backward(accum_dtype="fp32")
+    for g, w, name in zip(got, full, ("dhidden", "dweight", "dbias")):
+        assert g.abs().sum() > 0, name
+        _assert_same_up_to_fp32_rounding(g, w, name)
+    small = max(plan.separate_rows * D * 4, 8 * N, 4 * V)
+    assert sorted(size for _, size in log.sizes if size > small) == sorted([V * D * 2, N * D * 2]), log.sizes

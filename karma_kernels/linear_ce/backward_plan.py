@@ -27,6 +27,9 @@ Layouts (``BackwardPlan.layout``):
     gradient, so no row range stays unwritten), and without dWeight (one step, nothing to hide in).
 ``"full"``: one fp32 [V, D] buffer addressed by class id: the gradient itself for fp32 weights; for fp16/bf16
     (cast at the end) with ``accum_dtype="fp32"``, or when one band covers the vocabulary (<= BAND_BYTES).
+
+The deterministic variant has a plan of its own (``plan_deterministic``): its two kernels share no work, so its
+fp32 sums take the dWeight output's unwritten rows at no extra work.
 """
 from __future__ import annotations
 
@@ -118,22 +121,58 @@ def plan_backward(vocab: int, hidden_rows: int, dim: int, band: int, tile: int, 
     if acc_bytes:
         steps.append(Step(2, start, vocab - start, None))
     last = 3 if acc_bytes else 1                          # T's own rows: dWeight only once dHidden is complete
-    low, high = start, vocab                              # the unwritten rows (all of T after stage 2)
+    tail = _shrinking_bands(steps, last, start, vocab, band, tile, ratio)   # T: unwritten after stage 2
+    peak = weight_out + hidden_out + tail * dim * FP32_BYTES + (0 if acc_bytes else hidden_acc)
+    return BackwardPlan("in_place", tuple(steps), start if acc_bytes else None, hidden_split if acc_bytes else 0,
+                        start + acc_rows, ratio * band, tail, vocab - start, vocab - start if acc_bytes else 0,
+                        _masked_rows(steps, vocab, tile), peak)
+
+
+def _shrinking_bands(steps: list, stage: int, low: int, high: int, band: int, tile: int, ratio: int) -> int:
+    """Appends the dWeight steps over the unwritten rows [low, high): a band of x = min(band, (high - low) //
+    (ratio + 1)) rows (whole tiles while x >= one tile) at [high - x, high) keeps its fp32 sums in [low, low +
+    ratio x); high -= x; the last <= TAIL_ROWS rows take a separate fp32 scratch. Returns those rows."""
     while high - low > TAIL_ROWS:
         rows = min(band, (high - low) // (ratio + 1))
         if rows >= tile:
             rows = rows // tile * tile                    # whole tiles while the band is at least one
         if rows == 0:
             break
-        steps.append(Step(last, high - rows, rows, low))
+        steps.append(Step(stage, high - rows, rows, low))
         high -= rows
     if high > low:
-        steps.append(Step(last, low, high - low, None))
-    tail = high - low
-    peak = weight_out + hidden_out + tail * dim * FP32_BYTES + (0 if acc_bytes else hidden_acc)
-    return BackwardPlan("in_place", tuple(steps), start if acc_bytes else None, hidden_split if acc_bytes else 0,
-                        start + acc_rows, ratio * band, tail, vocab - start, vocab - start if acc_bytes else 0,
-                        _masked_rows(steps, vocab, tile), peak)
+        steps.append(Step(stage, low, high - low, None))
+    return high - low
+
+
+def plan_deterministic(vocab: int, hidden_rows: int, dim: int, band: int, tile: int, *, elem_bytes: int,
+                       need_hidden: bool, need_weight: bool, full_buffer: bool = False) -> BackwardPlan:
+    """The deterministic backward (a token-parallel dHidden kernel, then a vocabulary-parallel dWeight kernel; no
+    atomics, no work shared between them): for fp16/bf16 weights, every fp32 sum lives in the dWeight output's
+    unwritten rows. dHidden's kernel runs first (step of stage 2 over the whole vocabulary) with its fp32 sums in
+    the gradient's first rows (all unwritten then; its own fp32 buffer if they do not fit), which are cast into the
+    dHidden output; then dWeight in shrinking bands over [0, V) (stage 3 steps, ``_shrinking_bands``). Peak: the two
+    gradients + the tail's scratch. fp32 weights, ``full_buffer`` (``accum_dtype="fp32"``), no dWeight, or a
+    band as large as the vocabulary: the gradient-sized fp32 buffers of before (layout "full")."""
+    if min(vocab, band, tile) < 1 or min(dim, hidden_rows) < 0 or elem_bytes not in (2, 4):
+        raise ValueError(f"plan_deterministic: bad sizes vocab={vocab} hidden_rows={hidden_rows} dim={dim} "
+                         f"band={band} tile={tile} elem_bytes={elem_bytes}")
+    weight_out = vocab * dim * elem_bytes if need_weight else 0
+    hidden_out = hidden_rows * dim * elem_bytes if need_hidden else 0
+    hidden_acc = hidden_rows * dim * FP32_BYTES if need_hidden and elem_bytes != FP32_BYTES else 0
+    ratio = FP32_BYTES // elem_bytes
+    whole = ((Step(2, 0, vocab, None),) if need_hidden else ()) + (Step(3, 0, vocab, None),)
+    if not need_weight or elem_bytes == FP32_BYTES or full_buffer or ratio * band >= vocab:
+        full = vocab * dim * FP32_BYTES if need_weight else 0
+        peak = full + hidden_acc + hidden_out + (weight_out if elem_bytes != FP32_BYTES else 0)
+        return BackwardPlan("full", whole, None, 0, None, 0, 0, 0, 0, 0, peak)
+    acc_rows = -(-hidden_acc // max(dim * elem_bytes, 1))  # from row 0: aligned with the gradient
+    in_place = need_hidden and acc_rows <= vocab
+    steps = [whole[0]] if need_hidden else []
+    tail = _shrinking_bands(steps, 3, 0, vocab, band, tile, ratio)
+    peak = weight_out + hidden_out + tail * dim * FP32_BYTES + (0 if in_place else hidden_acc)
+    return BackwardPlan("in_place", tuple(steps), 0 if in_place else None, 0, None, 0, tail, 0, 0,
+                        _masked_rows(steps[1 if need_hidden else 0:], vocab, tile), peak)
 
 
 def _masked_rows(steps, vocab: int, tile: int) -> int:

@@ -135,13 +135,15 @@ def _lce_grad_hidden_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, s
 @triton.jit
 def _lce_grad_weight_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, slot_target_ptr, n_valid_ptr,
                             grad_scale_ptr, grad_scale_stride, max_ptr, log_sum_ptr, grad_w_ptr, grad_b_ptr,
-                            V, D, stride_h, stride_w, stride_gw, smoothing, z_loss, softcap, filter_eps,
+                            V, v_start, v_count, D, stride_h, stride_w, stride_gw, smoothing, z_loss, softcap,
+                            filter_eps,
                             HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                             DOT_PRECISION: tl.constexpr, HALF_GRAD: tl.constexpr, HEADROOM: tl.constexpr,
                             FILTER: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_mask = offs_v < V
+    local_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)   # rows of this band (its sums: grad_w_ptr)
+    offs_v = v_start + local_v
+    v_mask = local_v < v_count
     n_valid = tl.load(n_valid_ptr)
     bias_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for n0 in range(0, n_valid, BLOCK_N):
@@ -160,7 +162,7 @@ def _lce_grad_weight_kernel(h_ptr, w_ptr, b_ptr, slot_token_ptr, slot_row_ptr, s
                 for d0 in range(0, D, BLOCK_D):
                     offs_d = d0 + tl.arange(0, BLOCK_D)
                     d_mask = offs_d < D
-                    _add_dot_into(grad_w_ptr + offs_v.to(tl.int64)[:, None] * stride_gw + offs_d[None, :],
+                    _add_dot_into(grad_w_ptr + local_v.to(tl.int64)[:, None] * stride_gw + offs_d[None, :],
                                   v_mask[:, None] & d_mask[None, :], lo_t, scale,
                                   h_ptr + rows[:, None] * stride_h + offs_d[None, :],
                                   row_mask[:, None] & d_mask[None, :], UPCAST, DOT_PRECISION)

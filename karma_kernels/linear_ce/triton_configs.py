@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import triton
 
-from .backward_plan import plan_backward
+from .backward_plan import plan_backward, plan_deterministic
 from .triton_backward import _lce_backward_kernel, _lce_grad_hidden_kernel, _lce_grad_weight_kernel
 from .triton_common import GRAD_TILE_HEADROOM
 from .triton_forward import _lce_forward_kernel
@@ -141,15 +141,22 @@ def backward_launches(n_tokens: int, vocab: int, dim: int, element: str, *, on_g
     bn, bv, bd = config["BLOCK_N"], config["BLOCK_V"], config["BLOCK_D"]
     tile = _dot_flops(bn, bv, dim, bd)
     token_blocks, vocab_tiles = triton.cdiv(n_tokens, bn), triton.cdiv(vocab, bv)
+    plan = plan_deterministic(vocab, n_tokens if hidden_rows is None else hidden_rows, dim,
+                              band_rows(vocab, dim, element, accum_dtype, bv), bv, elem_bytes=_ELEMENT_BYTES[element],
+                              need_hidden=need_hidden, need_weight=need_weight, full_buffer=accum_dtype == "fp32")
     launches = []
     if need_hidden:
         launches.append(Launch("grad_hidden", _lce_grad_hidden_kernel, dict(config, **common), (token_blocks,),
-                               warps, stages, 2 * tile * token_blocks * vocab_tiles, "backward"))
+                               warps, stages, 2 * tile * token_blocks * vocab_tiles, "backward",
+                               dict(plan=plan, stage=2)))
     if need_weight or need_bias:
-        launches.append(Launch("grad_weight", _lce_grad_weight_kernel,
+        steps = [s for s in plan.steps if s.stage == 3]
+        tiles = [triton.cdiv(s.v_count, bv) for s in steps]
+        launches.append(Launch("grad_weight" + ("" if len(steps) == 1 else f" ({len(steps)} bands)"),
+                               _lce_grad_weight_kernel,
                                dict(config, **common, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias),
-                               (vocab_tiles,), warps, stages, (1 + need_weight) * tile * token_blocks * vocab_tiles,
-                               "backward"))
+                               (max(tiles),), warps, stages, (1 + need_weight) * tile * token_blocks * sum(tiles),
+                               "backward", dict(plan=plan, stage=3)))
     return launches
 
 
@@ -196,8 +203,9 @@ def audit_plans(quick: bool) -> list:
                                        "deterministic" if deterministic else ""]))
         # the in-place plan computes the logits of its last t rows twice: 4F + F t / V, plus its partial tiles
         # (masked rows, counted at 3 units: dz, dHidden, dWeight, the most a tile costs)
-        plan = None if deterministic else launches[-1].extra["plan"]
-        extra = 0.0 if plan is None else (plan.recomputed_rows + 3 * plan.masked_rows) / v
-        plans.append(AuditPlan("linear_ce", label, 2.0 * n * d * v, 5.0 if deterministic else 4.0 + extra,
+        plan = launches[-1].extra["plan"]
+        # (the deterministic dWeight kernel's partial tiles: 2 units, dz and dWeight)
+        extra = (plan.recomputed_rows + (2 if deterministic else 3) * plan.masked_rows) / v
+        plans.append(AuditPlan("linear_ce", label, 2.0 * n * d * v, (5.0 if deterministic else 4.0) + extra,
                                tuple(audited)))
     return plans

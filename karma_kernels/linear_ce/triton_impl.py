@@ -17,7 +17,8 @@ Options of the backward:
                 gradients + a 16-row fp32 tail; extra work F t / V, t = N + 2 band rows); "fp32": one fp32
                 [V, D] buffer, cast at the end.
                 ``vocab_order=True`` keeps fp32 bands of <= 16 MiB and an fp32 dHidden of their own.
-  deterministic the two-kernel variant without atomics (taken when torch.are_deterministic_algorithms_enabled()).
+  deterministic the two-kernel variant without atomics (taken when torch.are_deterministic_algorithms_enabled());
+                its fp32 sums also live in the fp16/bf16 dWeight output (``backward_plan.plan_deterministic``).
 """
 from __future__ import annotations
 
@@ -128,22 +129,9 @@ def backward(grad_scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     head = (hidden, weight, bias if bias is not None else hidden) + slots + (
         grad_scale, 0 if grad_scale.dim() == 0 else grad_scale.stride(0), stats[0], stats[1])
     scalars = (float(label_smoothing), float(z_loss), float(softcap or 1.0), float(filter_eps))
-    if deterministic:
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_grad_hidden else None
-        grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=device) if need_grad_weight else None
-        unused = hidden  # pointer placeholder for an output that is not asked for
-        for launch in launches:
-            if launch.name == "grad_hidden":
-                launch.kernel[launch.grid](*head, grad_hidden, vocab, dim, hidden.stride(0), weight.stride(0),
-                                           grad_hidden.stride(0), *scalars, **launch.options())
-            else:
-                launch.kernel[launch.grid](
-                    *head, grad_weight if grad_weight is not None else unused,
-                    grad_bias if grad_bias is not None else unused, vocab, dim, hidden.stride(0),
-                    weight.stride(0), dim, *scalars, **launch.options())
-        return cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))
-    grad_hidden, grad_weight = run_plan(launches, head, scalars, grad_bias, n_tokens, hidden, weight, bias,
-                                        row_index, need_grad_hidden, need_grad_weight)
+    run = run_deterministic_plan if deterministic else run_plan
+    grad_hidden, grad_weight = run(launches, head, scalars, grad_bias, n_tokens, hidden, weight, bias, row_index,
+                                   need_grad_hidden, need_grad_weight)
     return cast_grads_like((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))
 
 
@@ -202,6 +190,73 @@ class _HiddenSums:
         return self.out
 
 
+def _weight_outputs(plan, weight: torch.Tensor, need_weight: bool):
+    """(dWeight, its separate fp32 buffer or None) as the plan lays them out."""
+    vocab, dim = weight.shape
+    if not need_weight:
+        return None, None
+    if plan.layout == "full":        # fp32 gradient, or one full fp32 buffer
+        buffer = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device)
+        return buffer, buffer
+    grad_weight = torch.empty((vocab, dim), dtype=weight.dtype, device=weight.device)
+    buffer = (torch.empty((plan.separate_rows, dim), dtype=torch.float32, device=weight.device)
+              if plan.separate_rows else None)
+    return grad_weight, buffer
+
+
+def _band_sums(plan, step, grad_weight: torch.Tensor, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+    """Zeroed fp32 sums of a dWeight step: the full buffer, a view of unwritten gradient rows, or the buffer."""
+    if plan.layout == "full":
+        return buffer
+    dim = grad_weight.shape[1]
+    if step.scratch_row is not None:
+        return _fp32_view(grad_weight, step.scratch_row, step.v_count * dim).view(step.v_count, dim).zero_()
+    return buffer[:step.v_count].zero_()
+
+
+def _cast_band(plan, step, sums: torch.Tensor, grad_weight: torch.Tensor, order: Optional[torch.Tensor]) -> None:
+    """A step's fp32 sums into its rows of the fp16/bf16 gradient (nothing to do for the full buffer)."""
+    if plan.layout == "full":
+        return
+    rows = slice(step.v_start, step.v_start + step.v_count)
+    if order is None:
+        grad_weight[rows].copy_(sums)
+    else:
+        grad_weight.index_copy_(0, order[rows], sums.to(grad_weight.dtype))
+
+
+def run_deterministic_plan(launches, head, scalars, grad_bias, n_tokens: int, hidden, weight, bias, row_index,
+                           need_hidden: bool, need_weight: bool):
+    """The deterministic pair (``backward_plan.plan_deterministic``): dHidden's kernel first, its fp32 sums in
+    the dWeight output's first rows when they fit (cast into the dHidden output at once), then dWeight's kernel
+    band by band with each band's sums in rows not yet written. Returns (dHidden, dWeight)."""
+    by_stage = {launch.extra["stage"]: launch for launch in launches}
+    plan = launches[0].extra["plan"]
+    vocab, dim = weight.shape
+    grad_weight, buffer = _weight_outputs(plan, weight, need_weight)
+    unused = hidden  # pointer placeholder for an output that is not asked for
+    grad_hidden = None
+    if need_hidden:
+        launch = by_stage[2]
+        in_place = plan.hidden_acc_row is not None
+        sums = (_fp32_view(grad_weight, plan.hidden_acc_row, hidden.numel()).view(hidden.shape).zero_() if in_place
+                else torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device))
+        launch.kernel[launch.grid](*head, sums, vocab, dim, hidden.stride(0), weight.stride(0), sums.stride(0),
+                                   *scalars, **launch.options())
+        grad_hidden = sums.to(hidden.dtype) if in_place else sums   # in place: the rows are free again
+    if 3 in by_stage:
+        launch = by_stage[3]
+        for step in (s for s in plan.steps if s.stage == 3):
+            sums = _band_sums(plan, step, grad_weight, buffer) if need_weight else unused
+            grid = (-(-step.v_count // launch.constexprs["BLOCK_V"]),)
+            launch.kernel[grid](*head, sums, grad_bias if grad_bias is not None else unused, vocab, step.v_start,
+                                step.v_count, dim, hidden.stride(0), weight.stride(0), dim, *scalars,
+                                **launch.options())
+            if need_weight:
+                _cast_band(plan, step, sums, grad_weight, None)
+    return grad_hidden, grad_weight
+
+
 def run_plan(launches, head, scalars, grad_bias, n_tokens: int, hidden, weight, bias, row_index,
              need_hidden: bool, need_weight: bool):
     """Walks the one-pass backward's plan (``backward_plan``): allocates the gradients, keeps the fp32 sums
@@ -210,15 +265,8 @@ def run_plan(launches, head, scalars, grad_bias, n_tokens: int, hidden, weight, 
     plan = launches[0].extra["plan"]
     by_stage = {launch.extra["stage"]: launch for launch in launches}
     vocab, dim = weight.shape
-    device = hidden.device
-    grad_weight = buffer = grad_hidden = None
-    if need_weight:
-        if plan.layout == "full":        # fp32 gradient, or one full fp32 buffer
-            grad_weight = buffer = torch.zeros((vocab, dim), dtype=torch.float32, device=device)
-        else:
-            grad_weight = torch.empty((vocab, dim), dtype=weight.dtype, device=device)
-            if plan.separate_rows:
-                buffer = torch.empty((plan.separate_rows, dim), dtype=torch.float32, device=device)
+    grad_hidden = None
+    grad_weight, buffer = _weight_outputs(plan, weight, need_weight)
     sums_h = _HiddenSums(plan, grad_weight, hidden) if need_hidden else None
     order = _vocab_order(hidden, weight, bias, row_index) if by_stage[1].constexprs["VOCAB_ORDER"] else None
     unused = hidden  # pointer placeholder for an output that is not asked for
@@ -226,14 +274,7 @@ def run_plan(launches, head, scalars, grad_bias, n_tokens: int, hidden, weight, 
         launch = by_stage[step.stage]
         if step.stage == 3 and grad_hidden is None and sums_h is not None:
             grad_hidden = sums_h.finish(grad_weight, plan, hidden.dtype)   # dHidden complete: its rows are free
-        sums = None
-        if launch.constexprs["NEED_WEIGHT"]:
-            if plan.layout == "full":
-                sums = buffer
-            elif step.scratch_row is not None:
-                sums = _fp32_view(grad_weight, step.scratch_row, step.v_count * dim).view(step.v_count, dim).zero_()
-            else:
-                sums = buffer[:step.v_count].zero_()
+        sums = _band_sums(plan, step, grad_weight, buffer) if launch.constexprs["NEED_WEIGHT"] else None
         if launch.constexprs["NEED_HIDDEN"]:
             hidden_ptrs, hidden_ints = sums_h.kernel_args(unused, dim)
         else:
@@ -243,12 +284,8 @@ def run_plan(launches, head, scalars, grad_bias, n_tokens: int, hidden, weight, 
             *head, *hidden_ptrs, sums if sums is not None else unused, grad_bias if grad_bias is not None else unused,
             order if order is not None else head[3], n_tokens, vocab, step.v_start, step.v_count, dim,
             hidden.stride(0), weight.stride(0), *hidden_ints, dim, *scalars, **launch.options())
-        if sums is not None and plan.layout != "full":
-            rows = slice(step.v_start, step.v_start + step.v_count)
-            if order is None:
-                grad_weight[rows].copy_(sums)
-            else:
-                grad_weight.index_copy_(0, order[rows], sums.to(grad_weight.dtype))
+        if sums is not None:
+            _cast_band(plan, step, sums, grad_weight, order)
     if grad_hidden is None and sums_h is not None:
         grad_hidden = sums_h.finish(grad_weight, plan, hidden.dtype)
     return grad_hidden, grad_weight

@@ -238,12 +238,10 @@ def run_deterministic_plan(launches, head, scalars, grad_bias, n_tokens: int, hi
     grad_hidden = None
     if need_hidden:
         launch = by_stage[2]
-        in_place = plan.hidden_acc_row is not None
-        sums = (_fp32_view(grad_weight, plan.hidden_acc_row, hidden.numel()).view(hidden.shape).zero_() if in_place
-                else torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device))
-        launch.kernel[launch.grid](*head, sums, vocab, dim, hidden.stride(0), weight.stride(0), sums.stride(0),
-                                   *scalars, **launch.options())
-        grad_hidden = sums.to(hidden.dtype) if in_place else sums   # in place: the rows are free again
+        sums_h = _HiddenSums(plan, grad_weight, hidden)    # no split: all of dHidden's sums in one place
+        launch.kernel[launch.grid](*head, sums_h.first, vocab, dim, hidden.stride(0), weight.stride(0),
+                                   sums_h.first.stride(0), *scalars, **launch.options())
+        grad_hidden = sums_h.finish(grad_weight, plan, hidden.dtype)   # in place: the rows are free again
     if 3 in by_stage:
         launch = by_stage[3]
         for step in (s for s in plan.steps if s.stage == 3):

@@ -33,8 +33,8 @@ _extension_state: dict = {}  # "loaded": bool, set once by _extension_loaded()
 _merge_small = None  # karma_kernels._C.merge_small once the extension is loaded (the small-call path)
 _is_compiling = torch.compiler.is_compiling
 _SMALL_CALL_TYPES = (np.ndarray, list, tuple)  # what the small-call path may take as distances
-# a plain tensor takes it too, unless a Python mode is active: the op must then be seen by the mode
-_modes_active = (torch._C._len_torch_dispatch_stack, torch._C._is_torch_function_mode_enabled)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
 
 
 def _register_fake() -> None:
@@ -278,14 +278,12 @@ def topk_merge(distances, ids, k: int, *, metric: str = "l2", id_offsets=None, s
     # (csrc/topk_merge_numpy.cpp), which checks every argument itself (the same checks as below) and answers None for
     # anything it does not take or that is an error to raise; the general path below then handles the call.
     # Tensors, Python checks and the dispatcher cost more than merging one query; a stacked pair of plain CPU
-    # tensors takes the path too (tensors out). (Not under torch.compile, and asked before the global is read:
-    # Dynamo cannot guard on a C function.)
-    if type(distances) in _SMALL_CALL_TYPES and not _is_compiling() and _merge_small is not None:
-        out = _merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend)
-        if out is not None:
-            return out
-    elif (type(distances) is torch.Tensor and _merge_small is not None and not _is_compiling()
-          and not (_modes_active[0]() or _modes_active[1]())):
+    # tensors takes the path too (tensors out), unless a Python mode is active: the mode must then see the op. (Not
+    # under torch.compile, and asked before the global is read: Dynamo cannot guard on a C function.)
+    kind = type(distances)
+    if (not _is_compiling() and _merge_small is not None
+            and (kind in _SMALL_CALL_TYPES
+                 or (kind is torch.Tensor and not (_dispatch_modes() or _function_modes())))):
         out = _merge_small(distances, ids, k, metric, id_offsets, sorted, dedup, backend)
         if out is not None:
             return out
